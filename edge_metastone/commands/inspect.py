@@ -1,0 +1,76 @@
+"""`edge-metastone inspect FILE.gguf [--json]`: architecture, sizes, tensor types, SPRM head."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edge_metastone.modelfile import ModelFile, open_model_file
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the command."""
+    p = sub.add_parser("inspect", help="describe a model GGUF and its SPRM head")
+    p.add_argument("model", type=Path, metavar="FILE.gguf")
+    p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the head")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run)
+
+
+def describe(mf: ModelFile) -> dict[str, object]:
+    """The facts `inspect` shows, as a JSON-ready dict."""
+    head = None
+    if mf.head is not None:
+        head = {
+            "source": str(mf.head_source),
+            "hidden_size": mf.head.hidden_size,
+            "inner_size": int(mf.head.fc1_weight.shape[0]),
+            "feature_layer": mf.head.feature_layer,
+            "dtype": mf.head.dtype,
+            "parameters": int(mf.head.fc1_weight.size + mf.head.fc1_bias.size + mf.head.fc2_weight.size + 1),
+        }
+    return {
+        "path": str(mf.path),
+        "architecture": mf.arch,
+        "name": mf.name,
+        "layers": mf.n_layers,
+        "hidden_size": mf.n_embd,
+        "feed_forward": mf.n_ff,
+        "heads": mf.n_head,
+        "kv_heads": mf.n_head_kv,
+        "vocab": mf.n_vocab,
+        "context_length": mf.context_length,
+        "parameters": mf.n_params,
+        "tensor_bytes": mf.n_bytes,
+        "tensor_types": mf.tensor_types,
+        "sprm_head": head,
+        "step_token_ids": list(mf.step_token_ids),
+        "think_ids": [mf.think_start_id, mf.think_end_id],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the description."""
+    d = describe(open_model_file(args.model, args.head))
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"{d['path']}: {d['architecture']} '{d['name']}'")
+    print(
+        f"  layers {d['layers']}, hidden {d['hidden_size']}, ffn {d['feed_forward']}, "
+        f"heads {d['heads']}/{d['kv_heads']} kv, vocab {d['vocab']}, context {d['context_length']}"
+    )
+    print(f"  {d['parameters'] / 1e6:.1f}M parameters in {d['tensor_bytes'] / 2**20:.1f} MiB")
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(d["tensor_types"].items()))
+    print(f"  tensor types: {types}")
+    head = d["sprm_head"]
+    if head is None:
+        print("  SPRM head: none (generation works; step scoring is unavailable)")
+    else:
+        print(
+            f"  SPRM head: {head['hidden_size']} -> {head['inner_size']} -> 1 ({head['dtype']}, "
+            f"{head['parameters']} parameters) on layer {head['feature_layer']}, from {head['source']}"
+        )
+    print(f"  step token ids {d['step_token_ids']}, <think>/</think> ids {d['think_ids']}")
+    return 0

@@ -1,0 +1,95 @@
+"""Copy one graph tensor (the SPRM features, `l_out-{L-2}`) out of every llama.cpp decode.
+
+llama.cpp calls the context's `cb_eval` twice per graph node: once to ask whether we want the
+tensor (`ask=True`), then, for the ones we claimed, after it is computed. The copy goes through
+`ggml_backend_tensor_get`, so it works for tensors living in GPU memory too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import llama_cpp
+import numpy as np
+
+from edge_metastone.errors import EdgeMetastoneError
+from quant_kernels.ggml import ggml_library
+
+logger = logging.getLogger(__name__)
+
+_GGML_TYPE_F32 = 0
+
+
+class _TensorHead(ctypes.Structure):
+    """The leading fields of `struct ggml_tensor` (ggml.h): type, buffer, ne[4], nb[4]."""
+
+    _fields_ = [  # noqa: RUF012 - ctypes requires a plain list here
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+    ]
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_is_contiguous.restype = ctypes.c_bool
+    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+    ]
+    return lib
+
+
+class FeatureCapture:
+    """Collects the rows of graph tensor `l_out-{layer}` ([n_embd, n_tokens]) decode by decode."""
+
+    def __init__(self, layer: int, n_embd: int) -> None:
+        self.name = f"l_out-{layer}".encode()
+        self.n_embd = n_embd
+        self.enabled = True
+        self._lib = _declare(ggml_library().lib)
+        self._chunks: list[np.ndarray] = []
+        self._error: str | None = None
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+
+    def _on_eval(self, tensor: int, ask: bool, _user_data: int) -> bool:
+        # Never raise across the C boundary: remember the problem and report it in take().
+        try:
+            if not self.enabled:
+                return not ask
+            name = self._lib.ggml_get_name(tensor)
+            if ask:
+                return name == self.name
+            if name != self.name:
+                return True
+            head = _TensorHead.from_address(tensor)
+            if head.type != _GGML_TYPE_F32 or head.ne[0] != self.n_embd:
+                self._error = f"{self.name.decode()} is type {head.type} with ne0={head.ne[0]}"
+                return True
+            if not self._lib.ggml_is_contiguous(tensor):
+                self._error = f"{self.name.decode()} is not contiguous"
+                return True
+            rows = int(head.ne[1]) * int(head.ne[2]) * int(head.ne[3])
+            out = np.empty((rows, self.n_embd), dtype=np.float32)
+            self._lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+            self._chunks.append(out)
+        except Exception as e:  # a callback must return a bool to C no matter what
+            self._error = f"{type(e).__name__}: {e}"
+        return True
+
+    def take(self) -> np.ndarray:
+        """The rows captured since the last take(), in batch order: [n_tokens, n_embd]."""
+        chunks, self._chunks = self._chunks, []
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise EdgeMetastoneError(f"feature capture failed: {err}")
+        if not chunks:
+            return np.empty((0, self.n_embd), dtype=np.float32)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)

@@ -1,0 +1,249 @@
+"""Owners of llama.cpp's native handles (model, context, batch): each has `close()` and is a context manager."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from edge_metastone.errors import BadModelFileError, ContextExceededError, EdgeMetastoneError
+
+logger = logging.getLogger(__name__)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+_LOG_LEVELS = {2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_llama_logger = logging.getLogger("llama_cpp.native")
+
+
+@llama_cpp.llama_log_callback
+def _log_to_logging(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    msg = text.decode("utf-8", errors="replace").rstrip("\n")
+    if msg:
+        _llama_logger.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", msg)
+
+
+def ensure_backend() -> None:
+    """Initialise llama.cpp once per process and route its log through `logging`."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_log_to_logging, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp decodes fastest without hyper-threads."""
+    n = os.cpu_count() or 1
+    return max(1, n if n <= 4 else n // 2)
+
+
+class Model:
+    """A loaded llama.cpp model and its vocabulary."""
+
+    def __init__(self, path: Path | str, *, n_gpu_layers: int = 0) -> None:
+        ensure_backend()
+        self.path = Path(path)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = True
+        self._ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._ptr:
+            raise BadModelFileError(f"{self.path}: llama.cpp could not load this model file")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._ptr)
+        self.n_layer = llama_cpp.llama_model_n_layer(self._ptr)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
+        self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
+        self.eot_id = llama_cpp.llama_vocab_eot(self.vocab)
+
+    @property
+    def ptr(self) -> Any:
+        """The raw llama_model pointer (for engine internals only)."""
+        if not self._ptr:
+            raise EdgeMetastoneError("model is closed")
+        return self._ptr
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """Text -> token ids with the model's own tokenizer."""
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise EdgeMetastoneError("tokenization failed")
+        return list(buf[:n])
+
+    def token_to_bytes(self, token: int, *, special: bool = True) -> bytes:
+        """The bytes one token stands for (special tokens rendered when `special`)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
+        """Token ids -> text."""
+        return b"".join(self.token_to_bytes(t, special=special) for t in tokens).decode(
+            "utf-8", errors="replace"
+        )
+
+    def close(self) -> None:
+        """Free the model."""
+        if self._ptr:
+            llama_cpp.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """How a llama.cpp context is made. `parity` selects flash attention off and an F32 KV cache."""
+
+    n_ctx: int
+    n_batch: int = 512
+    n_seq_max: int = 1
+    n_threads: int = 0  # 0: default_threads()
+    parity: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1 or self.n_batch < 1 or self.n_seq_max < 1:
+            raise ValueError("n_ctx, n_batch and n_seq_max must be positive")
+
+
+class Context:
+    """A llama.cpp context over a `Model`, with an optional graph-evaluation callback."""
+
+    def __init__(self, model: Model, settings: ContextSettings, *, cb_eval: Any = None) -> None:
+        self.model = model
+        self.settings = settings
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = settings.n_ctx
+        p.n_batch = settings.n_batch
+        p.n_ubatch = settings.n_batch
+        p.n_seq_max = settings.n_seq_max
+        threads = settings.n_threads or default_threads()
+        p.n_threads = p.n_threads_batch = threads
+        p.kv_unified = True  # one KV buffer: captured rows then follow batch order
+        p.no_perf = True
+        if settings.parity:
+            p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            p.type_k = p.type_v = llama_cpp.GGML_TYPE_F32
+        if cb_eval is not None:
+            p.cb_eval = cb_eval
+            p.cb_eval_user_data = None
+        self._cb_eval = cb_eval  # keep the ctypes callback alive as long as the context
+        self._ptr = llama_cpp.llama_init_from_model(model.ptr, p)
+        if not self._ptr:
+            raise EdgeMetastoneError(f"llama.cpp could not create a context of {settings.n_ctx} tokens")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ptr)
+        self.memory = llama_cpp.llama_get_memory(self._ptr)
+
+    @property
+    def ptr(self) -> Any:
+        """The raw llama_context pointer (for engine internals only)."""
+        if not self._ptr:
+            raise EdgeMetastoneError("context is closed")
+        return self._ptr
+
+    def decode(self, batch: Batch) -> None:
+        """Run one batch through the model."""
+        rc = llama_cpp.llama_decode(self.ptr, batch.raw)
+        if rc == 1:
+            raise ContextExceededError("no room left in the KV cache for this batch")
+        if rc != 0:
+            raise EdgeMetastoneError(f"llama_decode failed with code {rc}")
+
+    def logits(self, i: int) -> np.ndarray:
+        """Logits of output row `i` of the last decode, as a copy [n_vocab]."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def clear(self) -> None:
+        """Forget every sequence in the KV cache."""
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        """Free the context."""
+        if self._ptr:
+            llama_cpp.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Batch:
+    """A llama_batch of up to `capacity` tokens, each in one or more sequences."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
+        self.n_seq_max = n_seq_max
+        self.raw.n_tokens = 0
+
+    def clear(self) -> None:
+        """Empty the batch."""
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_ids: Sequence[int], logits: bool) -> int:
+        """Append one token; returns its row index in the batch."""
+        i = self.raw.n_tokens
+        if i >= self.capacity:
+            raise EdgeMetastoneError("batch is full")
+        self.raw.token[i] = token
+        self.raw.pos[i] = pos
+        self.raw.n_seq_id[i] = len(seq_ids)
+        for k, s in enumerate(seq_ids):
+            self.raw.seq_id[i][k] = s
+        self.raw.logits[i] = logits
+        self.raw.n_tokens = i + 1
+        return i
+
+    def __len__(self) -> int:
+        return self.raw.n_tokens
+
+    def close(self) -> None:
+        """Free the batch."""
+        if self.raw is not None:
+            llama_cpp.llama_batch_free(self.raw)
+            self.raw = None
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

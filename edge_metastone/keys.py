@@ -1,0 +1,19 @@
+"""GGUF metadata keys of the SPRM head and step delimiters (SPEC §2)."""
+
+from __future__ import annotations
+
+SPRM_VERSION = "metastone.sprm.version"
+SPRM_FEATURE_LAYER = "metastone.sprm.feature_layer"
+SPRM_HIDDEN_SIZE = "metastone.sprm.hidden_size"
+SPRM_INNER_SIZE = "metastone.sprm.inner_size"
+SPRM_DTYPE = "metastone.sprm.dtype"
+SPRM_FC1_WEIGHT = "metastone.sprm.fc1.weight"
+SPRM_FC1_BIAS = "metastone.sprm.fc1.bias"
+SPRM_FC2_WEIGHT = "metastone.sprm.fc2.weight"
+SPRM_FC2_BIAS = "metastone.sprm.fc2.bias"
+STEP_TOKEN_IDS = "metastone.step_token_ids"
+THINK_START_ID = "metastone.think_start_id"
+THINK_END_ID = "metastone.think_end_id"
+
+SPRM_FORMAT_VERSION = 1
+SPRM_ARRAYS = (SPRM_FC1_WEIGHT, SPRM_FC1_BIAS, SPRM_FC2_WEIGHT, SPRM_FC2_BIAS)

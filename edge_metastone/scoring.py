@@ -1,0 +1,94 @@
+"""Score one full text (prompt and response) with the SPRM head, as the reference scorer does."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_metastone.engine.capture import FeatureCapture
+from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
+from edge_metastone.errors import ContextExceededError, MissingHeadError
+from edge_metastone.modelfile import ModelFile, open_model_file
+from edge_metastone.sprm import StepRule, trajectory_score
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scored feature positions (token indices), their step scores, and the trajectory score."""
+
+    positions: list[int]
+    step_scores: list[float]
+    score: float
+    n_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, object]:
+        """The `score --json` object of SPEC §3."""
+        return {"positions": self.positions, "step_scores": self.step_scores, "score": self.score}
+
+
+def forward_features(
+    model: Model,
+    token_ids: list[int],
+    layer: int,
+    *,
+    parity: bool = True,
+    n_threads: int = 0,
+    want_logits: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One llama.cpp forward over `token_ids`: features of `l_out-{layer}` [T, C] (and logits [T, V])."""
+    n = len(token_ids)
+    if n == 0:
+        return np.empty((0, model.n_embd), np.float32), None
+    if n > model.n_ctx_train:
+        raise ContextExceededError(
+            f"the text is {n} tokens; the model's context is {model.n_ctx_train}"
+        )
+    capture = FeatureCapture(layer, model.n_embd)
+    n_batch = min(n, 512)
+    settings = ContextSettings(n_ctx=n, n_batch=n_batch, n_threads=n_threads, parity=parity)
+    logits = np.empty((n, model.n_vocab), np.float32) if want_logits else None
+    with Context(model, settings, cb_eval=capture.callback) as ctx, Batch(n_batch) as batch:
+        for start in range(0, n, n_batch):
+            batch.clear()
+            chunk = token_ids[start : start + n_batch]
+            for k, tok in enumerate(chunk):
+                last = start + k == n - 1
+                batch.add(tok, start + k, (0,), want_logits or last)
+            ctx.decode(batch)
+            if logits is not None:
+                for k in range(len(chunk)):
+                    logits[start + k] = ctx.logits(k)
+        features = capture.take()
+    if features.shape[0] != n:
+        raise RuntimeError(f"captured {features.shape[0]} feature rows for {n} tokens")
+    return features, logits
+
+
+def score_tokens(mf: ModelFile, model: Model, token_ids: list[int], *, parity: bool = True) -> ScoreResult:
+    """Score a token sequence: features at the scored positions through the head."""
+    if mf.head is None:
+        raise MissingHeadError(f"{mf.path} has no SPRM head; scoring is unavailable")
+    rule = StepRule.of(mf.step_token_ids, mf.think_start_id, mf.think_end_id)
+    positions = rule.scored_positions(token_ids)
+    if not positions:
+        return ScoreResult([], [], 0.0, len(token_ids), list(token_ids))
+    features, _ = forward_features(model, token_ids, mf.head.feature_layer, parity=parity)
+    steps = [float(s) for s in mf.head.scores(features[positions])]
+    return ScoreResult(positions, steps, trajectory_score(steps), len(token_ids), list(token_ids))
+
+
+def score_text(
+    model_path: Path | str, text: str, *, head_path: Path | str | None = None, parity: bool = True
+) -> ScoreResult:
+    """Tokenize `text` with the model's tokenizer and score it (SPEC §1)."""
+    mf = open_model_file(model_path, head_path)
+    if mf.head is None:
+        raise MissingHeadError(f"{mf.path} has no SPRM head; scoring is unavailable")
+    with Model(mf.path) as model:
+        return score_tokens(mf, model, model.tokenize(text), parity=parity)

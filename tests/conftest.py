@@ -1,0 +1,68 @@
+"""Session fixtures: tiny MetaStone checkpoints built once, and their GGUF conversions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.make_tiny_metastone import build_tiny_metastone
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MetaStone-format checkpoint (tied embeddings, with head)."""
+    return build_tiny_metastone(tmp_path_factory.mktemp("tiny") / "hf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Untied embeddings, sharded safetensors, no head, 8 layers."""
+    return build_tiny_metastone(
+        tmp_path_factory.mktemp("untied") / "hf", seed=1, shards=3, head=False, tied=False, n_layers=8
+    )
+
+
+class GgufCache:
+    """Converts a checkpoint once per output type and session."""
+
+    def __init__(self, hf_dir: Path, out_dir: Path) -> None:
+        self.hf_dir, self.out_dir = hf_dir, out_dir
+        self._paths: dict[str, Path] = {}
+
+    def __call__(self, outtype: str) -> Path:
+        if outtype not in self._paths:
+            from converters.convert import convert
+
+            path = self.out_dir / f"tiny-{outtype}.gguf"
+            convert(self.hf_dir, path, outtype)
+            self._paths[outtype] = path
+        return self._paths[outtype]
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> GgufCache:
+    """`tiny_gguf("q8_0")` -> path of the converted fixture."""
+    return GgufCache(tiny_hf, tmp_path_factory.mktemp("gguf"))
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `edge-metastone ARGS` as a user would, in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "edge_metastone", *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+    )
+
+
+def cli_json(*args: str) -> dict:
+    """Run a CLI command that prints JSON and parse it; fail with its stderr otherwise."""
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
