@@ -67,7 +67,9 @@ def _block_key(name: str) -> tuple[int, int, str]:
     return (2, 0, name)
 
 
-def plan_tensors(ckpt: SafetensorsCheckpoint, cfg: Qwen2Config, out: OutType) -> list[PlannedTensor]:
+def plan_tensors(
+    ckpt: SafetensorsCheckpoint, cfg: Qwen2Config, out: OutType
+) -> list[PlannedTensor]:
     """Map HF names to GGUF names and choose each tensor's type, in the order they will be written."""
     name_map = gguf.get_tensor_name_map(ARCH, cfg.n_layers)
     mapped: list[tuple[str, str, tuple[int, ...]]] = []
@@ -124,7 +126,9 @@ def _encode(t: PlannedTensor, data: np.ndarray) -> np.ndarray:
     from quant_kernels import quantize
 
     if data.shape != t.shape:
-        raise BadCheckpointError(f"{t.hf_name} has shape {list(data.shape)}, expected {list(t.shape)}")
+        raise BadCheckpointError(
+            f"{t.hf_name} has shape {list(data.shape)}, expected {list(t.shape)}"
+        )
     if t.qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
     if t.qtype == gguf.GGMLQuantizationType.F16:
@@ -162,7 +166,9 @@ def convert(
         else:
             add_step_facts(writer, facts)
         for t in plan:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            writer.add_tensor_info(
+                t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

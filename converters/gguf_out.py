@@ -34,7 +34,9 @@ class ArrayGGUFWriter(gguf.GGUFWriter):
         arr = np.ascontiguousarray(arr).reshape(-1)
         if arr.dtype not in _NUMPY_ARRAY_TYPES:
             raise TypeError(f"unsupported metadata array dtype {arr.dtype}")
-        self.add_key_value(key, arr, gguf.GGUFValueType.ARRAY, sub_type=_NUMPY_ARRAY_TYPES[arr.dtype])
+        self.add_key_value(
+            key, arr, gguf.GGUFValueType.ARRAY, sub_type=_NUMPY_ARRAY_TYPES[arr.dtype]
+        )
 
     def _pack_val(
         self,

@@ -48,7 +48,9 @@ class Qwen2Config:
                 f"num_attention_heads {self.n_heads} is not divisible by num_key_value_heads {self.n_kv_heads}"
             )
         if self.n_layers < 2:
-            raise BadCheckpointError("the SPRM reads layer L-2, so the model needs at least 2 layers")
+            raise BadCheckpointError(
+                "the SPRM reads layer L-2, so the model needs at least 2 layers"
+            )
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,9 @@ class SafetensorsCheckpoint:
         elif (hf_dir / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
-            raise BadCheckpointError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}")
+            raise BadCheckpointError(
+                f"no model.safetensors or model.safetensors.index.json in {hf_dir}"
+            )
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         for fname in files:
@@ -146,7 +150,9 @@ class SafetensorsCheckpoint:
             except FileNotFoundError:
                 raise BadCheckpointError(f"shard {fname} named by the index is missing") from None
             except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
-                raise BadCheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+                raise BadCheckpointError(
+                    f"{path} is not a readable safetensors file: {e}"
+                ) from None
             self._handles[fname] = handle
             for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
                 self._where[name] = fname

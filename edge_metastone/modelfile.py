@@ -29,7 +29,9 @@ class _FastReader(gguf.GGUFReader):
     SPRM head of a large model (2C^2 numbers).
     """
 
-    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
+    def _get_field_parts(
+        self, orig_offs: int, raw_type: int
+    ) -> tuple[int, list[Any], list[int], list[Any]]:
         if gguf.GGUFValueType(raw_type) is gguf.GGUFValueType.ARRAY:
             raw_itype = self._get(orig_offs, np.uint32)
             itype = gguf.GGUFValueType(int(raw_itype[0]))
@@ -72,7 +74,11 @@ def _field(reader: gguf.GGUFReader, key: str) -> Any:
     f = reader.get_field(key)
     if f is None:
         return None
-    if f.types and f.types[0] is gguf.GGUFValueType.ARRAY and f.types[-1] is not gguf.GGUFValueType.STRING:
+    if (
+        f.types
+        and f.types[0] is gguf.GGUFValueType.ARRAY
+        and f.types[-1] is not gguf.GGUFValueType.STRING
+    ):
         return f.parts[f.data[0]] if len(f.data) == 1 else np.array(f.contents())
     return f.contents()
 

@@ -70,7 +70,9 @@ def forward_features(
     return features, logits
 
 
-def score_tokens(mf: ModelFile, model: Model, token_ids: list[int], *, parity: bool = True) -> ScoreResult:
+def score_tokens(
+    mf: ModelFile, model: Model, token_ids: list[int], *, parity: bool = True
+) -> ScoreResult:
     """Score a token sequence: features at the scored positions through the head."""
     if mf.head is None:
         raise MissingHeadError(f"{mf.path} has no SPRM head; scoring is unavailable")

@@ -90,4 +90,6 @@ def trajectory_score(step_scores: Sequence[float]) -> float:
     """Geometric mean of step scores, each clamped to >= 1e-10; 0.0 when there is no step."""
     if len(step_scores) == 0:
         return 0.0
-    return math.exp(sum(math.log(max(float(s), SCORE_FLOOR)) for s in step_scores) / len(step_scores))
+    return math.exp(
+        sum(math.log(max(float(s), SCORE_FLOOR)) for s in step_scores) / len(step_scores)
+    )

@@ -25,7 +25,12 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_untied_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untied embeddings, sharded safetensors, no head, 8 layers."""
     return build_tiny_metastone(
-        tmp_path_factory.mktemp("untied") / "hf", seed=1, shards=3, head=False, tied=False, n_layers=8
+        tmp_path_factory.mktemp("untied") / "hf",
+        seed=1,
+        shards=3,
+        head=False,
+        tied=False,
+        n_layers=8,
     )
 
 
@@ -57,7 +62,11 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
         [sys.executable, "-m", "edge_metastone", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
     )
 
 

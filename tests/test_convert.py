@@ -8,12 +8,12 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
-from conftest import cli_json
-from reference_scorer import load_reference, reference_forward, reference_score
 
+from conftest import cli_json
 from edge_metastone.engine.llama import Model
 from edge_metastone.modelfile import open_model_file, read_gguf
 from edge_metastone.scoring import forward_features
+from reference_scorer import load_reference, reference_forward, reference_score
 
 TEXTS = [
     "<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n<|im_start|>assistant\n<think>\n"
@@ -103,7 +103,9 @@ def test_score_json_matches_reference_scorer(tiny_gguf, reference, tmp_path, out
 def test_4bit_files_load_and_score_finitely(tiny_gguf, tmp_path, outtype):
     text_file = tmp_path / "t.txt"
     text_file.write_text(TEXTS[0], encoding="utf-8")
-    out = cli_json("score", "--model", str(tiny_gguf(outtype)), "--text-file", str(text_file), "--json")
+    out = cli_json(
+        "score", "--model", str(tiny_gguf(outtype)), "--text-file", str(text_file), "--json"
+    )
     assert len(out["step_scores"]) >= 2
     assert all(0.0 < s < 1.0 for s in out["step_scores"])
     assert math.isfinite(out["score"]) and out["score"] > 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fixtures.make_tiny_metastone import build_tiny_metastone, main
 from reference_scorer import (
     head_scores,

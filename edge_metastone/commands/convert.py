@@ -11,11 +11,15 @@ from converters.quant_mix import OutType
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the command."""
-    p = sub.add_parser("convert", help="convert a Hugging Face MetaStone/Qwen2 checkpoint to one GGUF")
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face MetaStone/Qwen2 checkpoint to one GGUF"
+    )
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.gguf")
     p.add_argument(
-        "--outtype", choices=[t.value for t in OutType], default=OutType.F16.value,
+        "--outtype",
+        choices=[t.value for t in OutType],
+        default=OutType.F16.value,
         help="tensor types of the output (default f16); the SPRM head is always kept exact",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -27,7 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from converters.convert import convert
 
     result = convert(args.hf_dir, args.output, args.outtype, progress=not args.no_progress)
-    head = "with SPRM head" if result.has_head else "NO SPRM head (score_module.pt not found): scoring unavailable"
+    head = (
+        "with SPRM head"
+        if result.has_head
+        else "NO SPRM head (score_module.pt not found): scoring unavailable"
+    )
     print(
         f"wrote {result.path} ({result.out_type.value}, {result.n_tensors} tensors, "
         f"{result.n_bytes / 2**20:.1f} MiB), {head}",

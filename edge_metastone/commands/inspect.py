@@ -28,7 +28,9 @@ def describe(mf: ModelFile) -> dict[str, object]:
             "inner_size": int(mf.head.fc1_weight.shape[0]),
             "feature_layer": mf.head.feature_layer,
             "dtype": mf.head.dtype,
-            "parameters": int(mf.head.fc1_weight.size + mf.head.fc1_bias.size + mf.head.fc2_weight.size + 1),
+            "parameters": int(
+                mf.head.fc1_weight.size + mf.head.fc1_bias.size + mf.head.fc2_weight.size + 1
+            ),
         }
     return {
         "path": str(mf.path),

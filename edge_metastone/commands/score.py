@@ -11,7 +11,9 @@ from edge_metastone.errors import EdgeMetastoneError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the command."""
-    p = sub.add_parser("score", help="score the reasoning steps of one full text with the SPRM head")
+    p = sub.add_parser(
+        "score", help="score the reasoning steps of one full text with the SPRM head"
+    )
     p.add_argument("--model", type=Path, required=True, metavar="FILE.gguf")
     p.add_argument("--text-file", type=Path, required=True, metavar="TEXT")
     p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the head")

@@ -24,7 +24,7 @@ _GGML_TYPE_F32 = 0
 class _TensorHead(ctypes.Structure):
     """The leading fields of `struct ggml_tensor` (ggml.h): type, buffer, ne[4], nb[4]."""
 
-    _fields_ = [  # noqa: RUF012 - ctypes requires a plain list here
+    _fields_ = [
         ("type", ctypes.c_int),
         ("buffer", ctypes.c_void_p),
         ("ne", ctypes.c_int64 * 4),

@@ -75,16 +75,22 @@ class Model:
             raise EdgeMetastoneError("model is closed")
         return self._ptr
 
-    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, *, add_special: bool = False, parse_special: bool = True
+    ) -> list[int]:
         """Text -> token ids with the model's own tokenizer."""
         data = text.encode("utf-8")
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), buf, cap, add_special, parse_special
+        )
         if n < 0:
             cap = -n
             buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, cap, add_special, parse_special
+            )
         if n < 0:
             raise EdgeMetastoneError("tokenization failed")
         return list(buf[:n])
@@ -159,7 +165,9 @@ class Context:
         self._cb_eval = cb_eval  # keep the ctypes callback alive as long as the context
         self._ptr = llama_cpp.llama_init_from_model(model.ptr, p)
         if not self._ptr:
-            raise EdgeMetastoneError(f"llama.cpp could not create a context of {settings.n_ctx} tokens")
+            raise EdgeMetastoneError(
+                f"llama.cpp could not create a context of {settings.n_ctx} tokens"
+            )
         self.n_ctx = llama_cpp.llama_n_ctx(self._ptr)
         self.memory = llama_cpp.llama_get_memory(self._ptr)
 
