@@ -67,6 +67,30 @@ def _block_key(name: str) -> tuple[int, int, str]:
     return (2, 0, name)
 
 
+def expected_shape(name: str, cfg: Qwen2Config) -> tuple[int, ...] | None:
+    """The numpy shape a qwen2 tensor must have, from the config (None for names not checked)."""
+    c, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.n_kv_heads * (c // cfg.n_heads)
+    suffix = name.split(".", 2)[-1] if name.startswith("blk.") else name
+    return {
+        "token_embd.weight": (v, c),
+        "output.weight": (v, c),
+        "output_norm.weight": (c,),
+        "attn_norm.weight": (c,),
+        "ffn_norm.weight": (c,),
+        "attn_q.weight": (c, c),
+        "attn_q.bias": (c,),
+        "attn_k.weight": (kv, c),
+        "attn_k.bias": (kv,),
+        "attn_v.weight": (kv, c),
+        "attn_v.bias": (kv,),
+        "attn_output.weight": (c, c),
+        "ffn_gate.weight": (f, c),
+        "ffn_up.weight": (f, c),
+        "ffn_down.weight": (c, f),
+    }.get(suffix)
+
+
 def plan_tensors(
     ckpt: SafetensorsCheckpoint, cfg: Qwen2Config, out: OutType
 ) -> list[PlannedTensor]:
@@ -81,7 +105,13 @@ def plan_tensors(
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise BadCheckpointError(f"tensor {hf_name} has no place in a qwen2 GGUF")
-        mapped.append((hf_name, name, ckpt.shape(hf_name)))
+        shape = ckpt.shape(hf_name)
+        want = expected_shape(name, cfg)
+        if want is not None and shape != want:
+            raise BadCheckpointError(
+                f"{hf_name} has shape {list(shape)}, but config.json implies {list(want)}"
+            )
+        mapped.append((hf_name, name, shape))
     mapped.sort(key=lambda m: _block_key(m[1]))
     names = {m[1] for m in mapped}
     for required in ("token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight"):
@@ -134,6 +164,27 @@ def _encode(t: PlannedTensor, data: np.ndarray) -> np.ndarray:
     if t.qtype == gguf.GGMLQuantizationType.F16:
         return data.astype(np.float16)
     return quantize(t.qtype, data.reshape(-1, t.shape[-1]))
+
+
+def write_head_sidecar(hf_dir: Path | str, out_path: Path | str) -> Path:
+    """Write only the SPRM head and step ids (a tensor-less GGUF) to sit beside an existing model file."""
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    cfg = read_config(hf_dir)
+    head = read_head(hf_dir, cfg.hidden_size)
+    if head is None:
+        raise BadCheckpointError(f"{hf_dir} has no SPRM head (score_module.pt) to write")
+    facts = read_tokenizer_facts(hf_dir)
+    with atomic_output(out_path) as tmp:
+        writer = ArrayGGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH])
+        writer.add_name(cfg.name)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.n_layers)
+        add_sprm_head(writer, head, cfg.n_layers - 2, facts)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+    return out_path
 
 
 def convert(

@@ -22,14 +22,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=OutType.F16.value,
         help="tensor types of the output (default f16); the SPRM head is always kept exact",
     )
+    p.add_argument(
+        "--head-only",
+        action="store_true",
+        help="write only the SPRM head, as a sidecar GGUF (NAME.sprm.gguf) for an existing model file",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert and report."""
-    from converters.convert import convert
+    from converters.convert import convert, write_head_sidecar
 
+    if args.head_only:
+        path = write_head_sidecar(args.hf_dir, args.output)
+        print(f"wrote SPRM head sidecar {path}", file=sys.stderr)
+        return 0
     result = convert(args.hf_dir, args.output, args.outtype, progress=not args.no_progress)
     head = (
         "with SPRM head"
