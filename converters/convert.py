@@ -227,10 +227,9 @@ def convert(
             total=total, unit="B", unit_scale=True, disable=not progress, desc=out_path.name
         ) as bar:
             for t in plan:
-                encoded = _encode(t, ckpt.load_f32(t.hf_name))
-                writer.write_tensor_data(encoded)
+                chunks = (_encode(t, rows) for rows in ckpt.rows_f32(t.hf_name))
+                writer.write_tensor_chunks(chunks, t.nbytes)
                 bar.update(t.nbytes)
-                del encoded
         writer.close()
     logger.info("wrote %s (%d tensors, %.1f MiB)", out_path, len(plan), total / 2**20)
     return ConversionResult(out_path, out, len(plan), total, head is not None)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 
 from converters.hf_checkpoint import SprmHeadWeights, TokenizerFacts
 from edge_metastone import keys
@@ -52,6 +53,28 @@ class ArrayGGUFWriter(gguf.GGUFWriter):
             order = ">" if self.endianess == gguf.GGUFEndian.BIG else "<"
             return head + val.astype(val.dtype.newbyteorder(order), copy=False).tobytes()
         return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    def write_tensor_chunks(self, chunks: Iterable[np.ndarray], nbytes: int) -> None:
+        """Write the next planned tensor from consecutive row blocks (streamed, never whole)."""
+        if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
+            raise ValueError(
+                f"Expected output file to contain tensor info or weights, got {self.state}"
+            )
+        assert self.fout is not None and len(self.fout) == 1, "split output is not supported"
+        fout = self.fout[0]
+        name = next(iter(self.tensors[0]))
+        info = self.tensors[0].pop(name)
+        if info.nbytes != nbytes:
+            raise ValueError(f"{name}: planned {info.nbytes} bytes, asked to write {nbytes}")
+        self.write_padding(fout, fout.tell())
+        written = 0
+        for chunk in chunks:
+            chunk.tofile(fout)
+            written += chunk.nbytes
+        if written != nbytes:
+            raise ValueError(f"{name}: wrote {written} bytes, planned {nbytes}")
+        self.write_padding(fout, nbytes)
+        self.state = WriterState.WEIGHTS
 
 
 def add_sprm_head(

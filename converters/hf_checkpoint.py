@@ -126,11 +126,13 @@ def read_config(hf_dir: Path) -> Qwen2Config:
 
 
 class SafetensorsCheckpoint:
-    """The weights of a checkpoint (single file or sharded with an index), read one tensor at a time."""
+    """The weights of a checkpoint (single file or sharded with an index), read a few rows at a time.
+
+    Each read opens its shard, copies the rows out and closes it again, so no mapping of the
+    checkpoint stays resident: peak memory is one chunk, not the model.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map: dict[str, str] = _read_json(index).get("weight_map", {})
@@ -141,21 +143,25 @@ class SafetensorsCheckpoint:
             raise BadCheckpointError(
                 f"no model.safetensors or model.safetensors.index.json in {hf_dir}"
             )
-        self._handles: dict[str, Any] = {}
-        self._where: dict[str, str] = {}
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for fname in files:
             path = hf_dir / fname
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except FileNotFoundError:
-                raise BadCheckpointError(f"shard {fname} named by the index is missing") from None
-            except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
-                raise BadCheckpointError(
-                    f"{path} is not a readable safetensors file: {e}"
-                ) from None
-            self._handles[fname] = handle
-            for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
-                self._where[name] = fname
+            with self._open(path) as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                    self._where[name] = path
+                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+    @staticmethod
+    def _open(path: Path) -> Any:
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(path), framework="pt")
+        except FileNotFoundError:
+            raise BadCheckpointError(f"shard {path.name} named by the index is missing") from None
+        except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
+            raise BadCheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
     def names(self) -> list[str]:
         """All tensor names in the checkpoint."""
@@ -163,20 +169,25 @@ class SafetensorsCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of one tensor, without reading its data."""
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._shapes[name]
 
-    def load_f32(self, name: str) -> np.ndarray:
-        """Read one tensor and widen it to float32."""
+    def rows_f32(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+        """Yield the tensor as float32 blocks of whole rows, each at most ~`max_bytes`."""
         import torch
 
-        try:
-            t = self._handles[self._where[name]].get_tensor(name)
-        except Exception as e:
-            raise BadCheckpointError(f"cannot read tensor {name}: {e}") from None
-        return t.to(torch.float32).numpy()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        shape = self._shapes[name]
+        n_rows = shape[0] if len(shape) > 1 else 1
+        row_bytes = 4 * int(np.prod(shape[1:])) if len(shape) > 1 else 4 * int(np.prod(shape))
+        step = max(1, max_bytes // max(row_bytes, 1))
+        for start in range(0, n_rows, step):
+            with self._open(self._where[name]) as handle:
+                try:
+                    sl = handle.get_slice(name)
+                    t = sl[start : start + step] if len(shape) > 1 else sl[:]
+                except Exception as e:
+                    raise BadCheckpointError(f"cannot read tensor {name}: {e}") from None
+                # a copy, so nothing refers to the shard's mapping once it is closed
+                yield t.to(torch.float32).numpy().copy()
 
 
 def _as_numpy_head(state: Any, source: str) -> dict[str, np.ndarray]:
