@@ -153,11 +153,12 @@ def _add_hparams(writer: ArrayGGUFWriter, cfg: Qwen2Config, out: OutType) -> Non
 
 
 def _encode(t: PlannedTensor, data: np.ndarray) -> np.ndarray:
+    """One block of whole rows of `t`, in its output type."""
     from quant_kernels import quantize
 
-    if data.shape != t.shape:
+    if data.shape[1:] != t.shape[1:]:
         raise BadCheckpointError(
-            f"{t.hf_name} has shape {list(data.shape)}, expected {list(t.shape)}"
+            f"{t.hf_name} has rows of shape {list(data.shape[1:])}, expected {list(t.shape[1:])}"
         )
     if t.qtype == gguf.GGMLQuantizationType.F32:
         return np.ascontiguousarray(data, dtype=np.float32)

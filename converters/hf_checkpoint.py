@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 HEAD_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
 STEP_DELIMITER = ".\n\n"
+# Rows of float32 read (and quantized) at once; bounds the converter's working memory.
+CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,11 @@ class SafetensorsCheckpoint:
         """Shape of one tensor, without reading its data."""
         return self._shapes[name]
 
-    def rows_f32(self, name: str, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+    def rows_f32(self, name: str, max_bytes: int | None = None) -> Iterator[np.ndarray]:
         """Yield the tensor as float32 blocks of whole rows, each at most ~`max_bytes`."""
         import torch
 
+        max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
         shape = self._shapes[name]
         n_rows = shape[0] if len(shape) > 1 else 1
         row_bytes = 4 * int(np.prod(shape[1:])) if len(shape) > 1 else 4 * int(np.prod(shape))

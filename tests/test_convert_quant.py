@@ -123,3 +123,14 @@ def test_head_sidecar_completes_a_headless_file(tiny_hf, tmp_path):
     src = torch.load(tiny_hf / "score_module.pt", weights_only=True)
     assert mf.head.fc1_weight.tobytes() == src["0.weight"].numpy().tobytes()
     assert np.array_equal(mf.head.fc2_weight, src["3.weight"].numpy().reshape(-1))
+
+
+def test_small_row_blocks_give_identical_files(tiny_gguf, tiny_hf, tmp_path, monkeypatch):
+    """Streaming in many small row blocks writes exactly the bytes of whole-tensor conversion."""
+    import converters.hf_checkpoint as hf_checkpoint
+
+    monkeypatch.setattr(hf_checkpoint, "CHUNK_BYTES", 4096)  # 4 rows of 256 floats per block
+    for outtype in ("q4_k_m", "f16"):
+        out = tmp_path / f"{outtype}.gguf"
+        convert(tiny_hf, out, outtype)
+        assert out.read_bytes() == tiny_gguf(outtype).read_bytes()
