@@ -25,3 +25,7 @@ class ContextExceededError(EdgeMetastoneError):
 
 class BudgetError(EdgeMetastoneError):
     """A latency or memory budget that no effort mode can meet."""
+
+
+class InvalidRequestError(EdgeMetastoneError, ValueError):
+    """A request whose settings make no sense (k=0, negative temperature, ...)."""

@@ -150,6 +150,9 @@ class ModelFile:
     step_token_ids: tuple[int, ...]
     think_start_id: int
     think_end_id: int
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
 
     @property
     def head_dim(self) -> int:
@@ -208,6 +211,16 @@ def open_model_file(path: Path | str, head_path: Path | str | None = None) -> Mo
     tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
     n_vocab = len(tokens.data) if tokens is not None else 0
     ftype = _field(reader, gguf.Keys.General.FILE_TYPE)
+
+    def token_text(key: str) -> str:
+        tid = _field(reader, key)
+        return (
+            tokens.contents(int(tid))
+            if tokens is not None and tid is not None and int(tid) < n_vocab
+            else ""
+        )
+
+    template = _field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
     return ModelFile(
         path=path,
         arch=arch,
@@ -228,4 +241,7 @@ def open_model_file(path: Path | str, head_path: Path | str | None = None) -> Mo
         step_token_ids=tuple(int(x) for x in (step_ids if step_ids is not None else ())),
         think_start_id=_int_or(facts_reader, keys.THINK_START_ID, -1),
         think_end_id=_int_or(facts_reader, keys.THINK_END_ID, -1),
+        chat_template=str(template) if template is not None else None,
+        bos_token=token_text(gguf.Keys.Tokenizer.BOS_ID),
+        eos_token=token_text(gguf.Keys.Tokenizer.EOS_ID),
     )

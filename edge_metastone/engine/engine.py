@@ -1,0 +1,107 @@
+"""`Engine`: a model file opened for generation with in-stream step scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from edge_metastone.chat import ChatTemplate
+from edge_metastone.engine.generate import (
+    BatchGenerator,
+    Candidate,
+    Event,
+    FinishEvent,
+    GenerationControl,
+    GenerationSettings,
+    Timings,
+)
+from edge_metastone.engine.llama import Model
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.modelfile import ModelFile, open_model_file
+from edge_metastone.sprm import StepRule
+
+
+class Engine:
+    """Loads a model file (and its SPRM head) once; generates k scored candidates per request."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        *,
+        head_path: Path | str | None = None,
+        n_threads: int = 0,
+        n_gpu_layers: int = 0,
+        parity: bool = False,
+    ) -> None:
+        self.model_file: ModelFile = open_model_file(model_path, head_path)
+        mf = self.model_file
+        self.model = Model(mf.path, n_gpu_layers=n_gpu_layers)
+        self.template = ChatTemplate(
+            mf.chat_template, bos_token=mf.bos_token, eos_token=mf.eos_token
+        )
+        self.rule = StepRule.of(mf.step_token_ids, mf.think_start_id, mf.think_end_id)
+        self._generator = BatchGenerator(
+            self.model, mf.head, self.rule, n_threads=n_threads, parity=parity
+        )
+
+    @property
+    def has_head(self) -> bool:
+        """True when step scores are available."""
+        return self.model_file.head is not None
+
+    @property
+    def last_timings(self) -> Timings:
+        """Timings of the most recent generation."""
+        return self._generator.last_timings
+
+    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt text for a conversation, by the model's own (sandboxed) chat template."""
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt text -> token ids (special tokens in the text are parsed)."""
+        return self.model.tokenize(text)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        control: GenerationControl | None = None,
+        candidate_offset: int = 0,
+    ) -> Iterator[Event]:
+        """Stream events for k candidates generated as one batch."""
+        return self._generator.generate(
+            prompt_ids, k, sampling, settings, control=control, candidate_offset=candidate_offset
+        )
+
+    def generate_all(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        candidate_offset: int = 0,
+    ) -> list[Candidate]:
+        """Run to the end; candidates in index order."""
+        done = [
+            e.result
+            for e in self.generate(
+                prompt_ids, k, sampling, settings, candidate_offset=candidate_offset
+            )
+            if isinstance(e, FinishEvent)
+        ]
+        return sorted(done, key=lambda c: c.index)
+
+    def close(self) -> None:
+        """Free the model."""
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

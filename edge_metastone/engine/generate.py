@@ -1,0 +1,408 @@
+"""k candidates as one batch over a shared prompt cache, every step scored in the same forward pass.
+
+prefill(prompt) once in sequence 0 -> llama_memory_seq_cp to sequences 1..k-1
+loop: sample each live sequence from its row -> score a step boundary from the feature of the
+      token just decoded -> decode all live sequences' new tokens as one batch
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from edge_metastone.engine.capture import FeatureCapture
+from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
+from edge_metastone.engine.sampling import Sampler, SamplingSettings
+from edge_metastone.errors import ContextExceededError, InvalidRequestError
+from edge_metastone.sprm import SprmHead, StepRule, trajectory_score
+
+logger = logging.getLogger(__name__)
+
+PREFILL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Limits and stops of one generation. `max_answer_tokens` caps tokens after `</think>`."""
+
+    max_new_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+    max_answer_tokens: int | None = None
+    score_steps: bool = True
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be >= 1")
+        if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
+            raise InvalidRequestError("max_answer_tokens must be >= 0")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+
+
+class FinishReason(str, enum.Enum):
+    """Why a candidate ended."""
+
+    EOS = "eos"  # the model ended its turn
+    LENGTH = "length"  # max_new_tokens (or the answer budget) reached
+    STOP = "stop"  # a stop string appeared
+    PRUNED = "pruned"  # a search strategy dropped it
+    HALTED = "halted"  # the caller stopped the whole generation (e.g. out of time)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One finished candidate."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    step_positions: list[int]  # token indices (prompt + generation) of the scored features
+    step_scores: list[float]
+    score: float | None  # trajectory score; None when the model has no head or scoring is off
+    finish_reason: FinishReason
+    mean_logprob: float | None = None  # the policy's mean token log-probability (settings.logprobs)
+
+    @property
+    def n_tokens(self) -> int:
+        """Generated tokens."""
+        return len(self.token_ids)
+
+    @property
+    def truncated(self) -> bool:
+        """True when the candidate was cut before it ended its turn."""
+        return (
+            self.finish_reason is not FinishReason.EOS
+            and self.finish_reason is not FinishReason.STOP
+        )
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Candidate `candidate` produced `token_id`; `text` is the newly decodable text."""
+
+    candidate: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A step boundary was scored online (inside the current think window)."""
+
+    candidate: int
+    position: int
+    score: float
+    n_steps: int
+    running_score: float
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """A candidate ended."""
+
+    candidate: int
+    result: Candidate
+
+
+Event = TokenEvent | StepEvent | FinishEvent
+
+
+@dataclass
+class Timings:
+    """Seconds spent per phase of one generation, and the token counts."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    sample_s: float = 0.0
+    score_s: float = 0.0
+    total_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON-ready, with derived rates."""
+        d = dict(self.__dict__)
+        d["decode_tokens_per_s"] = self.generated_tokens / self.decode_s if self.decode_s else 0.0
+        return d
+
+
+class GenerationControl:
+    """Lets a consumer of the event stream prune candidates or halt everything between steps."""
+
+    def __init__(self) -> None:
+        self.pruned: set[int] = set()
+        self.halted = False
+
+    def prune(self, candidate: int) -> None:
+        """End candidate `candidate` at the next step."""
+        self.pruned.add(candidate)
+
+    def halt(self) -> None:
+        """End every live candidate at the next step."""
+        self.halted = True
+
+
+@dataclass
+class _Seq:
+    index: int
+    seq_id: int
+    sampler: Sampler
+    prev: int  # last token of the sequence (prompt's last, then generated)
+    pos: int  # position of `prev`
+    feature: np.ndarray | None  # feature of `prev`
+    tokens: list[int] = field(default_factory=list)
+    utf8: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    text: str = ""
+    scores_by_pos: dict[int, float] = field(default_factory=dict)
+    online: list[float] = field(default_factory=list)
+    think_starts: int = 0
+    think_start_pos: int = -1
+    think_end_pos: int = -1
+    answer_tokens: int = 0
+    logprob_sum: float = 0.0
+    row: int = -1
+    reason: FinishReason | None = None
+
+
+class BatchGenerator:
+    """Runs one multi-candidate generation over an open `Model`; see `generate`."""
+
+    def __init__(
+        self,
+        model: Model,
+        head: SprmHead | None,
+        rule: StepRule,
+        *,
+        n_threads: int = 0,
+        parity: bool = False,
+    ) -> None:
+        self.model = model
+        self.head = head
+        self.rule = rule
+        self.n_threads = n_threads
+        self.parity = parity
+        self.last_timings = Timings()
+
+    def _check(self, prompt_ids: Sequence[int], k: int, settings: GenerationSettings) -> int:
+        if k < 1:
+            raise InvalidRequestError(f"k must be >= 1 (got {k})")
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        n = len(prompt_ids)
+        if n + settings.max_new_tokens > self.model.n_ctx_train:
+            raise ContextExceededError(
+                f"prompt ({n} tokens) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
+                f"model's context of {self.model.n_ctx_train} tokens"
+            )
+        return n + k * settings.max_new_tokens
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        control: GenerationControl | None = None,
+        candidate_offset: int = 0,
+    ) -> Iterator[Event]:
+        """Yield token, step and finish events for k candidates; candidate i samples with seed (seed, offset+i)."""
+        n_ctx = self._check(prompt_ids, k, settings)
+        prompt = list(prompt_ids)
+        control = control or GenerationControl()
+        t_start = time.perf_counter()
+        tm = Timings(prompt_tokens=len(prompt))
+        self.last_timings = tm
+        scoring = settings.score_steps and self.head is not None
+        capture = FeatureCapture(self.head.feature_layer, self.model.n_embd) if scoring else None
+        n_batch = max(min(len(prompt), PREFILL_BATCH), k)
+        ctx_settings = ContextSettings(
+            n_ctx=n_ctx, n_batch=n_batch, n_seq_max=k, n_threads=self.n_threads, parity=self.parity
+        )
+        with (
+            Context(self.model, ctx_settings, cb_eval=capture.callback if capture else None) as ctx,
+            Batch(n_batch, 1) as batch,
+        ):
+            t0 = time.perf_counter()
+            prompt_scores, last_feature, last_row = self._prefill(ctx, batch, prompt, capture)
+            tm.prefill_s = time.perf_counter() - t0
+            seqs = []
+            for s in range(k):
+                if s:
+                    llama_cpp.llama_memory_seq_cp(ctx.memory, 0, s, -1, -1)
+                sampler = Sampler(sampling, candidate_offset + s, self.model.n_vocab)
+                if sampling.repeat_penalty != 1.0:
+                    sampler.accept_all(prompt)
+                seq = _Seq(
+                    candidate_offset + s, s, sampler, prompt[-1], len(prompt) - 1, last_feature
+                )
+                seq.scores_by_pos.update(prompt_scores)
+                seq.row = last_row
+                self._scan_prompt_think(seq, prompt)
+                seqs.append(seq)
+            live = seqs
+            try:
+                while live:
+                    batch.clear()
+                    still: list[_Seq] = []
+                    for seq in live:
+                        yield from self._advance(seq, ctx, settings, control, still, tm)
+                    for seq in live:
+                        if seq not in still:
+                            yield FinishEvent(
+                                seq.index, self._finish(seq, prompt, scoring, settings)
+                            )
+                            llama_cpp.llama_memory_seq_rm(ctx.memory, seq.seq_id, -1, -1)
+                    live = still
+                    if not live:
+                        break
+                    for seq in live:
+                        seq.row = batch.add(seq.prev, seq.pos, (seq.seq_id,), True)
+                    t0 = time.perf_counter()
+                    ctx.decode(batch)
+                    if capture is not None:
+                        feats = capture.take()
+                        for seq in live:
+                            seq.feature = feats[seq.row]
+                    tm.decode_s += time.perf_counter() - t0
+                    tm.decode_steps += 1
+            finally:
+                for seq in seqs:
+                    seq.sampler.close()
+                tm.total_s = time.perf_counter() - t_start
+
+    def _prefill(
+        self, ctx: Context, batch: Batch, prompt: list[int], capture: FeatureCapture | None
+    ) -> tuple[dict[int, float], np.ndarray | None, int]:
+        """Decode the prompt in sequence 0; score its step boundaries (used when no <think> window)."""
+        wanted = {
+            j - 1
+            for j in range(1, len(prompt))
+            if self.rule.is_step_boundary(prompt[j - 1], prompt[j])
+        }
+        feats: dict[int, np.ndarray] = {}
+        last_row = 0
+        for start in range(0, len(prompt), batch.capacity):
+            batch.clear()
+            chunk = prompt[start : start + batch.capacity]
+            for i, tok in enumerate(chunk):
+                last_row = batch.add(tok, start + i, (0,), start + i == len(prompt) - 1)
+            ctx.decode(batch)
+            if capture is not None:
+                rows = capture.take()
+                for i in range(len(chunk)):
+                    if start + i in wanted or start + i == len(prompt) - 1:
+                        feats[start + i] = rows[i]
+        scores: dict[int, float] = {}
+        if capture is not None and wanted:
+            order = sorted(wanted)
+            values = self.head.scores(np.stack([feats[i] for i in order]))
+            scores = {i: float(v) for i, v in zip(order, values, strict=True)}
+        return scores, feats.get(len(prompt) - 1), last_row
+
+    def _scan_prompt_think(self, seq: _Seq, prompt: list[int]) -> None:
+        for i, t in enumerate(prompt):
+            self._note_think(seq, t, i)
+
+    def _note_think(self, seq: _Seq, token: int, pos: int) -> None:
+        if token == self.rule.think_start_id:
+            seq.think_starts += 1
+            seq.think_start_pos = pos
+        elif token == self.rule.think_end_id and seq.think_end_pos < 0:
+            seq.think_end_pos = pos
+
+    def _advance(
+        self,
+        seq: _Seq,
+        ctx: Context,
+        settings: GenerationSettings,
+        control: GenerationControl,
+        still: list[_Seq],
+        tm: Timings,
+    ) -> Iterator[Event]:
+        """Sample one token for `seq`, score a boundary, and decide whether it goes on."""
+        if control.halted or seq.index in control.pruned:
+            seq.reason = FinishReason.HALTED if control.halted else FinishReason.PRUNED
+            return
+        t0 = time.perf_counter()
+        tok = seq.sampler.sample(ctx.ptr, seq.row)
+        if settings.logprobs:
+            logits = ctx.logits(seq.row).astype(np.float64)
+            m = logits.max()
+            seq.logprob_sum += float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
+        tm.sample_s += time.perf_counter() - t0
+        if llama_cpp.llama_vocab_is_eog(self.model.vocab, tok):
+            seq.reason = FinishReason.EOS
+            return
+        pos = seq.pos + 1
+        if seq.feature is not None and self.rule.is_step_boundary(seq.prev, tok):
+            t0 = time.perf_counter()
+            score = float(self.head.scores(seq.feature[None, :])[0])
+            tm.score_s += time.perf_counter() - t0
+            seq.scores_by_pos[seq.pos] = score
+            start = seq.think_start_pos if seq.think_starts == 1 else 0
+            if seq.pos >= start + 1 and seq.think_end_pos < 0:
+                seq.online.append(score)
+                yield StepEvent(
+                    seq.index, seq.pos, score, len(seq.online), trajectory_score(seq.online)
+                )
+        self._note_think(seq, tok, pos)
+        seq.tokens.append(tok)
+        tm.generated_tokens += 1
+        piece = seq.utf8.decode(self.model.token_to_bytes(tok))
+        seq.text += piece
+        seq.prev, seq.pos = tok, pos
+        yield TokenEvent(seq.index, tok, piece)
+        if seq.think_end_pos >= 0 and tok != self.rule.think_end_id:
+            seq.answer_tokens += 1
+        for stop in settings.stop:
+            cut = seq.text.find(stop, max(0, len(seq.text) - len(piece) - len(stop)))
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                seq.reason = FinishReason.STOP
+                return
+        over_answer = (
+            settings.max_answer_tokens is not None
+            and seq.answer_tokens >= settings.max_answer_tokens
+        )
+        if len(seq.tokens) >= settings.max_new_tokens or (seq.think_end_pos >= 0 and over_answer):
+            seq.reason = FinishReason.LENGTH
+            return
+        still.append(seq)
+
+    def _finish(
+        self, seq: _Seq, prompt: list[int], scoring: bool, settings: GenerationSettings
+    ) -> Candidate:
+        if seq.reason is None:
+            seq.reason = FinishReason.LENGTH
+        if seq.reason is not FinishReason.STOP:
+            seq.text += seq.utf8.decode(b"", final=True)
+        positions: list[int] = []
+        steps: list[float] = []
+        score: float | None = None
+        if scoring:
+            positions = self.rule.scored_positions(prompt + seq.tokens)
+            steps = [seq.scores_by_pos[p] for p in positions]
+            score = trajectory_score(steps)
+        n = len(seq.tokens)
+        return Candidate(
+            index=seq.index,
+            token_ids=list(seq.tokens),
+            text=seq.text,
+            step_positions=positions,
+            step_scores=steps,
+            score=score,
+            finish_reason=seq.reason,
+            mean_logprob=(seq.logprob_sum / n if n else 0.0) if settings.logprobs else None,
+        )
