@@ -106,10 +106,11 @@ class StepEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    """A candidate ended."""
+    """A candidate ended; `text_tail` is text not streamed yet (an incomplete UTF-8 ending)."""
 
     candidate: int
     result: Candidate
+    text_tail: str = ""
 
 
 Event = TokenEvent | StepEvent | FinishEvent
@@ -260,9 +261,9 @@ class BatchGenerator:
                         yield from self._advance(seq, ctx, settings, control, still, tm)
                     for seq in live:
                         if seq not in still:
-                            yield FinishEvent(
-                                seq.index, self._finish(seq, prompt, scoring, settings)
-                            )
+                            streamed = len(seq.text)
+                            result = self._finish(seq, prompt, scoring, settings)
+                            yield FinishEvent(seq.index, result, result.text[streamed:])
                             llama_cpp.llama_memory_seq_rm(ctx.memory, seq.seq_id, -1, -1)
                     live = still
                     if not live:
@@ -364,7 +365,7 @@ class BatchGenerator:
         seq.text += piece
         seq.prev, seq.pos = tok, pos
         yield TokenEvent(seq.index, tok, piece)
-        if seq.think_end_pos >= 0 and tok != self.rule.think_end_id:
+        if 0 <= seq.think_end_pos < pos:
             seq.answer_tokens += 1
         for stop in settings.stop:
             cut = seq.text.find(stop, max(0, len(seq.text) - len(piece) - len(stop)))

@@ -1,0 +1,217 @@
+"""The runtime: batched candidates, online step scores, sampling, stops, limits, control."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edge_metastone.chat import ChatTemplate
+from edge_metastone.engine.engine import Engine
+from edge_metastone.engine.generate import (
+    FinishEvent,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    StepEvent,
+    TokenEvent,
+)
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.errors import ContextExceededError, InvalidRequestError
+from edge_metastone.scoring import score_tokens
+
+PARITY_TOL = 1e-4
+DELIM, THINK_END = 258, 1004  # fixture ids of ".\n\n" and "</think>"
+# The tiny random model rarely samples a delimiter by itself: bias it so steps happen.
+STEPPY = ((DELIM, 4.0),)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    with Engine(tiny_gguf("f32"), parity=True) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(engine):
+    return engine.tokenize(engine.render([{"role": "user", "content": "What is 12 + 7?"}]))
+
+
+def sampled(seed: int = 3, **kw) -> SamplingSettings:
+    return SamplingSettings(temperature=1.0, top_p=0.95, seed=seed, logit_bias=STEPPY, **kw)
+
+
+def test_online_step_scores_equal_full_pass_score(engine, prompt_ids):
+    cands = engine.generate_all(prompt_ids, 4, sampled(), GenerationSettings(max_new_tokens=120))
+    n_steps = 0
+    for c in cands:
+        ref = score_tokens(engine.model_file, engine.model, prompt_ids + c.token_ids)
+        assert c.step_positions == ref.positions
+        if ref.step_scores:
+            diff = float(np.abs(np.subtract(c.step_scores, ref.step_scores)).max())
+            assert diff < PARITY_TOL, f"candidate {c.index}: max |step diff| {diff:.2e}"
+        assert c.score == pytest.approx(ref.score, abs=PARITY_TOL)
+        n_steps += len(c.step_scores)
+    assert n_steps >= 8, "the test must exercise scoring"
+
+
+def test_prompt_without_think_scores_prompt_steps_too(engine):
+    """No <think>: the window starts at 0, so delimiters in the prompt are steps as well."""
+    ids = engine.tokenize("Add 3 and 4.\n\nThen double it.\n\nNow answer")
+    c = engine.generate_all(ids, 1, sampled(seed=5), GenerationSettings(max_new_tokens=60))[0]
+    ref = score_tokens(engine.model_file, engine.model, ids + c.token_ids)
+    assert c.step_positions == ref.positions and ref.positions[0] < len(ids)
+    assert np.allclose(c.step_scores, ref.step_scores, atol=PARITY_TOL)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingSettings(temperature=0.0, logit_bias=((DELIM, 2.0),)),
+        sampled(seed=11),
+        sampled(seed=12, top_k=40, min_p=0.02, repeat_penalty=1.2),
+    ],
+    ids=["greedy", "sampled", "topk-minp-penalty"],
+)
+def test_batched_equals_separate_runs(engine, prompt_ids, sampling):
+    gen = GenerationSettings(max_new_tokens=80)
+    batched = engine.generate_all(prompt_ids, 4, sampling, gen)
+    for c in batched:
+        alone = engine.generate_all(prompt_ids, 1, sampling, gen, candidate_offset=c.index)[0]
+        assert alone.token_ids == c.token_ids, f"candidate {c.index} depends on its batch"
+        assert alone.step_scores == pytest.approx(c.step_scores, abs=PARITY_TOL)
+
+
+def test_seeds(engine, prompt_ids):
+    gen = GenerationSettings(max_new_tokens=40)
+    a = engine.generate_all(prompt_ids, 3, sampled(seed=7), gen)
+    b = engine.generate_all(prompt_ids, 3, sampled(seed=7), gen)
+    c = engine.generate_all(prompt_ids, 3, sampled(seed=8), gen)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    assert len({tuple(x.token_ids) for x in a}) == 3, "candidates of one request differ"
+
+
+def test_greedy_candidates_are_identical(engine, prompt_ids):
+    cands = engine.generate_all(
+        prompt_ids, 3, SamplingSettings(temperature=0), GenerationSettings(max_new_tokens=30)
+    )
+    assert cands[0].token_ids == cands[1].token_ids == cands[2].token_ids
+
+
+def test_event_stream(engine, prompt_ids):
+    texts: dict[int, str] = {}
+    steps: dict[int, list[int]] = {}
+    finished = []
+    for ev in engine.generate(prompt_ids, 3, sampled(), GenerationSettings(max_new_tokens=60)):
+        if isinstance(ev, TokenEvent):
+            texts[ev.candidate] = texts.get(ev.candidate, "") + ev.text
+        elif isinstance(ev, StepEvent):
+            steps.setdefault(ev.candidate, []).append(ev.position)
+            assert 0 < ev.score < 1 and 0 < ev.running_score < 1
+        elif isinstance(ev, FinishEvent):
+            finished.append(ev.result)
+            texts[ev.candidate] = texts.get(ev.candidate, "") + ev.text_tail
+    assert sorted(c.index for c in finished) == [0, 1, 2]
+    for c in finished:
+        assert texts.get(c.index, "") == c.text
+        assert set(steps.get(c.index, [])) <= set(c.step_positions)
+
+
+def test_stop_string(engine, prompt_ids):
+    gen = GenerationSettings(max_new_tokens=60)
+    free = engine.generate_all(prompt_ids, 1, sampled(seed=21), gen)[0]
+    stop = free.text[20:24]
+    cut = engine.generate_all(
+        prompt_ids, 1, sampled(seed=21), GenerationSettings(60, stop=(stop,))
+    )[0]
+    assert cut.finish_reason is FinishReason.STOP
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert cut.token_ids == free.token_ids[: cut.n_tokens]
+
+
+def test_answer_budget_after_think_end(engine, prompt_ids):
+    sp = SamplingSettings(temperature=1.0, seed=2, logit_bias=((THINK_END, 6.0),))
+    gen = GenerationSettings(max_new_tokens=200, max_answer_tokens=5)
+    for c in engine.generate_all(prompt_ids, 3, sp, gen):
+        assert THINK_END in c.token_ids
+        after = c.token_ids[c.token_ids.index(THINK_END) + 1 :]
+        assert len(after) <= 5
+        assert c.finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+
+
+def test_length_limit_and_truncation_flag(engine, prompt_ids):
+    sp = SamplingSettings(temperature=1.0, seed=4, logit_bias=((1002, -100.0), (1000, -100.0)))
+    c = engine.generate_all(prompt_ids, 1, sp, GenerationSettings(max_new_tokens=17))[0]
+    assert c.n_tokens == 17 and c.finish_reason is FinishReason.LENGTH and c.truncated
+
+
+def test_prune_and_halt(engine, prompt_ids):
+    control = GenerationControl()
+    reasons = {}
+    for ev in engine.generate(
+        prompt_ids, 3, sampled(), GenerationSettings(max_new_tokens=100), control=control
+    ):
+        if isinstance(ev, TokenEvent) and ev.candidate == 1:
+            control.prune(1)
+        if isinstance(ev, FinishEvent):
+            reasons[ev.candidate] = ev.result
+            if ev.candidate == 1:
+                control.halt()
+    assert reasons[1].finish_reason is FinishReason.PRUNED and reasons[1].n_tokens == 1
+    assert {reasons[i].finish_reason for i in (0, 2)} <= {FinishReason.HALTED, FinishReason.EOS}
+
+
+def test_logprobs(engine, prompt_ids):
+    c = engine.generate_all(
+        prompt_ids, 1, sampled(), GenerationSettings(max_new_tokens=20, logprobs=True)
+    )[0]
+    assert c.mean_logprob is not None and math.isfinite(c.mean_logprob) and c.mean_logprob < 0
+
+
+def test_bad_requests(engine, prompt_ids):
+    with pytest.raises(InvalidRequestError, match="k must be"):
+        engine.generate_all(prompt_ids, 0, sampled(), GenerationSettings(10))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.generate_all([], 1, sampled(), GenerationSettings(10))
+    with pytest.raises(ContextExceededError, match="context"):
+        engine.generate_all(prompt_ids * 200, 1, sampled(), GenerationSettings(10))
+    with pytest.raises(ContextExceededError):
+        engine.generate_all(prompt_ids, 1, sampled(), GenerationSettings(max_new_tokens=5000))
+    with pytest.raises(InvalidRequestError):
+        SamplingSettings(temperature=-1)
+    with pytest.raises(InvalidRequestError):
+        GenerationSettings(max_new_tokens=0)
+
+
+def test_headless_model_generates_without_scores(tiny_untied_hf, tmp_path):
+    from converters.convert import convert
+
+    path = tmp_path / "nohead.gguf"
+    convert(tiny_untied_hf, path, "q8_0")
+    with Engine(path) as e:
+        assert not e.has_head
+        ids = e.tokenize(e.render([{"role": "user", "content": "hi"}]))
+        c = e.generate_all(ids, 2, sampled(), GenerationSettings(max_new_tokens=20))
+    assert all(x.score is None and x.step_scores == [] and x.n_tokens > 0 for x in c)
+
+
+def test_quantized_model_generates(tiny_gguf, prompt_ids):
+    with Engine(tiny_gguf("q4_k_m")) as e:
+        c = e.generate_all(prompt_ids, 4, sampled(), GenerationSettings(max_new_tokens=50))
+    assert len(c) == 4 and all(x.score is not None and x.score >= 0 for x in c)
+
+
+def test_chat_template_is_sandboxed():
+    evil = "{{ messages.append({'role': 'x'}) }}{{ messages }}"
+    with pytest.raises(InvalidRequestError, match="unsafe"):
+        ChatTemplate(evil).render([{"role": "user", "content": "hi"}])
+    probe = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(InvalidRequestError):
+        ChatTemplate(probe).render([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_renders_model_format(engine):
+    text = engine.render([{"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
