@@ -343,7 +343,7 @@ class BatchGenerator:
             m = logits.max()
             seq.logprob_sum += float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
         tm.sample_s += time.perf_counter() - t0
-        if llama_cpp.llama_vocab_is_eog(self.model.vocab, tok):
+        if self.model.is_eog(tok):
             seq.reason = FinishReason.EOS
             return
         pos = seq.pos + 1

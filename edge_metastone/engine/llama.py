@@ -95,6 +95,10 @@ class Model:
             raise EdgeMetastoneError("tokenization failed")
         return list(buf[:n])
 
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT, ...)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
     def token_to_bytes(self, token: int, *, special: bool = True) -> bytes:
         """The bytes one token stands for (special tokens rendered when `special`)."""
         buf = ctypes.create_string_buffer(64)

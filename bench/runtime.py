@@ -1,0 +1,190 @@
+"""Runtime benchmarks, each a ratio of two runs measured side by side in this process.
+
+    python bench/make_synthetic_checkpoint.py /tmp/syn200m --preset 200m
+    edge-metastone convert /tmp/syn200m -o /tmp/syn200m-q4_0.gguf --outtype q4_0
+    python bench/runtime.py /tmp/syn200m-q4_0.gguf [--tokens 256] [--rounds 3]
+
+(a) k=8 with in-stream scoring / the same generation with scoring off         target <= 1.03
+(b) fused best-of-8 / generate, then re-run every candidate to score it        target <= 0.80
+    b1: re-run through the same llama.cpp model (a lean baseline we built, not the reference's)
+    b2: re-run through Hugging Face transformers float32, as the reference pipeline does
+        (needs --hf-dir; model load time excluded)
+(c) batched k=8 throughput / 8 sequential single-candidate generations         target >= 1.5
+(d) k=1 tokens/s / llama-cpp-python's own Llama.generate (same file, threads)  target >= 0.9
+
+The model is random, so end-of-turn tokens are banned (every candidate runs the full length) and
+the step delimiter is biased up so a step ends every ~30 tokens, as in real reasoning traces.
+Rounds alternate the two sides of each ratio; the median of the per-round ratios is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edge_metastone.engine.engine import Engine
+from edge_metastone.engine.generate import GenerationSettings
+from edge_metastone.engine.llama import default_threads
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.scoring import score_tokens
+
+PROMPT = [
+    {"role": "user", "content": "Find the sum of all positive divisors of 360. Think step by step."}
+]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def side_by_side(
+    a: Callable[[], object], b: Callable[[], object], rounds: int
+) -> tuple[float, float, float]:
+    """Median seconds of a and b, and the median of per-round ratios a/b (alternating order)."""
+    ta, tb, ratios = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            x, y = timed(a), timed(b)
+        else:
+            y, x = timed(b), timed(a)
+        ta.append(x)
+        tb.append(y)
+        ratios.append(x / y)
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--hf-dir", type=Path, default=None, help="HF checkpoint of the same model (b2)"
+    )
+    args = ap.parse_args()
+    threads = args.threads or default_threads()
+    engine = Engine(args.model, n_threads=threads)
+    mf = engine.model_file
+    eog = [i for i in range(engine.model.n_vocab) if engine.model.is_eog(i)]
+    # a random model is near-uniform over the vocab: this bias makes a delimiter ~1 token in 30
+    step_bias = math.log(engine.model.n_vocab / 30)
+    bias = tuple((t, -1e9) for t in eog) + tuple((t, step_bias) for t in mf.step_token_ids)
+    sampling = SamplingSettings(temperature=1.0, top_p=0.95, seed=0, logit_bias=bias)
+    on = GenerationSettings(max_new_tokens=args.tokens, score_steps=True)
+    off = GenerationSettings(max_new_tokens=args.tokens, score_steps=False)
+    prompt = engine.tokenize(engine.render(PROMPT))
+    k, n = args.k, args.tokens
+    print(
+        f"model {args.model.name}: {mf.n_params / 1e6:.0f}M params, {mf.n_bytes / 2**20:.0f} MiB, "
+        f"threads {threads}, prompt {len(prompt)} tokens, k={k} x {n} tokens, rounds {args.rounds}"
+    )
+
+    engine.generate_all(prompt, 2, sampling, GenerationSettings(max_new_tokens=16))  # warm up
+    steps = sum(len(c.step_scores) for c in engine.generate_all(prompt, k, sampling, on))
+    print(f"scored steps per k={k} run: {steps}")
+
+    def fused() -> list:
+        return engine.generate_all(prompt, k, sampling, on)
+
+    def unscored() -> list:
+        return engine.generate_all(prompt, k, sampling, off)
+
+    ta, tb, r = side_by_side(fused, unscored, args.rounds)
+    print(f"(a) scoring on / off           {ta:7.2f} s / {tb:7.2f} s = {r:.3f}   (target <= 1.03)")
+
+    def rescore() -> None:
+        for c in engine.generate_all(prompt, k, sampling, off):
+            score_tokens(mf, engine.model, prompt + c.token_ids, parity=False)
+
+    ta, tb, r = side_by_side(fused, rescore, args.rounds)
+    print(f"(b1) fused / gen+llama rescore {ta:7.2f} s / {tb:7.2f} s = {r:.3f}   (target <= 0.80)")
+    if args.hf_dir is not None:
+        hf_rescore = _hf_rescorer(args.hf_dir, mf.n_layers)
+
+        def reference_pipeline() -> None:
+            for c in engine.generate_all(prompt, k, sampling, off):
+                hf_rescore(prompt + c.token_ids)
+
+        ta, tb, r = side_by_side(fused, reference_pipeline, args.rounds)
+        print(
+            f"(b2) fused / gen+HF rescore    {ta:7.2f} s / {tb:7.2f} s = {r:.3f}   (target <= 0.80)"
+        )
+
+    def sequential() -> None:
+        for i in range(k):
+            engine.generate_all(prompt, 1, sampling, on, candidate_offset=i)
+
+    ta, tb, r = side_by_side(sequential, fused, args.rounds)
+    print(f"(c) batched throughput gain    {ta:7.2f} s / {tb:7.2f} s = {r:.2f}x  (target >= 1.5)")
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        str(args.model),
+        n_ctx=len(prompt) + n + 16,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+        logits_all=False,
+    )
+
+    # Llama.generate does not stop at end-of-turn tokens by itself, so it also runs n tokens.
+    def theirs() -> None:
+        llm.reset()
+        for i, _tok in enumerate(llm.generate(prompt, temp=1.0, top_p=0.95, top_k=0, min_p=0.0)):
+            if i + 1 >= n:
+                break
+
+    def ours() -> None:
+        engine.generate_all(prompt, 1, sampling, on)
+
+    ta, tb, r = side_by_side(ours, theirs, args.rounds)
+    print(
+        f"(d) k=1 tokens/s ours / Llama  {n / ta:7.1f} t/s / {n / tb:7.1f} t/s = {1 / r:.3f}   (target >= 0.9)"
+    )
+    llm.close()
+    engine.close()
+
+
+def _hf_rescorer(hf_dir: Path, n_layers: int) -> Callable[[list[int]], float]:
+    """The reference pipeline's scorer: HF float32 forward, hidden_states[-2], head on every token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    state = torch.load(hf_dir / "score_module.pt", weights_only=True)
+    c = state["0.weight"].shape[1]
+    head = torch.nn.Sequential(
+        torch.nn.Linear(c, 2 * c), torch.nn.ReLU(), torch.nn.Linear(2 * c, 1)
+    )
+    head.load_state_dict(
+        {
+            "0.weight": state["0.weight"],
+            "0.bias": state["0.bias"],
+            "2.weight": state["3.weight"],
+            "2.bias": state["3.bias"],
+        }
+    )
+    head = head.float().eval()
+
+    @torch.no_grad()
+    def rescore(ids: list[int]) -> float:
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+        return float(torch.sigmoid(head(out.hidden_states[-2][0])).mean())
+
+    return rescore
+
+
+if __name__ == "__main__":
+    main()
