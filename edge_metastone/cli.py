@@ -7,10 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from edge_metastone.commands import convert, inspect, score
+from edge_metastone.commands import convert, inspect, reason, score
 from edge_metastone.errors import EdgeMetastoneError
 
-COMMANDS = (convert, inspect, score)
+COMMANDS = (convert, inspect, score, reason)
 
 
 def build_parser() -> argparse.ArgumentParser:

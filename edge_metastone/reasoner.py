@@ -1,0 +1,303 @@
+"""`Reasoner`: the one Python API every front uses. Prompt in; chosen answer, candidates, step
+scores, timings and the scheduler's reason out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_metastone.answers import extract_answer
+from edge_metastone.engine.engine import Engine
+from edge_metastone.engine.generate import Candidate, Event, GenerationSettings
+from edge_metastone.engine.llama import default_threads
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.errors import InvalidRequestError
+from edge_metastone.models import default_model_path
+from edge_metastone.scheduler import (
+    MIB,
+    Budget,
+    Calibration,
+    Effort,
+    ModelFacts,
+    Plan,
+    Request,
+    choose,
+    predict,
+)
+from edge_metastone.search import StrategyName, make_strategy
+
+logger = logging.getLogger(__name__)
+
+# MetaStone-S1's recommended sampling (temperature 0.6, top-p 0.95).
+DEFAULT_SAMPLING = SamplingSettings(temperature=0.6, top_p=0.95)
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    """One candidate as users see it."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    answer: str
+    step_scores: list[float]
+    score: float | None
+    tokens: int
+    finish_reason: str
+    mean_logprob: float | None
+
+    @classmethod
+    def of(cls, c: Candidate) -> CandidateView:
+        """From the engine's candidate."""
+        return cls(
+            index=c.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            answer=extract_answer(c.text),
+            step_scores=list(c.step_scores),
+            score=c.score,
+            tokens=c.n_tokens,
+            finish_reason=c.finish_reason.value,
+            mean_logprob=c.mean_logprob,
+        )
+
+
+@dataclass(frozen=True)
+class ReasonResult:
+    """What `Reasoner.reason` returns."""
+
+    answer: str
+    effort: str
+    k: int
+    chosen: int
+    prompt_text: str
+    candidates: list[CandidateView]
+    strategy: str
+    scheduler_reason: str
+    early_stop: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chosen_candidate(self) -> CandidateView:
+        """The candidate whose answer is returned."""
+        return self.candidates[self.chosen]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `reason --json` object of SPEC §3 (plus the scheduler's reason and strategy)."""
+        return {
+            "answer": self.answer,
+            "effort": self.effort,
+            "k": self.k,
+            "chosen": self.chosen,
+            "prompt_text": self.prompt_text,
+            "candidates": [
+                {
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "answer": c.answer,
+                    "step_scores": c.step_scores,
+                    "score": c.score if c.score is not None else 0.0,
+                    "tokens": c.tokens,
+                    "finish_reason": c.finish_reason,
+                    "mean_logprob": c.mean_logprob,
+                }
+                for c in self.candidates
+            ],
+            "timings": self.timings,
+            "strategy": self.strategy,
+            "scheduler": {"reason": self.scheduler_reason, "predicted": self.predicted},
+            "early_stop": self.early_stop,
+        }
+
+
+class Reasoner:
+    """A reflective model opened for test-time scaling (default: the embedded model)."""
+
+    def __init__(
+        self,
+        model: Path | str | None = None,
+        *,
+        head: Path | str | None = None,
+        n_threads: int = 0,
+        n_gpu_layers: int = 0,
+        sampling: SamplingSettings = DEFAULT_SAMPLING,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        calibration: Calibration | None = None,
+    ) -> None:
+        self.model_path = Path(model) if model is not None else default_model_path()
+        self.n_threads = n_threads or default_threads()
+        self.engine = Engine(
+            self.model_path, head_path=head, n_threads=self.n_threads, n_gpu_layers=n_gpu_layers
+        )
+        self.facts = ModelFacts.of(self.engine.model_file)
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self._calibration = calibration
+        self._lock = threading.Lock()  # one generation at a time per loaded model
+
+    @property
+    def has_head(self) -> bool:
+        """True when the model scores steps."""
+        return self.engine.has_head
+
+    def calibration(self, *, refresh: bool = False) -> Calibration:
+        """This machine's calibration for the model (measured once, then cached on disk)."""
+        if self._calibration is None or refresh:
+            from edge_metastone.calibration import calibration_for
+
+            self._calibration = calibration_for(self.engine, self.n_threads, refresh=refresh)
+        return self._calibration
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The exact text fed to the model: the chat template applied to the prompt."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.engine.render(messages)
+
+    def plan(
+        self,
+        prompt_tokens: int,
+        effort: Effort | str = Effort.AUTO,
+        *,
+        latency_budget: float | None = None,
+        memory_budget_mb: float | None = None,
+        max_new_tokens: int | None = None,
+        allow_degrade: bool = False,
+    ) -> Plan:
+        """The scheduler's choice for a request of this size (no generation)."""
+        effort = Effort(effort)
+        req = Request(prompt_tokens, max_new_tokens or self.max_new_tokens)
+        budget = Budget(
+            latency_budget,
+            int(memory_budget_mb * MIB) if memory_budget_mb is not None else None,
+            allow_degrade,
+        )
+        if effort is not Effort.AUTO and budget.latency_s is None and budget.memory_bytes is None:
+            cal = self._calibration
+            pred = predict(self.facts, cal, req, effort.k) if cal else None
+            return Plan(effort, effort.k, pred, f"{effort.value} requested (k={effort.k})")
+        return choose(effort, self.facts, self.calibration(), req, budget)
+
+    def reason_stream(
+        self,
+        prompt: Prompt,
+        *,
+        effort: Effort | str = Effort.AUTO,
+        latency_budget: float | None = None,
+        memory_budget_mb: float | None = None,
+        seed: int = 0,
+        strategy: StrategyName | str | None = None,
+        max_new_tokens: int | None = None,
+        allow_degrade: bool = False,
+    ) -> Iterator[Event | ReasonResult]:
+        """Yield the engine's events as they happen, then the final `ReasonResult`."""
+        q: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def work() -> None:
+            try:
+                r = self.reason(
+                    prompt,
+                    effort=effort,
+                    latency_budget=latency_budget,
+                    memory_budget_mb=memory_budget_mb,
+                    seed=seed,
+                    strategy=strategy,
+                    max_new_tokens=max_new_tokens,
+                    allow_degrade=allow_degrade,
+                    on_event=lambda ev: q.put(("event", ev)),
+                )
+                q.put(("result", r))
+            except BaseException as e:  # re-raised in the caller's thread
+                q.put(("error", e))
+
+        threading.Thread(target=work, daemon=True, name="edge-metastone-reason").start()
+        while True:
+            kind, item = q.get()
+            if kind == "error":
+                raise item
+            yield item
+            if kind == "result":
+                return
+
+    def reason(
+        self,
+        prompt: Prompt,
+        *,
+        effort: Effort | str = Effort.AUTO,
+        latency_budget: float | None = None,
+        memory_budget_mb: float | None = None,
+        seed: int = 0,
+        strategy: StrategyName | str | None = None,
+        max_new_tokens: int | None = None,
+        allow_degrade: bool = False,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> ReasonResult:
+        """Generate k candidates (k from the effort, or chosen within the budgets) and pick one."""
+        t0 = time.perf_counter()
+        max_new = max_new_tokens or self.max_new_tokens
+        if max_new < 1:
+            raise InvalidRequestError("max_new_tokens must be >= 1")
+        text = self.prompt_text(prompt)
+        ids = self.engine.tokenize(text)
+        plan = self.plan(
+            len(ids),
+            effort,
+            latency_budget=latency_budget,
+            memory_budget_mb=memory_budget_mb,
+            max_new_tokens=max_new,
+            allow_degrade=allow_degrade,
+        )
+        t_plan = time.perf_counter() - t0
+        name = (
+            StrategyName(strategy)
+            if strategy
+            else (StrategyName.BEST_OF_K if self.has_head else StrategyName.LOGPROB)
+        )
+        sampling = dataclasses.replace(self.sampling, seed=seed)
+        settings = GenerationSettings(max_new_tokens=max_new)
+        deadline = time.monotonic() - t_plan + latency_budget if latency_budget else None
+        with self._lock:
+            res = make_strategy(name).search(
+                self.engine, ids, plan.k, sampling, settings, deadline=deadline, on_event=on_event
+            )
+            tm = self.engine.last_timings.as_dict()
+        tm["plan_s"] = t_plan
+        tm["total_s"] = time.perf_counter() - t0
+        views = [CandidateView.of(c) for c in res.candidates]
+        pred = plan.prediction
+        return ReasonResult(
+            answer=views[res.chosen].answer,
+            effort=plan.effort.value if plan.effort else "single",
+            k=plan.k,
+            chosen=res.chosen,
+            prompt_text=text,
+            candidates=views,
+            strategy=res.strategy.value,
+            scheduler_reason=plan.reason
+            + (" - stopped early at the latency budget" if res.early_stop else ""),
+            early_stop=res.early_stop,
+            timings=tm,
+            predicted={"latency_s": pred.latency_s, "memory_mb": pred.memory_bytes / MIB}
+            if pred
+            else {},
+        )
+
+    def close(self) -> None:
+        """Free the model."""
+        self.engine.close()
+
+    def __enter__(self) -> Reasoner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,335 @@
+"""The budget scheduler: predict each effort mode's latency and peak memory on this machine, and
+choose the highest effort that fits the caller's budgets.
+
+Latency comes from a calibration of the machine with this model (decode step time at batch sizes
+1..32, prefill tokens/s), measured once in a few seconds and cached on disk. Memory comes from the
+model's facts: the process after loading (measured once), plus the KV cache, the logits buffer and
+llama.cpp's compute buffer of the context the request needs.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edge_metastone.errors import BudgetError, InvalidRequestError
+from edge_metastone.modelfile import ModelFile
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_VERSION = 1
+CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
+KV_PAD = 256  # llama.cpp pads the KV cache size to a multiple of this
+MIB = 2**20
+
+
+class Effort(str, enum.Enum):
+    """The paper's effort modes (k candidates), and `auto` (the scheduler chooses)."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    AUTO = "auto"
+
+    @property
+    def k(self) -> int:
+        """Candidates generated in this mode."""
+        if self is Effort.AUTO:
+            raise ValueError("auto has no fixed k")
+        return {Effort.LOW: 2, Effort.MEDIUM: 8, Effort.HIGH: 32}[self]
+
+
+FIXED_EFFORTS = (Effort.LOW, Effort.MEDIUM, Effort.HIGH)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What memory and latency depend on, read from the model file."""
+
+    weight_bytes: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_vocab: int
+    n_ctx_train: int
+    head_bytes: int = 0
+
+    @classmethod
+    def of(cls, mf: ModelFile) -> ModelFacts:
+        """Facts of an opened model file."""
+        head_bytes = 0
+        if mf.head is not None:
+            h = mf.head
+            head_bytes = h.fc1_weight.nbytes + h.fc1_bias.nbytes + h.fc2_weight.nbytes + 8
+        return cls(
+            weight_bytes=mf.n_bytes,
+            n_layers=mf.n_layers,
+            n_kv_heads=mf.n_head_kv,
+            head_dim=mf.head_dim,
+            n_embd=mf.n_embd,
+            n_ff=mf.n_ff,
+            n_head=mf.n_head,
+            n_vocab=mf.n_vocab,
+            n_ctx_train=mf.context_length,
+            head_bytes=head_bytes,
+        )
+
+    def kv_bytes(self, n_ctx: int) -> int:
+        """F16 K and V for `n_ctx` cells (padded as llama.cpp does)."""
+        cells = math.ceil(n_ctx / KV_PAD) * KV_PAD
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2 * cells
+
+    def context_bytes(self, n_ctx: int, n_batch: int) -> int:
+        """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer."""
+        kv = self.kv_bytes(n_ctx)
+        logits = 4 * self.n_vocab * n_batch
+        # the largest graph is a prefill ubatch: activations, FFN, attention scores, logits
+        cells = math.ceil(n_ctx / KV_PAD) * KV_PAD
+        compute = 4 * n_batch * (self.n_vocab + 3 * self.n_ff + 6 * self.n_embd)
+        compute += 4 * n_batch * self.n_head * cells
+        return kv + logits + compute
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How fast this machine runs this model, and what the loaded process weighs."""
+
+    step_seconds: dict[int, float]  # batch size -> seconds per decode step
+    prefill_tokens_per_s: float
+    base_rss_bytes: int  # the process after loading the model and a first tiny generation
+    n_threads: int
+    key: str = ""
+    measured_at: float = field(default_factory=time.time)
+
+    def step_time(self, batch: int) -> float:
+        """Seconds per decode step at `batch` live sequences (log-linear between measured sizes)."""
+        sizes = sorted(self.step_seconds)
+        if batch <= sizes[0]:
+            return self.step_seconds[sizes[0]]
+        for lo, hi in itertools.pairwise(sizes):
+            if batch <= hi:
+                w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+                return self.step_seconds[lo] * (1 - w) + self.step_seconds[hi] * w
+        top = sizes[-1]
+        return self.step_seconds[top] * batch / top  # beyond: compute-bound, linear
+
+    def to_json(self) -> dict[str, object]:
+        """Serializable form (JSON keys are strings)."""
+        d = asdict(self)
+        d["step_seconds"] = {str(b): s for b, s in self.step_seconds.items()}
+        d["version"] = CALIBRATION_VERSION
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Calibration:
+        """Inverse of to_json."""
+        if d.get("version") != CALIBRATION_VERSION:
+            raise ValueError("calibration format changed")
+        return cls(
+            step_seconds={int(b): float(s) for b, s in dict(d["step_seconds"]).items()},
+            prefill_tokens_per_s=float(d["prefill_tokens_per_s"]),
+            base_rss_bytes=int(d["base_rss_bytes"]),
+            n_threads=int(d["n_threads"]),
+            key=str(d.get("key", "")),
+            measured_at=float(d.get("measured_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Request:
+    """The shape of one reasoning request."""
+
+    prompt_tokens: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The caller's limits; None means unlimited. `allow_degrade`: fall back to k=1 if nothing fits."""
+
+    latency_s: float | None = None
+    memory_bytes: int | None = None
+    allow_degrade: bool = False
+
+    def __post_init__(self) -> None:
+        if self.latency_s is not None and self.latency_s <= 0:
+            raise InvalidRequestError("the latency budget must be positive")
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise InvalidRequestError("the memory budget must be positive")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted cost of running k candidates for a request."""
+
+    k: int
+    latency_s: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The scheduler's decision."""
+
+    effort: Effort | None  # None: degraded to a single candidate
+    k: int
+    prediction: Prediction | None  # None: a fixed effort with no budget, nothing predicted
+    reason: str
+    predictions: tuple[Prediction, ...] = ()
+
+    @property
+    def degraded(self) -> bool:
+        """True when no effort mode fitted and a single candidate runs instead."""
+        return self.effort is None
+
+
+def predict(facts: ModelFacts, cal: Calibration, req: Request, k: int) -> Prediction:
+    """Worst-case latency (every candidate runs to max_new_tokens) and peak memory of k candidates."""
+    n_ctx = req.prompt_tokens + k * req.max_new_tokens
+    n_batch = max(min(req.prompt_tokens, 512), k)
+    latency = req.prompt_tokens / cal.prefill_tokens_per_s + req.max_new_tokens * cal.step_time(k)
+    memory = cal.base_rss_bytes + facts.context_bytes(n_ctx, n_batch)
+    return Prediction(k, latency, int(memory))
+
+
+def _fits(p: Prediction, budget: Budget) -> bool:
+    return (budget.latency_s is None or p.latency_s <= budget.latency_s) and (
+        budget.memory_bytes is None or p.memory_bytes <= budget.memory_bytes
+    )
+
+
+def _describe(p: Prediction) -> str:
+    return f"k={p.k}: ~{p.latency_s:.1f} s, ~{p.memory_bytes / MIB:.0f} MiB"
+
+
+def choose(
+    effort: Effort,
+    facts: ModelFacts,
+    cal: Calibration,
+    req: Request,
+    budget: Budget,
+    *,
+    efforts: Sequence[Effort] = FIXED_EFFORTS,
+) -> Plan:
+    """The effort to run: the requested one if it fits, or (auto) the highest that fits both budgets."""
+    if req.prompt_tokens + req.max_new_tokens > facts.n_ctx_train:
+        raise BudgetError(
+            f"prompt ({req.prompt_tokens}) + max_new_tokens ({req.max_new_tokens}) exceeds the "
+            f"model's context of {facts.n_ctx_train} tokens"
+        )
+    preds = tuple(predict(facts, cal, req, e.k) for e in efforts)
+    limits = _limits(budget)
+    if effort is not Effort.AUTO:
+        p = predict(facts, cal, req, effort.k)
+        if _fits(p, budget):
+            return Plan(
+                effort, p.k, p, f"{effort.value} requested; predicted {_describe(p)}{limits}", preds
+            )
+        raise BudgetError(f"effort {effort.value} does not fit: predicted {_describe(p)}{limits}")
+    fitting = [(e, p) for e, p in zip(efforts, preds, strict=True) if _fits(p, budget)]
+    if fitting:
+        e, p = max(fitting, key=lambda ep: ep[0].k)
+        higher = [q for q in preds if q.k > p.k]
+        why = f"; {_describe(higher[0])} would not fit" if higher else ""
+        return Plan(
+            e, p.k, p, f"auto chose {e.value}: predicted {_describe(p)}{limits}{why}", preds
+        )
+    single = predict(facts, cal, req, 1)
+    lowest = preds[0]
+    if budget.allow_degrade and _fits(single, budget):
+        logger.warning("no effort mode fits the budget; running a single candidate")
+        return Plan(
+            None,
+            1,
+            single,
+            f"no effort mode fits ({_describe(lowest)}{limits}); degraded to k=1",
+            preds,
+        )
+    raise BudgetError(
+        f"no effort mode fits the budget: the lowest needs {_describe(lowest)}{limits}"
+        + ("" if budget.allow_degrade else "; allow k=1 to run a single candidate")
+    )
+
+
+def _limits(budget: Budget) -> str:
+    parts = []
+    if budget.latency_s is not None:
+        parts.append(f"{budget.latency_s:g} s")
+    if budget.memory_bytes is not None:
+        parts.append(f"{budget.memory_bytes / MIB:.0f} MiB")
+    return f" (budget {', '.join(parts)})" if parts else ""
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def cache_dir() -> Path:
+    """Where calibrations are cached ($EDGE_METASTONE_CACHE or ~/.cache/edge-metastone)."""
+    return Path(os.environ.get("EDGE_METASTONE_CACHE", Path.home() / ".cache" / "edge-metastone"))
+
+
+def calibration_key(model_path: Path, n_threads: int) -> str:
+    """Identity of (model file, machine, threads, llama.cpp build) for the cache."""
+    import llama_cpp
+
+    st = model_path.stat()
+    ident = [
+        str(model_path.resolve()),
+        str(st.st_size),
+        str(int(st.st_mtime)),
+        platform.node(),
+        platform.machine(),
+        str(os.cpu_count()),
+        str(n_threads),
+        llama_cpp.__version__,
+    ]
+    return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:24]
+
+
+def load_cached(key: str) -> Calibration | None:
+    """A cached calibration for `key`, if one is stored and readable."""
+    path = cache_dir() / "calibration" / f"{key}.json"
+    try:
+        return Calibration.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(cal: Calibration) -> None:
+    """Save a calibration (atomically) for later processes."""
+    folder = cache_dir() / "calibration"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{cal.key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(cal.to_json(), indent=1))
+        os.replace(tmp, folder / f"{cal.key}.json")
+    except OSError as e:
+        logger.warning("could not cache the calibration: %s", e)

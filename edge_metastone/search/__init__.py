@@ -1,0 +1,39 @@
+"""Test-time search strategies: one module each, all behind `Strategy` (see base.py)."""
+
+from __future__ import annotations
+
+from edge_metastone.search.base import SearchEngine, SearchResult, Strategy, StrategyName
+from edge_metastone.search.best_of_k import BestOfK
+from edge_metastone.search.logprob import LogProb
+from edge_metastone.search.prune import StepPruning
+from edge_metastone.search.vote import Vote
+
+STRATEGIES: dict[StrategyName, type] = {
+    StrategyName.BEST_OF_K: BestOfK,
+    StrategyName.PRUNE: StepPruning,
+    StrategyName.VOTE: Vote,
+    StrategyName.WEIGHTED_VOTE: Vote,
+    StrategyName.LOGPROB: LogProb,
+}
+
+
+def make_strategy(name: StrategyName | str) -> Strategy:
+    """The strategy object for a name."""
+    name = StrategyName(name)
+    if name is StrategyName.WEIGHTED_VOTE:
+        return Vote(weighted=True)
+    return STRATEGIES[name]()
+
+
+__all__ = [
+    "STRATEGIES",
+    "BestOfK",
+    "LogProb",
+    "SearchEngine",
+    "SearchResult",
+    "StepPruning",
+    "Strategy",
+    "StrategyName",
+    "Vote",
+    "make_strategy",
+]

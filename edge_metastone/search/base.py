@@ -1,0 +1,170 @@
+"""What every strategy shares: the engine protocol, the result type, the event loop with deadlines,
+and the selection rules (pure functions over candidates, tested on hand-built scores)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from edge_metastone.engine.generate import (
+    Candidate,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    StepEvent,
+)
+from edge_metastone.engine.sampling import SamplingSettings
+
+
+class StrategyName(str, enum.Enum):
+    """The search strategies."""
+
+    BEST_OF_K = "best-of-k"  # the paper's: highest SPRM trajectory score
+    PRUNE = "prune"  # best-of-k, dropping candidates whose running score falls well behind
+    VOTE = "vote"  # majority vote over extracted answers
+    WEIGHTED_VOTE = "weighted-vote"  # vote weighted by SPRM trajectory score
+    LOGPROB = "logprob"  # the policy's own mean token log-probability
+
+
+class SearchEngine(Protocol):
+    """What a strategy needs from an engine (the real one, or a fake in tests)."""
+
+    @property
+    def has_head(self) -> bool: ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        control: GenerationControl | None = None,
+        candidate_offset: int = 0,
+    ) -> Iterator[Event]: ...
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The candidates (index order), which one was chosen, and why."""
+
+    candidates: list[Candidate]
+    chosen: int
+    strategy: StrategyName
+    reason: str
+    early_stop: bool = False
+
+    @property
+    def answer_candidate(self) -> Candidate:
+        """The chosen candidate."""
+        return self.candidates[self.chosen]
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated over all candidates (pruned ones included)."""
+        return sum(c.n_tokens for c in self.candidates)
+
+
+EventHook = Callable[[Event], None]
+
+
+class Strategy(Protocol):
+    """One search strategy: generate k candidates from a prompt and choose one."""
+
+    name: StrategyName
+
+    def search(
+        self,
+        engine: SearchEngine,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        deadline: float | None = None,
+        on_event: EventHook | None = None,
+    ) -> SearchResult: ...
+
+
+def run_candidates(
+    engine: SearchEngine,
+    prompt_ids: Sequence[int],
+    k: int,
+    sampling: SamplingSettings,
+    settings: GenerationSettings,
+    *,
+    deadline: float | None = None,
+    on_event: EventHook | None = None,
+    on_step: Callable[[StepEvent, GenerationControl], None] | None = None,
+) -> tuple[list[Candidate], bool]:
+    """Consume the engine's events; halt before `deadline` (time.monotonic()). Returns (candidates, early_stop)."""
+    control = GenerationControl()
+    done: list[Candidate] = []
+    last = time.monotonic()
+    step_time = 0.0
+    seen_in_step: set[int] = set()
+    for ev in engine.generate(prompt_ids, k, sampling, settings, control=control):
+        if on_event is not None:
+            on_event(ev)
+        if isinstance(ev, FinishEvent):
+            done.append(ev.result)
+        elif isinstance(ev, StepEvent) and on_step is not None:
+            on_step(ev, control)
+        if deadline is not None and not control.halted:
+            # one decode step has passed when a candidate shows up a second time
+            cand = getattr(ev, "candidate", None)
+            if cand in seen_in_step:
+                now = time.monotonic()
+                step_time = max(step_time * 0.8, now - last)
+                last = now
+                seen_in_step.clear()
+            seen_in_step.add(cand)
+            if time.monotonic() + step_time >= deadline:
+                control.halt()
+    early = any(c.finish_reason is FinishReason.HALTED for c in done)
+    return sorted(done, key=lambda c: c.index), early
+
+
+def selection_pool(cands: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates eligible to be chosen: not pruned; after an early stop, completed ones first."""
+    alive = [c for c in cands if c.finish_reason is not FinishReason.PRUNED] or list(cands)
+    complete = [c for c in alive if not c.truncated]
+    halted = any(c.finish_reason is FinishReason.HALTED for c in alive)
+    return complete if halted and complete else alive
+
+
+def argmax_lowest_index(values: Sequence[tuple[int, float]]) -> int:
+    """The index with the highest value; ties go to the lowest index. `values`: (index, value)."""
+    if not values:
+        raise ValueError("no candidates to choose from")
+    best_i, best_v = values[0]
+    for i, v in values[1:]:
+        if v > best_v or (v == best_v and i < best_i):
+            best_i, best_v = i, v
+    return best_i
+
+
+def select_by_score(cands: Sequence[Candidate]) -> int:
+    """The paper's rule: highest trajectory score (None counts as -inf), ties to the lowest index."""
+    pool = selection_pool(cands)
+    return argmax_lowest_index(
+        [(c.index, c.score if c.score is not None else float("-inf")) for c in pool]
+    )
+
+
+def select_by_logprob(cands: Sequence[Candidate]) -> int:
+    """Highest mean token log-probability, ties to the lowest index."""
+    pool = selection_pool(cands)
+    return argmax_lowest_index(
+        [(c.index, c.mean_logprob if c.mean_logprob is not None else float("-inf")) for c in pool]
+    )
+
+
+def position_of(cands: Sequence[Candidate], index: int) -> int:
+    """Position in `cands` of the candidate with `.index == index`."""
+    return next(p for p, c in enumerate(cands) if c.index == index)

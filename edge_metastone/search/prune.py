@@ -1,0 +1,112 @@
+"""SPRM-guided step pruning: at step boundaries, stop candidates whose running score has fallen
+well behind the leaders, so their remaining tokens are never generated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edge_metastone.engine.generate import GenerationControl, GenerationSettings, StepEvent
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.errors import InvalidRequestError
+from edge_metastone.search.base import (
+    EventHook,
+    SearchEngine,
+    SearchResult,
+    StrategyName,
+    position_of,
+    run_candidates,
+    select_by_score,
+)
+from edge_metastone.search.best_of_k import BestOfK
+
+
+@dataclass
+class PruneRule:
+    """Drop a candidate once it has `min_steps` steps and its running score is below
+    `ratio` x the best running score among candidates with as many steps; keep `keep` alive."""
+
+    k: int
+    min_steps: int = 3
+    ratio: float = 0.6
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise InvalidRequestError("prune ratio must be in (0, 1]")
+        self.running: dict[int, tuple[int, float]] = {}
+        self.pruned: set[int] = set()
+        self.finished: set[int] = set()
+
+    def on_step(self, ev: StepEvent, control: GenerationControl) -> list[int]:
+        """Record a step; prune and return the candidates that fell behind."""
+        self.running[ev.candidate] = (ev.n_steps, ev.running_score)
+        live = [c for c in range(self.k) if c not in self.pruned and c not in self.finished]
+        if len(live) <= self.keep:
+            return []
+        mature = {
+            c: self.running[c] for c in live if self.running.get(c, (0, 0.0))[0] >= self.min_steps
+        }
+        if len(mature) < 2:
+            return []
+        leader = max(s for _, s in mature.values())
+        behind = sorted((s, c) for c, (_, s) in mature.items() if s < self.ratio * leader)
+        dropped = []
+        for _, c in behind:  # worst first, never below `keep` live candidates
+            if len(live) - len(dropped) <= self.keep:
+                break
+            dropped.append(c)
+        for c in dropped:
+            self.pruned.add(c)
+            control.prune(c)
+        return dropped
+
+
+class StepPruning:
+    """Best-of-k with early pruning of candidates whose step scores fall well behind."""
+
+    name = StrategyName.PRUNE
+
+    def __init__(self, min_steps: int = 3, ratio: float = 0.6, keep: int = 2) -> None:
+        self.min_steps, self.ratio, self.keep = min_steps, ratio, keep
+
+    def search(
+        self,
+        engine: SearchEngine,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        deadline: float | None = None,
+        on_event: EventHook | None = None,
+    ) -> SearchResult:
+        """Run with pruning and select by score among the survivors."""
+        if not (engine.has_head and settings.score_steps):
+            return BestOfK().search(
+                engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
+            )
+        rule = PruneRule(k, self.min_steps, self.ratio, self.keep)
+
+        def hook(ev):  # also track finished candidates so they count as not prunable
+            if on_event is not None:
+                on_event(ev)
+            result = getattr(ev, "result", None)
+            if result is not None:
+                rule.finished.add(result.index)
+
+        cands, early = run_candidates(
+            engine,
+            prompt_ids,
+            k,
+            sampling,
+            settings,
+            deadline=deadline,
+            on_event=hook,
+            on_step=rule.on_step,
+        )
+        best = select_by_score(cands)
+        reason = (
+            f"highest SPRM trajectory score; {len(rule.pruned)} of {k} pruned at step boundaries"
+        )
+        return SearchResult(cands, position_of(cands, best), self.name, reason, early)

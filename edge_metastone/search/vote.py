@@ -1,0 +1,76 @@
+"""Majority vote over extracted answers, optionally weighted by SPRM trajectory score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from edge_metastone.answers import extract_answer, group_answers
+from edge_metastone.engine.generate import Candidate, GenerationSettings
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.search.base import (
+    EventHook,
+    SearchEngine,
+    SearchResult,
+    StrategyName,
+    argmax_lowest_index,
+    position_of,
+    run_candidates,
+    selection_pool,
+)
+
+
+def vote(answers: Sequence[str], weights: Sequence[float], indices: Sequence[int]) -> int:
+    """Index of the chosen candidate: the heaviest answer class (ties: the class holding the lowest
+    index), then its heaviest member (ties: lowest index). Empty answers never win over real ones."""
+    labels = group_answers(list(answers))
+    totals: dict[int, float] = {}
+    for pos, label in enumerate(labels):
+        if answers[pos].strip():
+            totals[label] = totals.get(label, 0.0) + weights[pos]
+    if not totals:  # nobody answered: fall back to the heaviest single candidate
+        return argmax_lowest_index(list(zip(indices, weights, strict=True)))
+    winner = argmax_lowest_index([(indices[label], t) for label, t in totals.items()])
+    win_label = next(label for label in totals if indices[label] == winner)
+    members = [(indices[p], weights[p]) for p, lab in enumerate(labels) if lab == win_label]
+    return argmax_lowest_index(members)
+
+
+class Vote:
+    """Majority (or SPRM-weighted) vote over the answers after `</think>`."""
+
+    def __init__(self, weighted: bool = False) -> None:
+        self.weighted = weighted
+        self.name = StrategyName.WEIGHTED_VOTE if weighted else StrategyName.VOTE
+
+    def search(
+        self,
+        engine: SearchEngine,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        deadline: float | None = None,
+        on_event: EventHook | None = None,
+    ) -> SearchResult:
+        """Run and vote."""
+        cands, early = run_candidates(
+            engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
+        )
+        pool = selection_pool(cands)
+        weighted = self.weighted and engine.has_head
+        best = vote(
+            [extract_answer(c.text) for c in pool],
+            [_weight(c, weighted) for c in pool],
+            [c.index for c in pool],
+        )
+        kind = "SPRM-weighted vote" if weighted else "majority vote"
+        return SearchResult(
+            cands, position_of(cands, best), self.name, f"{kind} over {len(pool)} answers", early
+        )
+
+
+def _weight(c: Candidate, weighted: bool) -> float:
+    if not weighted:
+        return 1.0
+    return c.score if c.score is not None else 0.0

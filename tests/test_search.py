@@ -1,0 +1,267 @@
+"""Search strategies on hand-built scores, through a small fake engine (no llama.cpp)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from edge_metastone.answers import answers_equivalent, extract_answer, group_answers
+from edge_metastone.engine.generate import (
+    Candidate,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    StepEvent,
+    TokenEvent,
+)
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.search import BestOfK, LogProb, StepPruning, Vote, make_strategy
+from edge_metastone.search.base import argmax_lowest_index, select_by_score, selection_pool
+from edge_metastone.search.prune import PruneRule
+from edge_metastone.search.vote import vote
+from edge_metastone.sprm import trajectory_score
+
+SAMPLING = SamplingSettings(temperature=1.0)
+SETTINGS = GenerationSettings(max_new_tokens=100)
+
+
+@dataclass
+class Script:
+    """One fake candidate: its step scores (one step every `every` tokens) and final text."""
+
+    steps: list[float]
+    text: str = "</think> \\boxed{1}"
+    every: int = 10
+    logprob: float = -1.0
+
+
+class FakeEngine:
+    """Emits token/step/finish events in lock-step like the real engine, honouring control."""
+
+    def __init__(self, scripts: Sequence[Script], has_head: bool = True) -> None:
+        self.scripts = list(scripts)
+        self._has_head = has_head
+        self.generated = 0
+
+    @property
+    def has_head(self) -> bool:
+        return self._has_head
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        control: GenerationControl | None = None,
+        candidate_offset: int = 0,
+    ) -> Iterator[Event]:
+        assert k == len(self.scripts)
+        control = control or GenerationControl()
+        n_tok = [len(s.steps) * s.every for s in self.scripts]
+        done: dict[int, Candidate] = {}
+        made = [0] * k
+        step_no = [0] * k
+        t = 0
+        while len(done) < k:
+            for i, s in enumerate(self.scripts):
+                if i in done:
+                    continue
+                reason = None
+                if control.halted:
+                    reason = FinishReason.HALTED
+                elif i in control.pruned:
+                    reason = FinishReason.PRUNED
+                elif made[i] >= n_tok[i]:
+                    reason = FinishReason.EOS
+                if reason is not None:
+                    steps = s.steps[: step_no[i]]
+                    done[i] = Candidate(
+                        i,
+                        list(range(made[i])),
+                        s.text if reason is FinishReason.EOS else "partial",
+                        list(range(len(steps))),
+                        steps,
+                        trajectory_score(steps) if self.has_head else None,
+                        reason,
+                        s.logprob if settings.logprobs else None,
+                    )
+                    yield FinishEvent(i, done[i])
+                    continue
+                made[i] += 1
+                self.generated += 1
+                yield TokenEvent(i, 0, "x")
+                if made[i] % s.every == 0 and self.has_head:
+                    step_no[i] += 1
+                    sc = s.steps[step_no[i] - 1]
+                    yield StepEvent(
+                        i, made[i], sc, step_no[i], trajectory_score(s.steps[: step_no[i]])
+                    )
+            t += 1
+
+
+def cand(i: int, score: float | None, reason=FinishReason.EOS, logprob=None) -> Candidate:
+    return Candidate(i, [1], "t", [], [], score, reason, logprob)
+
+
+# --- selection ------------------------------------------------------------------------------
+
+
+def test_argmax_ties_go_to_lowest_index():
+    assert argmax_lowest_index([(0, 0.5), (1, 0.9), (2, 0.9)]) == 1
+    assert argmax_lowest_index([(3, 0.2), (1, 0.2)]) == 1
+    with pytest.raises(ValueError):
+        argmax_lowest_index([])
+
+
+def test_select_by_score_skips_pruned_and_none():
+    cands = [cand(0, 0.9, FinishReason.PRUNED), cand(1, None), cand(2, 0.4), cand(3, 0.4)]
+    assert select_by_score(cands) == 2
+
+
+def test_selection_pool_after_early_stop_prefers_completed():
+    cands = [cand(0, 0.9, FinishReason.HALTED), cand(1, 0.3), cand(2, 0.5, FinishReason.HALTED)]
+    assert [c.index for c in selection_pool(cands)] == [1]
+    only_halted = [cand(0, 0.2, FinishReason.HALTED), cand(1, 0.6, FinishReason.HALTED)]
+    assert select_by_score(only_halted) == 1
+
+
+# --- strategies -----------------------------------------------------------------------------
+
+
+def test_best_of_k_picks_highest_trajectory_score():
+    eng = FakeEngine([Script([0.5, 0.5]), Script([0.9, 0.8]), Script([0.9, 0.8]), Script([0.1])])
+    res = BestOfK().search(eng, [1], 4, SAMPLING, SETTINGS)
+    assert res.chosen == 1 and res.candidates[1].score == pytest.approx(
+        trajectory_score([0.9, 0.8])
+    )
+    assert "SPRM" in res.reason
+
+
+def test_best_of_k_without_head_falls_back_to_logprob():
+    eng = FakeEngine([Script([0.9], logprob=-2.0), Script([0.1], logprob=-0.5)], has_head=False)
+    res = BestOfK().search(eng, [1], 2, SAMPLING, SETTINGS)
+    assert res.chosen == 1 and "log-probability" in res.reason
+
+
+def test_logprob_strategy():
+    eng = FakeEngine(
+        [Script([0.9], logprob=-0.7), Script([0.1], logprob=-0.2), Script([0.5], logprob=-0.2)]
+    )
+    assert LogProb().search(eng, [1], 3, SAMPLING, SETTINGS).chosen == 1
+
+
+def test_pruning_drops_laggards_and_saves_tokens():
+    good = [0.9] * 10
+    bad = [0.2] * 10
+    scripts = [Script(bad), Script(good), Script(bad), Script([0.85] * 10), Script(bad)]
+    full = FakeEngine(scripts)
+    best = BestOfK().search(full, [1], 5, SAMPLING, SETTINGS)
+    pruned_eng = FakeEngine(scripts)
+    res = StepPruning(min_steps=3, ratio=0.6, keep=2).search(pruned_eng, [1], 5, SAMPLING, SETTINGS)
+    assert res.chosen == best.chosen == 1
+    reasons = [c.finish_reason for c in res.candidates]
+    assert reasons == [
+        FinishReason.PRUNED,
+        FinishReason.EOS,
+        FinishReason.PRUNED,
+        FinishReason.EOS,
+        FinishReason.PRUNED,
+    ]
+    # pruned at their 3rd step: 30 tokens each instead of 100
+    assert [c.n_tokens for c in res.candidates] == [30, 100, 30, 100, 30]
+    assert pruned_eng.generated == 290 < full.generated == 500
+
+
+def test_prune_rule_keeps_a_minimum_alive():
+    control = GenerationControl()
+    rule = PruneRule(k=3, min_steps=1, ratio=0.9, keep=2)
+    for i, s in enumerate([0.9, 0.1, 0.2]):
+        rule.on_step(StepEvent(i, 5, s, 1, s), control)
+    assert control.pruned == {1}  # only one dropped: two must stay alive
+    rule.on_step(StepEvent(2, 9, 0.1, 2, 0.15), control)
+    assert control.pruned == {1}
+
+
+def test_prune_rule_waits_for_min_steps():
+    control = GenerationControl()
+    rule = PruneRule(k=4, min_steps=2, ratio=0.6, keep=1)
+    rule.on_step(StepEvent(0, 5, 0.9, 1, 0.9), control)
+    rule.on_step(StepEvent(1, 5, 0.1, 1, 0.1), control)
+    assert not control.pruned
+    rule.on_step(StepEvent(0, 9, 0.9, 2, 0.9), control)
+    rule.on_step(StepEvent(1, 9, 0.1, 2, 0.1), control)
+    assert control.pruned == {1}
+
+
+def test_majority_vote():
+    assert vote(["1/2", "0.5", "3", "3", "\\frac{1}{2}"], [1] * 5, [0, 1, 2, 3, 4]) == 0
+    # tie between classes {0,2} and {1,3}: the class holding the lowest index wins
+    assert vote(["7", "8", "7", "8"], [1] * 4, [0, 1, 2, 3]) == 0
+    # empty answers never win
+    assert vote(["", "", "", "5"], [1] * 4, [0, 1, 2, 3]) == 3
+
+
+def test_weighted_vote_and_member_choice():
+    answers = ["7", "8", "8", "7", "7"]
+    weights = [0.1, 0.9, 0.8, 0.2, 0.3]
+    assert vote(answers, [1] * 5, [0, 1, 2, 3, 4]) == 0  # majority: 7 (3 votes), first member
+    assert vote(answers, weights, [0, 1, 2, 3, 4]) == 1  # weighted: 8 (1.7 > 0.6), heaviest member
+
+
+def test_vote_strategies_end_to_end():
+    scripts = [
+        Script([0.2], "</think> \\boxed{4}"),
+        Script([0.9], "</think> \\boxed{5}"),
+        Script([0.3], "</think> the answer is \\boxed{2+2}"),
+    ]
+    assert Vote().search(FakeEngine(scripts), [1], 3, SAMPLING, SETTINGS).chosen == 0
+    assert (
+        make_strategy("weighted-vote")
+        .search(FakeEngine(scripts), [1], 3, SAMPLING, SETTINGS)
+        .chosen
+        == 1
+    )
+
+
+def test_deadline_halts_and_flags_early_stop():
+    import time
+
+    scripts = [Script([0.5] * 50, every=10), Script([0.6] * 50, every=10)]
+    eng = FakeEngine(scripts)
+    res = BestOfK().search(eng, [1], 2, SAMPLING, SETTINGS, deadline=time.monotonic() - 1)
+    assert res.early_stop
+    assert all(c.finish_reason is FinishReason.HALTED for c in res.candidates)
+    assert eng.generated < 1000
+
+
+# --- answers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ("<think>so 5</think>The answer is \\boxed{5}.", "5"),
+        ("<think>a</think>\\boxed{\\frac{1}{2}} and then \\boxed{\\sqrt{2}}", "\\sqrt{2}"),
+        ("<think>\\boxed{9}</think> It is 7.", "It is 7."),
+        ("no think tags, \\boxed{x^{2}}", "x^{2}"),
+        ("<think>cut off \\boxed{12", "<think>cut off \\boxed{12"),
+        ("<think>a</think>\n  42  \n", "42"),
+    ],
+)
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_answer_equivalence_via_math_verify():
+    assert answers_equivalent("\\frac{1}{2}", "0.5")
+    assert answers_equivalent("1170", "1,170") or answers_equivalent("1170", "1170")
+    assert answers_equivalent("x=3", "3")
+    assert not answers_equivalent("3", "4")
+    assert not answers_equivalent("", "0")
+    assert group_answers(["2", "4/2", "3", "", "\\sqrt{9}"]) == [0, 0, 2, 3, 2]
