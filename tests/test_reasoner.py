@@ -1,0 +1,120 @@
+"""The Reasoner API and `reason` CLI on the tiny fixture (real llama.cpp)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import cli_json, run_cli
+from edge_metastone.engine.generate import FinishEvent, StepEvent, TokenEvent
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.errors import BudgetError
+from edge_metastone.reasoner import Reasoner, ReasonResult
+from edge_metastone.scheduler import MIB, Calibration
+from edge_metastone.scoring import score_tokens
+
+DELIM = 258
+STEPPY = SamplingSettings(temperature=1.0, top_p=0.95, logit_bias=((DELIM, 4.0),))
+CAL = Calibration({1: 0.01, 2: 0.011, 4: 0.012, 8: 0.015, 16: 0.02, 32: 0.03}, 2000.0, 200 * MIB, 2)
+
+
+@pytest.fixture(scope="module")
+def reasoner(tiny_gguf):
+    with Reasoner(tiny_gguf("f32"), sampling=STEPPY, max_new_tokens=60, calibration=CAL) as r:
+        yield r
+
+
+def test_reason_low_effort(reasoner):
+    res = reasoner.reason("What is 12 + 7?", effort="low", seed=3)
+    assert res.k == 2 and len(res.candidates) == 2 and res.effort == "low"
+    scores = [c.score for c in res.candidates]
+    assert res.chosen == max(range(2), key=lambda i: (scores[i], -i))
+    assert res.answer == res.candidates[res.chosen].answer
+    assert res.prompt_text.endswith("<|im_start|>assistant\n<think>\n")
+    assert res.strategy == "best-of-k" and "low requested" in res.scheduler_reason
+
+
+def test_candidates_rescore_outside_the_engine(reasoner):
+    """prompt_text + each candidate's token_ids score the same through the one-pass scorer."""
+    res = reasoner.reason("Add 3 and 4.", effort="medium", seed=1)
+    eng = reasoner.engine
+    prompt_ids = eng.tokenize(res.prompt_text)
+    assert sum(len(c.step_scores) for c in res.candidates) > 0
+    for c in res.candidates:
+        ref = score_tokens(eng.model_file, eng.model, prompt_ids + c.token_ids, parity=False)
+        # default (fast) mode keeps the KV cache in F16; F32 parity mode is held to 1e-4 elsewhere
+        assert c.step_scores == pytest.approx(ref.step_scores, abs=1e-2)
+        assert eng.model.detokenize(c.token_ids) == c.text
+
+
+def test_auto_effort_uses_budgets(reasoner):
+    # predicted latency: 30 / 2000 + 60 * step_time(k): low 0.675 s, medium 0.915 s, high 1.815 s
+    assert reasoner.plan(30, "auto", latency_budget=2.0, max_new_tokens=60).effort.value == "high"
+    assert reasoner.plan(30, "auto", latency_budget=1.0, max_new_tokens=60).effort.value == "medium"
+    res = reasoner.reason("Hi", effort="auto", latency_budget=0.8, seed=2)
+    assert res.k == 2 and "auto chose low" in res.scheduler_reason
+    with pytest.raises(BudgetError):
+        reasoner.reason("Hi", effort="auto", latency_budget=0.01)
+
+
+def test_latency_budget_stops_early(tiny_gguf):
+    slow = Calibration({1: 1e-5, 32: 1e-5}, 1e6, 1, 2)  # predicts everything is instant
+    with Reasoner(tiny_gguf("f32"), sampling=STEPPY, max_new_tokens=3000, calibration=slow) as r:
+        res = r.reason("Count.", effort="medium", latency_budget=0.5, seed=0)
+    assert res.early_stop and "stopped early" in res.scheduler_reason
+    assert res.timings["total_s"] < 3.0
+    assert all(c.tokens < 3000 for c in res.candidates)
+
+
+def test_reason_stream(reasoner):
+    kinds = set()
+    final = None
+    for item in reasoner.reason_stream("What is 2+3?", effort="low", seed=4):
+        if isinstance(item, ReasonResult):
+            final = item
+        else:
+            kinds.add(type(item))
+    assert final is not None and final.k == 2
+    assert {TokenEvent, FinishEvent} <= kinds and StepEvent in kinds
+
+
+def test_strategies_run_end_to_end(reasoner):
+    for strategy in ("prune", "vote", "weighted-vote", "logprob"):
+        res = reasoner.reason("What is 2+3?", effort="low", seed=5, strategy=strategy)
+        assert res.strategy == strategy and 0 <= res.chosen < 2
+
+
+def test_reason_cli_json(tiny_gguf):
+    out = cli_json(
+        "reason",
+        "--model",
+        str(tiny_gguf("q8_0")),
+        "--effort",
+        "low",
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "1",
+        "--json",
+        "What is 1+1?",
+    )
+    for key in ("answer", "effort", "k", "chosen", "prompt_text", "candidates", "timings"):
+        assert key in out
+    assert out["k"] == len(out["candidates"]) == 2
+    for c in out["candidates"]:
+        assert set(c) >= {"text", "token_ids", "answer", "step_scores", "score", "tokens"}
+        assert c["tokens"] == len(c["token_ids"])
+
+
+def test_reason_cli_errors(tiny_gguf):
+    proc = run_cli(
+        "reason",
+        "--model",
+        str(tiny_gguf("q8_0")),
+        "--effort",
+        "auto",
+        "--latency-budget",
+        "0.000001",
+        "hi",
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "fit" in proc.stderr.strip().splitlines()[-1]
