@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
+
+import numpy as np
 
 from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import GenerationSettings
+from edge_metastone.engine.generate import GenerationSettings, TokenEvent
 from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.scheduler import (
     CALIBRATION_BATCHES,
@@ -23,21 +27,42 @@ _TEXT = (
 )
 
 
+def _step_durations(
+    engine: Engine, prompt: list[int], b: int, sampling: SamplingSettings, steps: int
+) -> np.ndarray:
+    """Seconds between consecutive decode steps of a b-candidate generation (candidate 0's tokens)."""
+    stamps = []
+    settings = GenerationSettings(max_new_tokens=steps + 1)
+    for ev in engine.generate(prompt, b, sampling, settings):
+        if isinstance(ev, TokenEvent) and ev.candidate == 0:
+            stamps.append(time.perf_counter())
+    return np.diff(np.asarray(stamps))
+
+
 def measure(
-    engine: Engine, n_threads: int, *, steps: int = 8, prefill_tokens: int = 256
+    engine: Engine,
+    n_threads: int,
+    sampling: SamplingSettings,
+    *,
+    steps: int = 40,
+    prefill_tokens: int = 256,
 ) -> Calibration:
-    """Decode step time at batch sizes 1..32, prefill speed, and the loaded process's RSS."""
+    """Decode step time (sampling included) at batch sizes 1..32 and how it grows as the shared
+    cache fills, prefill speed, and the loaded process's RSS."""
     model = engine.model
     ban = tuple((t, -1e9) for t in range(model.n_vocab) if model.is_eog(t))
-    sampling = SamplingSettings(temperature=1.0, seed=0, logit_bias=ban)
+    sampling = dataclasses.replace(sampling, seed=0, logit_bias=sampling.logit_bias + ban)
     prompt = engine.tokenize(_TEXT)[:32]
     engine.generate_all(prompt, 1, sampling, GenerationSettings(max_new_tokens=4))
     base_rss = current_rss_bytes()
     step_seconds: dict[int, float] = {}
+    attn: dict[int, float] = {}
     for b in CALIBRATION_BATCHES:
-        engine.generate_all(prompt, b, sampling, GenerationSettings(max_new_tokens=steps + 1))
-        tm = engine.last_timings
-        step_seconds[b] = (tm.total_s - tm.prefill_s) / (tm.decode_steps + 1)
+        d = _step_durations(engine, prompt, b, sampling, steps)
+        # step i attends over ~(prompt + b*i) cells: fit duration = a + slope * i
+        slope, a = np.polyfit(np.arange(len(d)), d, 1)
+        step_seconds[b] = float(max(a, d.min()))
+        attn[b] = float(max(slope, 0.0) / (b * b))  # each step adds b cells for each of b sequences
     long_prompt = (engine.tokenize(_TEXT) * (prefill_tokens // 16 + 1))[:prefill_tokens]
     engine.generate_all(long_prompt, 1, sampling, GenerationSettings(max_new_tokens=1))
     prefill_tps = len(long_prompt) / max(engine.last_timings.prefill_s, 1e-6)
@@ -46,7 +71,8 @@ def measure(
         prefill_tokens_per_s=prefill_tps,
         base_rss_bytes=base_rss,
         n_threads=n_threads,
-        key=calibration_key(engine.model_file.path, n_threads),
+        attn_s_per_seq_cell=attn,
+        key=calibration_key(engine.model_file.path, n_threads, sampling_cost_key(sampling)),
     )
     logger.info(
         "calibrated: step %s s, prefill %.0f tok/s, base RSS %.0f MiB",
@@ -57,12 +83,19 @@ def measure(
     return cal
 
 
-def calibration_for(engine: Engine, n_threads: int, *, refresh: bool = False) -> Calibration:
-    """The cached calibration of (model, machine, threads), measuring and caching it if needed."""
-    key = calibration_key(engine.model_file.path, n_threads)
+def sampling_cost_key(s: SamplingSettings) -> str:
+    """The sampling settings that change the cost of a step (not the seed or the biases)."""
+    return f"t{s.temperature > 0}-k{s.top_k}-p{s.top_p}-m{s.min_p}-r{s.repeat_penalty != 1.0}"
+
+
+def calibration_for(
+    engine: Engine, n_threads: int, sampling: SamplingSettings, *, refresh: bool = False
+) -> Calibration:
+    """The cached calibration of (model, machine, threads, sampling), measured once if needed."""
+    key = calibration_key(engine.model_file.path, n_threads, sampling_cost_key(sampling))
     cal = None if refresh else load_cached(key)
     if cal is None:
         logger.info("calibrating this machine for %s (once)", engine.model_file.path.name)
-        cal = measure(engine, n_threads)
+        cal = measure(engine, n_threads, sampling)
         store(cal)
     return cal

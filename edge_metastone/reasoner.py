@@ -156,7 +156,9 @@ class Reasoner:
         if self._calibration is None or refresh:
             from edge_metastone.calibration import calibration_for
 
-            self._calibration = calibration_for(self.engine, self.n_threads, refresh=refresh)
+            self._calibration = calibration_for(
+                self.engine, self.n_threads, self.sampling, refresh=refresh
+            )
         return self._calibration
 
     def prompt_text(self, prompt: Prompt) -> str:

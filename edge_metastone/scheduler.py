@@ -27,7 +27,7 @@ from edge_metastone.modelfile import ModelFile
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 3
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
 KV_PAD = 256  # llama.cpp pads the KV cache size to a multiple of this
 MIB = 2**20
@@ -111,25 +111,28 @@ class Calibration:
     prefill_tokens_per_s: float
     base_rss_bytes: int  # the process after loading the model and a first tiny generation
     n_threads: int
+    # batch size -> extra seconds per decode step for each (live sequence x used KV cell): with one
+    # unified KV cache every sequence attends over every used cell, so long contexts and large k
+    # cost more; per-cell cost falls with batch size (the attention becomes a GEMM)
+    attn_s_per_seq_cell: dict[int, float] = field(default_factory=dict)
     key: str = ""
     measured_at: float = field(default_factory=time.time)
 
     def step_time(self, batch: int) -> float:
         """Seconds per decode step at `batch` live sequences (log-linear between measured sizes)."""
-        sizes = sorted(self.step_seconds)
-        if batch <= sizes[0]:
-            return self.step_seconds[sizes[0]]
-        for lo, hi in itertools.pairwise(sizes):
-            if batch <= hi:
-                w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
-                return self.step_seconds[lo] * (1 - w) + self.step_seconds[hi] * w
-        top = sizes[-1]
-        return self.step_seconds[top] * batch / top  # beyond: compute-bound, linear
+        return _interpolate(self.step_seconds, batch, extrapolate_linear=True)
+
+    def attn_time(self, batch: int) -> float:
+        """Seconds per step per (sequence x KV cell) at `batch` live sequences."""
+        if not self.attn_s_per_seq_cell:
+            return 0.0
+        return _interpolate(self.attn_s_per_seq_cell, batch, extrapolate_linear=False)
 
     def to_json(self) -> dict[str, object]:
         """Serializable form (JSON keys are strings)."""
         d = asdict(self)
         d["step_seconds"] = {str(b): s for b, s in self.step_seconds.items()}
+        d["attn_s_per_seq_cell"] = {str(b): s for b, s in self.attn_s_per_seq_cell.items()}
         d["version"] = CALIBRATION_VERSION
         return d
 
@@ -143,9 +146,25 @@ class Calibration:
             prefill_tokens_per_s=float(d["prefill_tokens_per_s"]),
             base_rss_bytes=int(d["base_rss_bytes"]),
             n_threads=int(d["n_threads"]),
+            attn_s_per_seq_cell={
+                int(b): float(s) for b, s in dict(d.get("attn_s_per_seq_cell") or {}).items()
+            },
             key=str(d.get("key", "")),
             measured_at=float(d.get("measured_at", 0.0)),
         )
+
+
+def _interpolate(table: dict[int, float], x: int, *, extrapolate_linear: bool) -> float:
+    """Log-linear interpolation in x over a {size: value} table; flat (or linear) beyond it."""
+    sizes = sorted(table)
+    if x <= sizes[0]:
+        return table[sizes[0]]
+    for lo, hi in itertools.pairwise(sizes):
+        if x <= hi:
+            w = (math.log(x) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            return table[lo] * (1 - w) + table[hi] * w
+    top = sizes[-1]
+    return table[top] * (x / top if extrapolate_linear else 1.0)
 
 
 @dataclass(frozen=True)
@@ -200,7 +219,10 @@ def predict(facts: ModelFacts, cal: Calibration, req: Request, k: int) -> Predic
     """Worst-case latency (every candidate runs to max_new_tokens) and peak memory of k candidates."""
     n_ctx = req.prompt_tokens + k * req.max_new_tokens
     n_batch = max(min(req.prompt_tokens, 512), k)
-    latency = req.prompt_tokens / cal.prefill_tokens_per_s + req.max_new_tokens * cal.step_time(k)
+    t, p = req.max_new_tokens, req.prompt_tokens
+    # sum over steps s=1..t of k sequences x (p + k*s) cells
+    cell_steps = k * (t * p + k * t * (t + 1) / 2)
+    latency = p / cal.prefill_tokens_per_s + t * cal.step_time(k) + cal.attn_time(k) * cell_steps
     memory = cal.base_rss_bytes + facts.context_bytes(n_ctx, n_batch)
     return Prediction(k, latency, int(memory))
 
@@ -296,8 +318,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGE_METASTONE_CACHE", Path.home() / ".cache" / "edge-metastone"))
 
 
-def calibration_key(model_path: Path, n_threads: int) -> str:
-    """Identity of (model file, machine, threads, llama.cpp build) for the cache."""
+def calibration_key(model_path: Path, n_threads: int, extra: str = "") -> str:
+    """Identity of (model file, machine, threads, llama.cpp build, `extra`) for the cache."""
     import llama_cpp
 
     st = model_path.stat()

@@ -126,10 +126,20 @@ def test_never_over_budget_and_monotone():
 
 def test_calibration_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
-    cal = Calibration(CAL.step_seconds, 400.0, 1200 * MIB, 2, key="abc")
+    cal = Calibration(CAL.step_seconds, 400.0, 1200 * MIB, 2, {8: 1e-8}, key="abc")
     scheduler.store(cal)
     back = scheduler.load_cached("abc")
     assert back == cal
     assert scheduler.load_cached("missing") is None
     (tmp_path / "calibration" / "abc.json").write_text("{broken")
     assert scheduler.load_cached("abc") is None
+
+
+def test_prediction_counts_attention_over_the_unified_cache():
+    import dataclasses
+
+    cal = dataclasses.replace(CAL, attn_s_per_seq_cell={2: 4e-8, 8: 2e-8, 32: 1e-8})
+    extra = 2e-8 * 8 * (1000 * 100 + 8 * 1000 * 1001 / 2)
+    assert predict(FACTS, cal, REQ, 8).latency_s == pytest.approx(100 / 400 + 80 + extra)
+    assert cal.attn_time(4) == pytest.approx(3e-8)
+    assert cal.attn_time(64) == cal.attn_time(32) == 1e-8
