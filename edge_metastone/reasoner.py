@@ -43,6 +43,46 @@ Prompt = str | Sequence[Mapping[str, str]]
 
 
 @dataclass(frozen=True)
+class ReasonOptions:
+    """One request's settings; the `reason` command's flags map 1:1 to these fields."""
+
+    effort: Effort = Effort.AUTO
+    latency_budget: float | None = None  # seconds
+    memory_budget: float | None = None  # MB
+    seed: int = 0
+    strategy: StrategyName | None = None
+    max_new_tokens: int | None = None
+    allow_degrade: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "effort", Effort(self.effort))
+            if self.strategy is not None:
+                object.__setattr__(self, "strategy", StrategyName(self.strategy))
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        if self.latency_budget is not None and self.latency_budget <= 0:
+            raise InvalidRequestError("latency_budget must be positive (seconds)")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise InvalidRequestError("memory_budget must be positive (MB)")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be >= 1")
+        if self.seed < 0:
+            raise InvalidRequestError("seed must be >= 0")
+
+
+def _options(options: ReasonOptions | None, fields: dict[str, Any]) -> ReasonOptions:
+    if options is not None and fields:
+        raise InvalidRequestError("pass either a ReasonOptions or its fields, not both")
+    if options is not None:
+        return options
+    try:
+        return ReasonOptions(**fields)
+    except TypeError as e:
+        raise InvalidRequestError(str(e)) from None
+
+
+@dataclass(frozen=True)
 class CandidateView:
     """One candidate as users see it."""
 
@@ -166,59 +206,31 @@ class Reasoner:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return self.engine.render(messages)
 
-    def plan(
-        self,
-        prompt_tokens: int,
-        effort: Effort | str = Effort.AUTO,
-        *,
-        latency_budget: float | None = None,
-        memory_budget_mb: float | None = None,
-        max_new_tokens: int | None = None,
-        allow_degrade: bool = False,
-    ) -> Plan:
+    def plan(self, prompt_tokens: int, options: ReasonOptions | None = None, **fields: Any) -> Plan:
         """The scheduler's choice for a request of this size (no generation)."""
-        effort = Effort(effort)
-        req = Request(prompt_tokens, max_new_tokens or self.max_new_tokens)
+        o = _options(options, fields)
+        req = Request(prompt_tokens, o.max_new_tokens or self.max_new_tokens)
         budget = Budget(
-            latency_budget,
-            int(memory_budget_mb * MIB) if memory_budget_mb is not None else None,
-            allow_degrade,
+            o.latency_budget,
+            int(o.memory_budget * MIB) if o.memory_budget is not None else None,
+            o.allow_degrade,
         )
-        if effort is not Effort.AUTO and budget.latency_s is None and budget.memory_bytes is None:
+        if o.effort is not Effort.AUTO and budget.latency_s is None and budget.memory_bytes is None:
             cal = self._calibration
-            pred = predict(self.facts, cal, req, effort.k) if cal else None
-            return Plan(effort, effort.k, pred, f"{effort.value} requested (k={effort.k})")
-        return choose(effort, self.facts, self.calibration(), req, budget)
+            pred = predict(self.facts, cal, req, o.effort.k) if cal else None
+            return Plan(o.effort, o.effort.k, pred, f"{o.effort.value} requested (k={o.effort.k})")
+        return choose(o.effort, self.facts, self.calibration(), req, budget)
 
     def reason_stream(
-        self,
-        prompt: Prompt,
-        *,
-        effort: Effort | str = Effort.AUTO,
-        latency_budget: float | None = None,
-        memory_budget_mb: float | None = None,
-        seed: int = 0,
-        strategy: StrategyName | str | None = None,
-        max_new_tokens: int | None = None,
-        allow_degrade: bool = False,
+        self, prompt: Prompt, options: ReasonOptions | None = None, **fields: Any
     ) -> Iterator[Event | ReasonResult]:
         """Yield the engine's events as they happen, then the final `ReasonResult`."""
+        o = _options(options, fields)
         q: queue.Queue[tuple[str, Any]] = queue.Queue()
 
         def work() -> None:
             try:
-                r = self.reason(
-                    prompt,
-                    effort=effort,
-                    latency_budget=latency_budget,
-                    memory_budget_mb=memory_budget_mb,
-                    seed=seed,
-                    strategy=strategy,
-                    max_new_tokens=max_new_tokens,
-                    allow_degrade=allow_degrade,
-                    on_event=lambda ev: q.put(("event", ev)),
-                )
-                q.put(("result", r))
+                q.put(("result", self.reason(prompt, o, on_event=lambda ev: q.put(("event", ev)))))
             except BaseException as e:  # re-raised in the caller's thread
                 q.put(("error", e))
 
@@ -234,40 +246,27 @@ class Reasoner:
     def reason(
         self,
         prompt: Prompt,
+        options: ReasonOptions | None = None,
         *,
-        effort: Effort | str = Effort.AUTO,
-        latency_budget: float | None = None,
-        memory_budget_mb: float | None = None,
-        seed: int = 0,
-        strategy: StrategyName | str | None = None,
-        max_new_tokens: int | None = None,
-        allow_degrade: bool = False,
         on_event: Callable[[Event], None] | None = None,
+        **fields: Any,
     ) -> ReasonResult:
-        """Generate k candidates (k from the effort, or chosen within the budgets) and pick one."""
+        """Generate k candidates (k from the effort, or chosen within the budgets) and pick one.
+
+        Settings come as a `ReasonOptions` or as its fields: `effort`, `latency_budget` (seconds),
+        `memory_budget` (MB), `seed`, `strategy`, `max_new_tokens`, `allow_degrade`.
+        """
+        o = _options(options, fields)
         t0 = time.perf_counter()
-        max_new = max_new_tokens or self.max_new_tokens
-        if max_new < 1:
-            raise InvalidRequestError("max_new_tokens must be >= 1")
+        max_new = o.max_new_tokens or self.max_new_tokens
         text = self.prompt_text(prompt)
         ids = self.engine.tokenize(text)
-        plan = self.plan(
-            len(ids),
-            effort,
-            latency_budget=latency_budget,
-            memory_budget_mb=memory_budget_mb,
-            max_new_tokens=max_new,
-            allow_degrade=allow_degrade,
-        )
+        plan = self.plan(len(ids), dataclasses.replace(o, max_new_tokens=max_new))
         t_plan = time.perf_counter() - t0
-        name = (
-            StrategyName(strategy)
-            if strategy
-            else (StrategyName.BEST_OF_K if self.has_head else StrategyName.LOGPROB)
-        )
-        sampling = dataclasses.replace(self.sampling, seed=seed)
+        name = o.strategy or (StrategyName.BEST_OF_K if self.has_head else StrategyName.LOGPROB)
+        sampling = dataclasses.replace(self.sampling, seed=o.seed)
         settings = GenerationSettings(max_new_tokens=max_new)
-        deadline = time.monotonic() - t_plan + latency_budget if latency_budget else None
+        deadline = time.monotonic() - t_plan + o.latency_budget if o.latency_budget else None
         with self._lock:
             res = make_strategy(name).search(
                 self.engine, ids, plan.k, sampling, settings, deadline=deadline, on_event=on_event
@@ -277,6 +276,7 @@ class Reasoner:
         tm["total_s"] = time.perf_counter() - t0
         views = [CandidateView.of(c) for c in res.candidates]
         pred = plan.prediction
+        early = " - stopped early at the latency budget" if res.early_stop else ""
         return ReasonResult(
             answer=views[res.chosen].answer,
             effort=plan.effort.value if plan.effort else "single",
@@ -285,8 +285,7 @@ class Reasoner:
             prompt_text=text,
             candidates=views,
             strategy=res.strategy.value,
-            scheduler_reason=plan.reason
-            + (" - stopped early at the latency budget" if res.early_stop else ""),
+            scheduler_reason=plan.reason + early,
             early_stop=res.early_stop,
             timings=tm,
             predicted={"latency_s": pred.latency_s, "memory_mb": pred.memory_bytes / MIB}

@@ -22,3 +22,6 @@ So the sum is 19.
 The answer is 19.
 TXT
 edge-metastone score --model "$work/tiny-q4_k_m.gguf" --text-file "$work/text.txt"
+# k=8 candidates in one batch, each step scored in the same pass (the tiny model is random:
+# expect nonsense text, but real scores, selection and timings)
+edge-metastone reason --model "$work/tiny-q4_k_m.gguf" --effort medium --max-new-tokens 48 "What is 12 + 7?"

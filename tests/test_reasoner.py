@@ -48,8 +48,14 @@ def test_candidates_rescore_outside_the_engine(reasoner):
 
 def test_auto_effort_uses_budgets(reasoner):
     # predicted latency: 30 / 2000 + 60 * step_time(k): low 0.675 s, medium 0.915 s, high 1.815 s
-    assert reasoner.plan(30, "auto", latency_budget=2.0, max_new_tokens=60).effort.value == "high"
-    assert reasoner.plan(30, "auto", latency_budget=1.0, max_new_tokens=60).effort.value == "medium"
+    assert (
+        reasoner.plan(30, effort="auto", latency_budget=2.0, max_new_tokens=60).effort.value
+        == "high"
+    )
+    assert (
+        reasoner.plan(30, effort="auto", latency_budget=1.0, max_new_tokens=60).effort.value
+        == "medium"
+    )
     res = reasoner.reason("Hi", effort="auto", latency_budget=0.8, seed=2)
     assert res.k == 2 and "auto chose low" in res.scheduler_reason
     with pytest.raises(BudgetError):
@@ -118,3 +124,27 @@ def test_reason_cli_errors(tiny_gguf):
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "fit" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_reason_options_validate():
+    from edge_metastone.errors import InvalidRequestError
+    from edge_metastone.reasoner import ReasonOptions
+
+    assert ReasonOptions(effort="high", strategy="vote").effort.k == 32
+    for bad in (
+        {"effort": "extreme"},
+        {"latency_budget": 0},
+        {"memory_budget": -5},
+        {"max_new_tokens": 0},
+        {"seed": -1},
+        {"strategy": "beam"},
+    ):
+        with pytest.raises(InvalidRequestError):
+            ReasonOptions(**bad)
+
+
+def test_reason_rejects_unknown_fields(reasoner):
+    from edge_metastone.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError):
+        reasoner.reason("hi", efort="low")

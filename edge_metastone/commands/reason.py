@@ -44,19 +44,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Reason and print."""
-    from edge_metastone.reasoner import Reasoner
+    from edge_metastone.reasoner import Reasoner, ReasonOptions
 
     with Reasoner(args.model, head=args.head, n_threads=args.threads) as r:
-        result = r.reason(
-            args.prompt,
+        options = ReasonOptions(
             effort=args.effort,
             latency_budget=args.latency_budget,
-            memory_budget_mb=args.memory_budget,
+            memory_budget=args.memory_budget,
             seed=args.seed,
             strategy=args.strategy,
             max_new_tokens=args.max_new_tokens,
             allow_degrade=args.allow_degrade,
         )
+        result = r.reason(args.prompt, options)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return 0

@@ -101,6 +101,7 @@ def run_candidates(
     deadline: float | None = None,
     on_event: EventHook | None = None,
     on_step: Callable[[StepEvent, GenerationControl], None] | None = None,
+    on_finish: Callable[[Candidate], None] | None = None,
 ) -> tuple[list[Candidate], bool]:
     """Consume the engine's events; halt before `deadline` (time.monotonic()). Returns (candidates, early_stop)."""
     control = GenerationControl()
@@ -113,6 +114,8 @@ def run_candidates(
             on_event(ev)
         if isinstance(ev, FinishEvent):
             done.append(ev.result)
+            if on_finish is not None:
+                on_finish(ev.result)
         elif isinstance(ev, StepEvent) and on_step is not None:
             on_step(ev, control)
         if deadline is not None and not control.halted:

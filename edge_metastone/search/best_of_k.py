@@ -3,49 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
-from edge_metastone.engine.generate import GenerationSettings
-from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.engine.generate import Candidate, GenerationSettings
 from edge_metastone.search.base import (
-    EventHook,
     SearchEngine,
-    SearchResult,
     StrategyName,
-    position_of,
-    run_candidates,
     select_by_logprob,
     select_by_score,
 )
+from edge_metastone.search.strategy import SelectingStrategy
 
 
-class BestOfK:
+class BestOfK(SelectingStrategy):
     """Generate k candidates, keep the one with the best step scores."""
 
     name = StrategyName.BEST_OF_K
 
-    def search(
-        self,
-        engine: SearchEngine,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        deadline: float | None = None,
-        on_event: EventHook | None = None,
-    ) -> SearchResult:
-        """Run and select."""
-        use_head = engine.has_head and settings.score_steps
-        if not use_head:
-            settings = dataclasses.replace(settings, logprobs=True)
-        cands, early = run_candidates(
-            engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
-        )
-        if use_head:
-            best = select_by_score(cands)
-            reason = f"highest SPRM trajectory score of {k}"
-        else:
-            best = select_by_logprob(cands)
-            reason = f"no SPRM head: highest mean token log-probability of {k}"
-        return SearchResult(cands, position_of(cands, best), self.name, reason, early)
+    def prepare(self, engine: SearchEngine, settings: GenerationSettings) -> GenerationSettings:
+        """Without a head, fall back to log-probabilities."""
+        if engine.has_head and settings.score_steps:
+            return settings
+        return dataclasses.replace(settings, logprobs=True)
+
+    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+        """Highest trajectory score (ties: lowest index)."""
+        if any(c.score is not None for c in cands):
+            return select_by_score(cands), f"highest SPRM trajectory score of {k}"
+        return select_by_logprob(cands), f"no SPRM head: highest mean token log-probability of {k}"

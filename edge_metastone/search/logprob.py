@@ -3,42 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
-from edge_metastone.engine.generate import GenerationSettings
-from edge_metastone.engine.sampling import SamplingSettings
-from edge_metastone.search.base import (
-    EventHook,
-    SearchEngine,
-    SearchResult,
-    StrategyName,
-    position_of,
-    run_candidates,
-    select_by_logprob,
-)
+from edge_metastone.engine.generate import Candidate, GenerationSettings
+from edge_metastone.search.base import SearchEngine, StrategyName, select_by_logprob
+from edge_metastone.search.strategy import SelectingStrategy
 
 
-class LogProb:
+class LogProb(SelectingStrategy):
     """Best-of-k by mean token log-probability (no head needed)."""
 
     name = StrategyName.LOGPROB
 
-    def search(
-        self,
-        engine: SearchEngine,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        deadline: float | None = None,
-        on_event: EventHook | None = None,
-    ) -> SearchResult:
-        """Run and select."""
-        settings = dataclasses.replace(settings, logprobs=True)
-        cands, early = run_candidates(
-            engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
-        )
-        best = select_by_logprob(cands)
-        reason = f"highest mean token log-probability of {k}"
-        return SearchResult(cands, position_of(cands, best), self.name, reason, early)
+    def prepare(self, engine: SearchEngine, settings: GenerationSettings) -> GenerationSettings:
+        """Ask the engine for log-probabilities."""
+        return dataclasses.replace(settings, logprobs=True)
+
+    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+        """Highest mean log-probability (ties: lowest index)."""
+        return select_by_logprob(cands), f"highest mean token log-probability of {k}"

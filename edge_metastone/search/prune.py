@@ -6,7 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edge_metastone.engine.generate import GenerationControl, GenerationSettings, StepEvent
+from edge_metastone.engine.generate import (
+    Candidate,
+    GenerationControl,
+    GenerationSettings,
+    StepEvent,
+)
 from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.search.base import (
@@ -14,11 +19,10 @@ from edge_metastone.search.base import (
     SearchEngine,
     SearchResult,
     StrategyName,
-    position_of,
-    run_candidates,
     select_by_score,
 )
 from edge_metastone.search.best_of_k import BestOfK
+from edge_metastone.search.strategy import SelectingStrategy
 
 
 @dataclass
@@ -62,13 +66,14 @@ class PruneRule:
         return dropped
 
 
-class StepPruning:
+class StepPruning(SelectingStrategy):
     """Best-of-k with early pruning of candidates whose step scores fall well behind."""
 
     name = StrategyName.PRUNE
 
     def __init__(self, min_steps: int = 3, ratio: float = 0.6, keep: int = 2) -> None:
         self.min_steps, self.ratio, self.keep = min_steps, ratio, keep
+        self.rule: PruneRule | None = None
 
     def search(
         self,
@@ -81,32 +86,26 @@ class StepPruning:
         deadline: float | None = None,
         on_event: EventHook | None = None,
     ) -> SearchResult:
-        """Run with pruning and select by score among the survivors."""
+        """Run with pruning (plain best-of-k when the model cannot score steps)."""
+        args = (engine, prompt_ids, k, sampling, settings)
         if not (engine.has_head and settings.score_steps):
-            return BestOfK().search(
-                engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
-            )
-        rule = PruneRule(k, self.min_steps, self.ratio, self.keep)
+            return BestOfK().search(*args, deadline=deadline, on_event=on_event)
+        self.rule = PruneRule(k, self.min_steps, self.ratio, self.keep)  # fresh per run
+        return super().search(*args, deadline=deadline, on_event=on_event)
 
-        def hook(ev):  # also track finished candidates so they count as not prunable
-            if on_event is not None:
-                on_event(ev)
-            result = getattr(ev, "result", None)
-            if result is not None:
-                rule.finished.add(result.index)
+    def on_step(self, ev: StepEvent, control: GenerationControl) -> None:
+        """Prune laggards at this step boundary."""
+        assert self.rule is not None
+        self.rule.on_step(ev, control)
 
-        cands, early = run_candidates(
-            engine,
-            prompt_ids,
-            k,
-            sampling,
-            settings,
-            deadline=deadline,
-            on_event=hook,
-            on_step=rule.on_step,
-        )
-        best = select_by_score(cands)
-        reason = (
-            f"highest SPRM trajectory score; {len(rule.pruned)} of {k} pruned at step boundaries"
-        )
-        return SearchResult(cands, position_of(cands, best), self.name, reason, early)
+    def on_finish(self, c: Candidate) -> None:
+        """A finished candidate can no longer be pruned."""
+        assert self.rule is not None
+        self.rule.finished.add(c.index)
+
+    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+        """Best trajectory score among the survivors."""
+        n = len(self.rule.pruned) if self.rule else 0
+        return select_by_score(
+            cands
+        ), f"highest SPRM trajectory score; {n} of {k} pruned at step boundaries"

@@ -5,18 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from edge_metastone.answers import extract_answer, group_answers
-from edge_metastone.engine.generate import Candidate, GenerationSettings
-from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.engine.generate import Candidate
 from edge_metastone.search.base import (
-    EventHook,
     SearchEngine,
-    SearchResult,
     StrategyName,
     argmax_lowest_index,
-    position_of,
-    run_candidates,
     selection_pool,
 )
+from edge_metastone.search.strategy import SelectingStrategy
 
 
 def vote(answers: Sequence[str], weights: Sequence[float], indices: Sequence[int]) -> int:
@@ -35,28 +31,15 @@ def vote(answers: Sequence[str], weights: Sequence[float], indices: Sequence[int
     return argmax_lowest_index(members)
 
 
-class Vote:
+class Vote(SelectingStrategy):
     """Majority (or SPRM-weighted) vote over the answers after `</think>`."""
 
     def __init__(self, weighted: bool = False) -> None:
         self.weighted = weighted
         self.name = StrategyName.WEIGHTED_VOTE if weighted else StrategyName.VOTE
 
-    def search(
-        self,
-        engine: SearchEngine,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        deadline: float | None = None,
-        on_event: EventHook | None = None,
-    ) -> SearchResult:
-        """Run and vote."""
-        cands, early = run_candidates(
-            engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
-        )
+    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+        """Vote among the eligible candidates."""
         pool = selection_pool(cands)
         weighted = self.weighted and engine.has_head
         best = vote(
@@ -65,9 +48,7 @@ class Vote:
             [c.index for c in pool],
         )
         kind = "SPRM-weighted vote" if weighted else "majority vote"
-        return SearchResult(
-            cands, position_of(cands, best), self.name, f"{kind} over {len(pool)} answers", early
-        )
+        return best, f"{kind} over {len(pool)} answers"
 
 
 def _weight(c: Candidate, weighted: bool) -> float:

@@ -1,0 +1,67 @@
+"""The shared shape of a strategy: prepare settings, run the candidates, select one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from edge_metastone.engine.generate import (
+    Candidate,
+    GenerationControl,
+    GenerationSettings,
+    StepEvent,
+)
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.search.base import (
+    EventHook,
+    SearchEngine,
+    SearchResult,
+    StrategyName,
+    position_of,
+    run_candidates,
+)
+
+
+class SelectingStrategy:
+    """Generate k candidates in one batch, then `select`; subclasses choose the rule."""
+
+    name: StrategyName
+
+    def prepare(self, engine: SearchEngine, settings: GenerationSettings) -> GenerationSettings:
+        """Adjust generation settings before the run (e.g. ask for log-probabilities)."""
+        return settings
+
+    def on_step(self, ev: StepEvent, control: GenerationControl) -> None:
+        """Called at every online step score (pruning acts here)."""
+
+    def on_finish(self, c: Candidate) -> None:
+        """Called when a candidate ends."""
+
+    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+        """The chosen candidate's `.index` and the reason."""
+        raise NotImplementedError
+
+    def search(
+        self,
+        engine: SearchEngine,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        deadline: float | None = None,
+        on_event: EventHook | None = None,
+    ) -> SearchResult:
+        """Run the candidates and choose one."""
+        cands, early = run_candidates(
+            engine,
+            prompt_ids,
+            k,
+            sampling,
+            self.prepare(engine, settings),
+            deadline=deadline,
+            on_event=on_event,
+            on_step=self.on_step,
+            on_finish=self.on_finish,
+        )
+        best, reason = self.select(engine, cands, k)
+        return SearchResult(cands, position_of(cands, best), self.name, reason, early)
