@@ -15,6 +15,14 @@ from fixtures.make_tiny_metastone import build_tiny_metastone
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibrations made by tests go to a temporary folder, never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["EDGE_METASTONE_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random MetaStone-format checkpoint (tied embeddings, with head)."""

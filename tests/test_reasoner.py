@@ -148,3 +148,16 @@ def test_reason_rejects_unknown_fields(reasoner):
 
     with pytest.raises(InvalidRequestError):
         reasoner.reason("hi", efort="low")
+
+
+def test_calibration_measures_and_caches(tiny_gguf, private_cache):
+    with Reasoner(tiny_gguf("q8_0"), sampling=STEPPY, max_new_tokens=16) as r:
+        cal = r.calibration()
+        assert r.calibration() is cal
+    assert set(cal.step_seconds) == {1, 2, 4, 8, 16, 32}
+    assert all(s > 0 for s in cal.step_seconds.values())
+    assert all(a >= 0 for a in cal.attn_s_per_seq_cell.values())
+    assert cal.prefill_tokens_per_s > 0 and cal.base_rss_bytes > 0
+    assert (private_cache / "calibration" / f"{cal.key}.json").is_file()
+    with Reasoner(tiny_gguf("q8_0"), sampling=STEPPY, max_new_tokens=16) as r2:
+        assert r2.calibration() == cal  # read back from disk, not measured again
