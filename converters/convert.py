@@ -22,6 +22,7 @@ from converters.hf_checkpoint import (
 from converters.quant_mix import OutType, TypeMix
 from converters.vocab import read_vocabulary
 from edge_metastone.errors import BadCheckpointError
+from quant_kernels import quantize
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,6 @@ def _add_hparams(writer: ArrayGGUFWriter, cfg: Qwen2Config, out: OutType) -> Non
 
 def _encode(t: PlannedTensor, data: np.ndarray) -> np.ndarray:
     """One block of whole rows of `t`, in its output type."""
-    from quant_kernels import quantize
-
     if data.shape[1:] != t.shape[1:]:
         raise BadCheckpointError(
             f"{t.hf_name} has rows of shape {list(data.shape[1:])}, expected {list(t.shape[1:])}"

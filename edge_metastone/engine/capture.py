@@ -53,7 +53,6 @@ class FeatureCapture:
     def __init__(self, layer: int, n_embd: int) -> None:
         self.name = f"l_out-{layer}".encode()
         self.n_embd = n_embd
-        self.enabled = True
         self._lib = _declare(ggml_library().lib)
         self._chunks: list[np.ndarray] = []
         self._error: str | None = None
@@ -62,8 +61,6 @@ class FeatureCapture:
     def _on_eval(self, tensor: int, ask: bool, _user_data: int) -> bool:
         # Never raise across the C boundary: remember the problem and report it in take().
         try:
-            if not self.enabled:
-                return not ask
             name = self._lib.ggml_get_name(tensor)
             if ask:
                 return name == self.name
