@@ -37,7 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=0,
+        help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(run=run)
 
@@ -46,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     """Reason and print."""
     from edge_metastone.reasoner import Reasoner, ReasonOptions
 
-    with Reasoner(args.model, head=args.head, n_threads=args.threads) as r:
+    with Reasoner(
+        args.model, head=args.head, n_threads=args.threads, n_gpu_layers=args.gpu_layers
+    ) as r:
         options = ReasonOptions(
             effort=args.effort,
             latency_budget=args.latency_budget,
