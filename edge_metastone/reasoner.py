@@ -46,7 +46,7 @@ Prompt = str | Sequence[Mapping[str, str]]
 class ReasonOptions:
     """One request's settings; the `reason` command's flags map 1:1 to these fields."""
 
-    effort: Effort = Effort.AUTO
+    effort: Effort = Effort.MEDIUM  # auto: the scheduler picks the highest effort within budgets
     latency_budget: float | None = None  # seconds
     memory_budget: float | None = None  # MB
     seed: int = 0

@@ -21,7 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", type=Path, default=None, help="model GGUF (default: the embedded model)"
     )
     p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the SPRM head")
-    p.add_argument("--effort", choices=[e.value for e in Effort], default=Effort.AUTO.value)
+    p.add_argument(
+        "--effort",
+        choices=[e.value for e in Effort],
+        default=Effort.MEDIUM.value,
+        help="low/medium/high = k 2/8/32 (default medium); auto = highest that fits the budgets",
+    )
     p.add_argument(
         "--strategy",
         choices=[s.value for s in StrategyName],
