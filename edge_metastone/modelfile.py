@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ _GGUF_MAGIC = b"GGUF"
 
 
 class _FastReader(gguf.GGUFReader):
-    """GGUFReader that maps a numeric metadata array as one numpy view.
+    """GGUFReader that maps a numeric metadata array as one numpy view and walks string arrays
+    with struct instead of two numpy views per string.
 
-    The stock reader builds one numpy object per array element: minutes and gigabytes for the
-    SPRM head of a large model (2C^2 numbers).
+    The stock reader builds numpy objects per array element: minutes and gigabytes for the SPRM
+    head of a large model (2C^2 numbers), and ~3 s for a 152k-token vocabulary on every open.
     """
 
     def _get_field_parts(
@@ -44,7 +46,27 @@ class _FastReader(gguf.GGUFReader):
                     raise ValueError("metadata array runs past the end of the file")
                 size = 12 + int(values.nbytes)
                 return size, [raw_itype, alen, values], [2], [gguf.GGUFValueType.ARRAY, itype]
+            if itype is gguf.GGUFValueType.STRING and self.byte_order == "I":
+                return self._string_array(orig_offs, raw_itype)
         return super()._get_field_parts(orig_offs, raw_type)
+
+    def _string_array(
+        self, orig_offs: int, raw_itype: np.ndarray
+    ) -> tuple[int, list[Any], list[int], list[Any]]:
+        alen = self._get(orig_offs + 4, np.uint64)
+        count, offs = int(alen[0]), orig_offs + 12
+        buf, end = memoryview(self.data), len(self.data)
+        parts: list[Any] = [raw_itype, alen]
+        for _ in range(count):
+            if offs + 8 > end:
+                raise ValueError("metadata string array runs past the end of the file")
+            (n,) = struct.unpack_from("<Q", buf, offs)
+            if offs + 8 + n > end:
+                raise ValueError("metadata string runs past the end of the file")
+            parts.append(self.data[offs + 8 : offs + 8 + n])
+            offs += 8 + n
+        types = [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]
+        return offs - orig_offs, parts, list(range(2, 2 + count)), types
 
 
 def read_gguf(path: Path) -> gguf.GGUFReader:

@@ -169,3 +169,20 @@ def test_metadata_arrays_are_typed_as_spec_says(tiny_gguf):
     assert steps.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32]
     assert reader.get_field("metastone.sprm.version").types == [gguf.GGUFValueType.UINT32]
     assert reader.get_field("metastone.sprm.feature_layer").types == [gguf.GGUFValueType.INT32]
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q4_k_m"])
+def test_fast_reader_agrees_with_stock_gguf_reader(tiny_gguf, outtype):
+    """Our reader's shortcuts (numeric arrays as one view, struct-walked strings) change nothing."""
+    import gguf
+
+    ours, stock = read_gguf(tiny_gguf(outtype)), gguf.GGUFReader(tiny_gguf(outtype))
+    assert list(ours.fields) == list(stock.fields)
+    for key, field in stock.fields.items():
+        mine = ours.fields[key]
+        assert mine.types == field.types, key
+        assert mine.offset == field.offset, key
+        assert mine.contents() == field.contents(), key
+    assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == [
+        (t.name, t.data_offset, t.n_bytes) for t in stock.tensors
+    ]
