@@ -71,6 +71,10 @@ class ReasonOptions:
             raise InvalidRequestError("seed must be >= 0")
 
 
+class _Cancelled(Exception):
+    """Raised inside a streamed generation whose consumer stopped listening."""
+
+
 def _options(options: ReasonOptions | None, fields: dict[str, Any]) -> ReasonOptions:
     if options is not None and fields:
         raise InvalidRequestError("pass either a ReasonOptions or its fields, not both")
@@ -227,21 +231,32 @@ class Reasoner:
         """Yield the engine's events as they happen, then the final `ReasonResult`."""
         o = _options(options, fields)
         q: queue.Queue[tuple[str, Any]] = queue.Queue()
+        cancelled = threading.Event()
+
+        def forward(ev: Event) -> None:
+            if cancelled.is_set():  # the consumer went away: unwind the generation
+                raise _Cancelled
+            q.put(("event", ev))
 
         def work() -> None:
             try:
-                q.put(("result", self.reason(prompt, o, on_event=lambda ev: q.put(("event", ev)))))
+                q.put(("result", self.reason(prompt, o, on_event=forward)))
+            except _Cancelled:
+                pass
             except BaseException as e:  # re-raised in the caller's thread
                 q.put(("error", e))
 
         threading.Thread(target=work, daemon=True, name="edge-metastone-reason").start()
-        while True:
-            kind, item = q.get()
-            if kind == "error":
-                raise item
-            yield item
-            if kind == "result":
-                return
+        try:
+            while True:
+                kind, item = q.get()
+                if kind == "error":
+                    raise item
+                yield item
+                if kind == "result":
+                    return
+        finally:
+            cancelled.set()
 
     def reason(
         self,

@@ -161,3 +161,23 @@ def test_calibration_measures_and_caches(tiny_gguf, private_cache):
     assert (private_cache / "calibration" / f"{cal.key}.json").is_file()
     with Reasoner(tiny_gguf("q8_0"), sampling=STEPPY, max_new_tokens=16) as r2:
         assert r2.calibration() == cal  # read back from disk, not measured again
+
+
+def test_abandoned_stream_stops_generating(tiny_gguf):
+    """Closing the stream early unwinds the generation (the model is free again at once)."""
+    import time
+
+    no_end = SamplingSettings(temperature=1.0, logit_bias=((1000, -1e9), (1002, -1e9)))
+    with Reasoner(tiny_gguf("q8_0"), sampling=no_end, calibration=CAL) as r:
+        t0 = time.perf_counter()
+        r.reason("Hi", effort="medium", max_new_tokens=300, seed=1)
+        full = time.perf_counter() - t0  # 8 x 300 tokens, run to the end
+        stream = r.reason_stream("Count.", effort="medium", max_new_tokens=3000, seed=9)
+        assert isinstance(next(stream), TokenEvent)
+        t0 = time.perf_counter()
+        stream.close()
+        res = r.reason("Hi", effort="low", max_new_tokens=5, seed=1)  # waits for the model lock
+        waited = time.perf_counter() - t0
+    assert res.k == 2
+    # an uncancelled run would need ~10x `full` (3000 tokens) before the lock is free
+    assert waited < 2 * full + 0.5, (waited, full)
