@@ -152,7 +152,7 @@ class GenerationControl:
         self.halted = True
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it holds numpy arrays
 class _Seq:
     index: int
     seq_id: int
