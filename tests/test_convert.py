@@ -186,3 +186,15 @@ def test_fast_reader_agrees_with_stock_gguf_reader(tiny_gguf, outtype):
     assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == [
         (t.name, t.data_offset, t.n_bytes) for t in stock.tensors
     ]
+
+
+def test_features_over_several_batches_match_hf(tiny_gguf, reference):
+    """A text longer than one 512-token batch: captured rows stay in order across decodes."""
+    model, tokenizer, _ = reference
+    ids = tokenizer.encode(TEXTS[0] * 16, add_special_tokens=False)
+    assert len(ids) > 1024
+    with Model(tiny_gguf("f32")) as m:
+        feats, _ = forward_features(m, ids, 2)
+    _, ref_feats = reference_forward(model, ids)
+    diff = float(np.abs(feats - ref_feats).max())
+    assert diff < PARITY_TOL, f"max |feature diff| {diff:.3e} over {len(ids)} tokens"

@@ -215,3 +215,14 @@ def test_chat_template_is_sandboxed():
 def test_chat_template_renders_model_format(engine):
     text = engine.render([{"role": "user", "content": "Hi"}])
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+
+
+def test_long_prompt_prefilled_in_several_batches(engine):
+    """A prompt over 512 tokens (prefill in chunks, no <think>): online scores equal the full pass."""
+    ids = engine.tokenize("Add 3 and 4.\n\nThen double it.\n\n" * 60)
+    assert len(ids) > 512
+    c = engine.generate_all(ids, 2, sampled(seed=8), GenerationSettings(max_new_tokens=40))
+    for cand in c:
+        ref = score_tokens(engine.model_file, engine.model, ids + cand.token_ids)
+        assert cand.step_positions == ref.positions and len(ref.positions) > 100
+        assert np.allclose(cand.step_scores, ref.step_scores, atol=PARITY_TOL)
