@@ -82,7 +82,7 @@ def main() -> None:
     threads = args.threads or default_threads()
     engine = Engine(args.model, n_threads=threads)
     mf = engine.model_file
-    eog = [i for i in range(engine.model.n_vocab) if engine.model.is_eog(i)]
+    eog = engine.model.eog_ids
     bias = tuple((t, -1e9) for t in eog) + tuple((t, args.step_bias) for t in mf.step_token_ids)
     # top_k 40 keeps sampling as cheap as on a real (peaked) model: a random model's near-uniform
     # distribution would make top-p sort the whole vocabulary every token

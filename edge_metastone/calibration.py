@@ -50,7 +50,7 @@ def measure(
     """Decode step time (sampling included) at batch sizes 1..32 and how it grows as the shared
     cache fills, prefill speed, and the loaded process's RSS."""
     model = engine.model
-    ban = tuple((t, -1e9) for t in range(model.n_vocab) if model.is_eog(t))
+    ban = tuple((t, -1e9) for t in model.eog_ids)
     sampling = dataclasses.replace(sampling, seed=0, logit_bias=sampling.logit_bias + ban)
     prompt = engine.tokenize(_TEXT)[:32]
     engine.generate_all(prompt, 1, sampling, GenerationSettings(max_new_tokens=4))

@@ -54,15 +54,9 @@ def forward_features(
     settings = ContextSettings(n_ctx=n, n_batch=n_batch, n_threads=n_threads, parity=parity)
     logits = np.empty((n, model.n_vocab), np.float32) if want_logits else None
     with Context(model, settings, cb_eval=capture.callback) as ctx, Batch(n_batch) as batch:
-        for start in range(0, n, n_batch):
-            batch.clear()
-            chunk = token_ids[start : start + n_batch]
-            for k, tok in enumerate(chunk):
-                last = start + k == n - 1
-                batch.add(tok, start + k, (0,), want_logits or last)
-            ctx.decode(batch)
+        for start, count in ctx.prefill(batch, token_ids, all_logits=want_logits):
             if logits is not None:
-                for k in range(len(chunk)):
+                for k in range(count):
                     logits[start + k] = ctx.logits(k)
         features = capture.take()
     if features.shape[0] != n:

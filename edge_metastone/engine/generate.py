@@ -8,6 +8,7 @@ loop: sample each live sequence from its row -> score a step boundary from the f
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import enum
 import logging
 import time
@@ -152,6 +153,23 @@ class GenerationControl:
         self.halted = True
 
 
+@dataclass
+class _ThinkState:
+    """Where `<think>` / `</think>` occurred so far: the provisional SPEC §1 window."""
+
+    starts: int = 0
+    start_pos: int = -1
+    end_pos: int = -1
+
+    def note(self, rule: StepRule, token: int, pos: int) -> None:
+        """Account for `token` at position `pos`."""
+        if token == rule.think_start_id:
+            self.starts += 1
+            self.start_pos = pos
+        elif token == rule.think_end_id and self.end_pos < 0:
+            self.end_pos = pos
+
+
 @dataclass(eq=False)  # compared by identity: it holds numpy arrays
 class _Seq:
     index: int
@@ -167,9 +185,7 @@ class _Seq:
     text: str = ""
     scores_by_pos: dict[int, float] = field(default_factory=dict)
     online: list[float] = field(default_factory=list)
-    think_starts: int = 0
-    think_start_pos: int = -1
-    think_end_pos: int = -1
+    think: _ThinkState = field(default_factory=lambda: _ThinkState())
     answer_tokens: int = 0
     logprob_sum: float = 0.0
     row: int = -1
@@ -238,6 +254,9 @@ class BatchGenerator:
             t0 = time.perf_counter()
             prompt_scores, last_feature, last_row = self._prefill(ctx, batch, prompt, capture)
             tm.prefill_s = time.perf_counter() - t0
+            prompt_think = _ThinkState()
+            for i, t in enumerate(prompt):
+                prompt_think.note(self.rule, t, i)
             seqs = []
             for s in range(k):
                 if s:
@@ -250,7 +269,7 @@ class BatchGenerator:
                 )
                 seq.scores_by_pos.update(prompt_scores)
                 seq.row = last_row
-                self._scan_prompt_think(seq, prompt)
+                seq.think = dataclasses.replace(prompt_think)
                 seqs.append(seq)
             live = seqs
             try:
@@ -294,15 +313,11 @@ class BatchGenerator:
         }
         feats: dict[int, np.ndarray] = {}
         last_row = 0
-        for start in range(0, len(prompt), batch.capacity):
-            batch.clear()
-            chunk = prompt[start : start + batch.capacity]
-            for i, tok in enumerate(chunk):
-                last_row = batch.add(tok, start + i, (0,), start + i == len(prompt) - 1)
-            ctx.decode(batch)
+        for start, count in ctx.prefill(batch, prompt):
+            last_row = count - 1  # the final chunk's last row holds the prompt's last logits
             if capture is not None:
                 rows = capture.take()
-                for i in range(len(chunk)):
+                for i in range(count):
                     if start + i in wanted or start + i == len(prompt) - 1:
                         feats[start + i] = rows[i]
         scores: dict[int, float] = {}
@@ -311,17 +326,6 @@ class BatchGenerator:
             values = self.head.scores(np.stack([feats[i] for i in order]))
             scores = {i: float(v) for i, v in zip(order, values, strict=True)}
         return scores, feats.get(len(prompt) - 1), last_row
-
-    def _scan_prompt_think(self, seq: _Seq, prompt: list[int]) -> None:
-        for i, t in enumerate(prompt):
-            self._note_think(seq, t, i)
-
-    def _note_think(self, seq: _Seq, token: int, pos: int) -> None:
-        if token == self.rule.think_start_id:
-            seq.think_starts += 1
-            seq.think_start_pos = pos
-        elif token == self.rule.think_end_id and seq.think_end_pos < 0:
-            seq.think_end_pos = pos
 
     def _advance(
         self,
@@ -352,20 +356,20 @@ class BatchGenerator:
             score = float(self.head.scores(seq.feature[None, :])[0])
             tm.score_s += time.perf_counter() - t0
             seq.scores_by_pos[seq.pos] = score
-            start = seq.think_start_pos if seq.think_starts == 1 else 0
-            if seq.pos >= start + 1 and seq.think_end_pos < 0:
+            start = seq.think.start_pos if seq.think.starts == 1 else 0
+            if seq.pos >= start + 1 and seq.think.end_pos < 0:
                 seq.online.append(score)
                 yield StepEvent(
                     seq.index, seq.pos, score, len(seq.online), trajectory_score(seq.online)
                 )
-        self._note_think(seq, tok, pos)
+        seq.think.note(self.rule, tok, pos)
         seq.tokens.append(tok)
         tm.generated_tokens += 1
         piece = seq.utf8.decode(self.model.token_to_bytes(tok))
         seq.text += piece
         seq.prev, seq.pos = tok, pos
         yield TokenEvent(seq.index, tok, piece)
-        if 0 <= seq.think_end_pos < pos:
+        if 0 <= seq.think.end_pos < pos:
             seq.answer_tokens += 1
         for stop in settings.stop:
             cut = seq.text.find(stop, max(0, len(seq.text) - len(piece) - len(stop)))
@@ -377,7 +381,7 @@ class BatchGenerator:
             settings.max_answer_tokens is not None
             and seq.answer_tokens >= settings.max_answer_tokens
         )
-        if len(seq.tokens) >= settings.max_new_tokens or (seq.think_end_pos >= 0 and over_answer):
+        if len(seq.tokens) >= settings.max_new_tokens or (seq.think.end_pos >= 0 and over_answer):
             seq.reason = FinishReason.LENGTH
             return
         still.append(seq)

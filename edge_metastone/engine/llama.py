@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,11 @@ class Model:
         """True for end-of-generation tokens (EOS, EOT, ...)."""
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    @functools.cached_property
+    def eog_ids(self) -> tuple[int, ...]:
+        """Every end-of-generation token id (one pass over the vocabulary, then cached)."""
+        return tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+
     def token_to_bytes(self, token: int, *, special: bool = True) -> bytes:
         """The bytes one token stands for (special tokens rendered when `special`)."""
         buf = ctypes.create_string_buffer(64)
@@ -189,6 +195,20 @@ class Context:
             raise ContextExceededError("no room left in the KV cache for this batch")
         if rc != 0:
             raise EdgeMetastoneError(f"llama_decode failed with code {rc}")
+
+    def prefill(
+        self, batch: Batch, tokens: Sequence[int], *, all_logits: bool = False
+    ) -> Iterator[tuple[int, int]]:
+        """Decode `tokens` in sequence 0, one batch-sized chunk at a time; after each decode yield
+        (position of its first token, its length). Logits: the last token's, or every token's."""
+        n = len(tokens)
+        for start in range(0, n, batch.capacity):
+            batch.clear()
+            chunk = tokens[start : start + batch.capacity]
+            for i, tok in enumerate(chunk):
+                batch.add(tok, start + i, (0,), all_logits or start + i == n - 1)
+            self.decode(batch)
+            yield start, len(chunk)
 
     def logits(self, i: int) -> np.ndarray:
         """Logits of output row `i` of the last decode, as a copy [n_vocab]."""

@@ -152,20 +152,20 @@ def argmax_lowest_index(values: Sequence[tuple[int, float]]) -> int:
     return best_i
 
 
+def _select_by(cands: Sequence[Candidate], value: Callable[[Candidate], float | None]) -> int:
+    """Highest value among the eligible candidates (None counts as -inf), ties to the lowest index."""
+    scored = [(c.index, value(c)) for c in selection_pool(cands)]
+    return argmax_lowest_index([(i, float("-inf") if v is None else v) for i, v in scored])
+
+
 def select_by_score(cands: Sequence[Candidate]) -> int:
-    """The paper's rule: highest trajectory score (None counts as -inf), ties to the lowest index."""
-    pool = selection_pool(cands)
-    return argmax_lowest_index(
-        [(c.index, c.score if c.score is not None else float("-inf")) for c in pool]
-    )
+    """The paper's rule: highest trajectory score, ties to the lowest index."""
+    return _select_by(cands, lambda c: c.score)
 
 
 def select_by_logprob(cands: Sequence[Candidate]) -> int:
     """Highest mean token log-probability, ties to the lowest index."""
-    pool = selection_pool(cands)
-    return argmax_lowest_index(
-        [(c.index, c.mean_logprob if c.mean_logprob is not None else float("-inf")) for c in pool]
-    )
+    return _select_by(cands, lambda c: c.mean_logprob)
 
 
 def position_of(cands: Sequence[Candidate], index: int) -> int:
