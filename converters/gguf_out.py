@@ -1,117 +1,22 @@
-"""GGUF writing helpers: a writer that packs numpy metadata arrays fast, the SPRM keys, atomic output."""
+"""GGUF writing for the converter: the head and step facts of a Hugging Face checkpoint."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import Any
-
-import gguf
-import numpy as np
-from gguf.gguf_writer import WriterState
-
 from converters.hf_checkpoint import SprmHeadWeights, TokenizerFacts
-from edge_metastone import keys
+from edge_metastone.gguf_io import ArrayGGUFWriter, add_head_keys, add_step_keys, atomic_output
 
-_NUMPY_ARRAY_TYPES = {
-    np.dtype(np.float32): gguf.GGUFValueType.FLOAT32,
-    np.dtype(np.uint16): gguf.GGUFValueType.UINT16,
-    np.dtype(np.int32): gguf.GGUFValueType.INT32,
-}
-
-
-class ArrayGGUFWriter(gguf.GGUFWriter):
-    """GGUFWriter that accepts numpy arrays as metadata arrays.
-
-    The stock writer packs arrays element by element in Python; the SPRM head is 2C^2 numbers
-    (52M for a 32B model), so numpy arrays are written as one block of little-endian bytes.
-    """
-
-    def add_numpy_array(self, key: str, arr: np.ndarray) -> None:
-        """Store a 1-D float32/uint16/int32 array under `key`."""
-        arr = np.ascontiguousarray(arr).reshape(-1)
-        if arr.dtype not in _NUMPY_ARRAY_TYPES:
-            raise TypeError(f"unsupported metadata array dtype {arr.dtype}")
-        self.add_key_value(
-            key, arr, gguf.GGUFValueType.ARRAY, sub_type=_NUMPY_ARRAY_TYPES[arr.dtype]
-        )
-
-    def _pack_val(
-        self,
-        val: Any,
-        vtype: gguf.GGUFValueType,
-        add_vtype: bool,
-        sub_type: gguf.GGUFValueType | None = None,
-    ) -> bytes:
-        if vtype is gguf.GGUFValueType.ARRAY and isinstance(val, np.ndarray):
-            assert sub_type is not None
-            head = self._pack("I", vtype) if add_vtype else b""
-            head += self._pack("I", sub_type) + self._pack("Q", val.size)
-            order = ">" if self.endianess == gguf.GGUFEndian.BIG else "<"
-            return head + val.astype(val.dtype.newbyteorder(order), copy=False).tobytes()
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
-
-    def write_tensor_chunks(self, chunks: Iterable[np.ndarray], nbytes: int) -> None:
-        """Write the next planned tensor from consecutive row blocks (streamed, never whole)."""
-        if self.state not in (WriterState.TI_DATA, WriterState.WEIGHTS):
-            raise ValueError(
-                f"Expected output file to contain tensor info or weights, got {self.state}"
-            )
-        assert self.fout is not None and len(self.fout) == 1, "split output is not supported"
-        fout = self.fout[0]
-        name = next(iter(self.tensors[0]))
-        info = self.tensors[0].pop(name)
-        if info.nbytes != nbytes:
-            raise ValueError(f"{name}: planned {info.nbytes} bytes, asked to write {nbytes}")
-        self.write_padding(fout, fout.tell())
-        written = 0
-        for chunk in chunks:
-            chunk.tofile(fout)
-            written += chunk.nbytes
-        if written != nbytes:
-            raise ValueError(f"{name}: wrote {written} bytes, planned {nbytes}")
-        self.write_padding(fout, nbytes)
-        self.state = WriterState.WEIGHTS
+__all__ = ["ArrayGGUFWriter", "add_sprm_head", "add_step_facts", "atomic_output"]
 
 
 def add_sprm_head(
     writer: ArrayGGUFWriter, head: SprmHeadWeights, feature_layer: int, facts: TokenizerFacts
 ) -> None:
     """Write the SPEC §2 keys: the head arrays (exact, f32 or f16 bit patterns) and the step ids."""
-    inner, c = head.fc1_weight.shape
-    writer.add_uint32(keys.SPRM_VERSION, keys.SPRM_FORMAT_VERSION)
-    writer.add_int32(keys.SPRM_FEATURE_LAYER, feature_layer)
-    writer.add_uint32(keys.SPRM_HIDDEN_SIZE, c)
-    writer.add_uint32(keys.SPRM_INNER_SIZE, inner)
-    writer.add_string(keys.SPRM_DTYPE, head.dtype)
     arrays = (head.fc1_weight, head.fc1_bias, head.fc2_weight, head.fc2_bias)
-    for key, arr in zip(keys.SPRM_ARRAYS, arrays, strict=True):
-        stored = arr.view(np.uint16) if head.dtype == "f16" else arr.astype(np.float32, copy=False)
-        writer.add_numpy_array(key, stored)
+    add_head_keys(writer, arrays, head.dtype, feature_layer)
     add_step_facts(writer, facts)
 
 
 def add_step_facts(writer: ArrayGGUFWriter, facts: TokenizerFacts) -> None:
     """Write the delimiter ids and the think ids (useful with or without a head)."""
-    writer.add_numpy_array(keys.STEP_TOKEN_IDS, np.asarray(facts.step_token_ids, dtype=np.int32))
-    writer.add_int32(keys.THINK_START_ID, facts.think_start_id)
-    writer.add_int32(keys.THINK_END_ID, facts.think_end_id)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    add_step_keys(writer, facts.step_token_ids, facts.think_start_id, facts.think_end_id)

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from edge_metastone.errors import BadCheckpointError
+from edge_metastone.sprm import STEP_DELIMITER
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 HEAD_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
-STEP_DELIMITER = ".\n\n"
 # Rows of float32 read (and quantized) at once; bounds the converter's working memory.
 CHUNK_BYTES = 64 << 20
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 THINK_END = "</think>"
+MAX_ANSWER_CHARS = 200  # an answer is a short string: never kilobytes of text for math-verify
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -32,12 +35,16 @@ def _last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str:
-    """The candidate's answer: after the last `</think>` (all text if none), its `\\boxed{}` if any."""
+    """The candidate's answer, at most 200 characters: after the last `</think>` (all text if
+    none), its last `\\boxed{}`; without one, the last number; without a number, the text."""
     tail = text.rsplit(THINK_END, 1)[-1] if THINK_END in text else text
     boxed = _last_boxed(tail)
     if boxed is not None:
-        return boxed
-    return tail.strip()
+        return boxed[:MAX_ANSWER_CHARS]
+    numbers = _NUMBER.findall(tail[-4 * MAX_ANSWER_CHARS :])
+    if numbers:
+        return numbers[-1]
+    return tail.strip()[:MAX_ANSWER_CHARS].strip()
 
 
 def _timeouts() -> dict[str, Any]:

@@ -14,6 +14,9 @@ SPRM_FC2_BIAS = "metastone.sprm.fc2.bias"
 STEP_TOKEN_IDS = "metastone.step_token_ids"
 THINK_START_ID = "metastone.think_start_id"
 THINK_END_ID = "metastone.think_end_id"
+DEFAULT_STRATEGY = "metastone.default_strategy"
+PROVENANCE = "metastone.provenance"
+SPRM_TRAINED_WITH = "metastone.sprm.trained_with"
 
 SPRM_FORMAT_VERSION = 1
 SPRM_ARRAYS = (SPRM_FC1_WEIGHT, SPRM_FC1_BIAS, SPRM_FC2_WEIGHT, SPRM_FC2_BIAS)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,9 @@ import gguf
 import numpy as np
 
 from edge_metastone import keys
-from edge_metastone.errors import BadModelFileError
-from edge_metastone.sprm import SprmHead
+from edge_metastone.errors import BadModelFileError, EdgeMetastoneError
+from edge_metastone.gguf_io import ArrayGGUFWriter, add_head_keys, add_step_keys, atomic_output
+from edge_metastone.sprm import SprmHead, StepRule
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +178,7 @@ class ModelFile:
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
+    default_strategy: str | None = None  # metastone.default_strategy, as written by the maker
 
     @property
     def head_dim(self) -> int:
@@ -266,4 +270,133 @@ def open_model_file(path: Path | str, head_path: Path | str | None = None) -> Mo
         chat_template=str(template) if template is not None else None,
         bos_token=token_text(gguf.Keys.Tokenizer.BOS_ID),
         eos_token=token_text(gguf.Keys.Tokenizer.EOS_ID),
+        default_strategy=_string_or_none(reader, keys.DEFAULT_STRATEGY),
     )
+
+
+def _string_or_none(reader: gguf.GGUFReader, key: str) -> str | None:
+    f = reader.get_field(key)
+    if f is None or f.types != [gguf.GGUFValueType.STRING]:
+        return None
+    return str(f.contents())
+
+
+# Keys a head (or a model copy with a new head) replaces; everything else is copied unchanged.
+_HEAD_KEYS = (
+    keys.SPRM_VERSION,
+    keys.SPRM_FEATURE_LAYER,
+    keys.SPRM_HIDDEN_SIZE,
+    keys.SPRM_INNER_SIZE,
+    keys.SPRM_DTYPE,
+    *keys.SPRM_ARRAYS,
+    keys.STEP_TOKEN_IDS,
+    keys.THINK_START_ID,
+    keys.THINK_END_ID,
+    keys.SPRM_TRAINED_WITH,
+)
+
+
+def _write_head(writer: ArrayGGUFWriter, head: SprmHead, rule: StepRule) -> None:
+    arrays = (head.fc1_weight, head.fc1_bias, head.fc2_weight, head.fc2_bias)
+    add_head_keys(writer, arrays, head.dtype, head.feature_layer)
+    add_step_keys(writer, sorted(rule.step_token_ids), rule.think_start_id, rule.think_end_id)
+
+
+def write_head_sidecar(
+    path: Path | str,
+    head: SprmHead,
+    rule: StepRule,
+    *,
+    arch: str = "qwen2",
+    extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a head-only GGUF (SPEC §2 keys, no tensors) from arrays, atomically."""
+    path = Path(path)
+    if not rule.step_token_ids:
+        raise EdgeMetastoneError("a head needs its step delimiter ids")
+    with atomic_output(path) as tmp:
+        writer = ArrayGGUFWriter(tmp, arch)
+        _write_head(writer, head, rule)
+        for key, value in (extra or {}).items():
+            writer.add_string(key, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+    return path
+
+
+def _copy_field(writer: ArrayGGUFWriter, field: gguf.ReaderField) -> None:
+    vtype = field.types[0]
+    if vtype is gguf.GGUFValueType.ARRAY:
+        sub = field.types[-1]
+        if sub is gguf.GGUFValueType.STRING or len(field.types) > 2:
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        else:
+            writer.add_numpy_array(field.name, np.asarray(field.parts[field.data[0]]))
+        return
+    writer.add_key_value(field.name, field.contents(), vtype)
+
+
+def write_model_copy(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    head: SprmHead | None = None,
+    rule: StepRule | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Copy model file `src` to `dst`, with `head` (and `rule`'s step facts) replacing any head in
+    the metadata and the `extra` string keys set; every other key and every tensor byte is copied
+    unchanged. `src` is never modified."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise EdgeMetastoneError(f"{dst}: refusing to overwrite the input model file")
+    mf = open_model_file(src)
+    if head is not None:
+        if rule is None or not rule.step_token_ids:
+            raise EdgeMetastoneError("a head needs its step delimiter ids")
+        if head.hidden_size != mf.n_embd or not 0 <= head.feature_layer < mf.n_layers:
+            raise EdgeMetastoneError(
+                f"the head (C={head.hidden_size}, layer {head.feature_layer}) does not fit {src} "
+                f"(C={mf.n_embd}, {mf.n_layers} layers)"
+            )
+    extra = dict(extra or {})
+    reader = read_gguf(src)
+    with atomic_output(dst) as tmp:
+        writer = ArrayGGUFWriter(tmp, mf.arch)
+        alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+        if alignment is not None:
+            writer.data_alignment = int(alignment.contents())
+        for field in reader.fields.values():
+            name = field.name
+            if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
+                continue
+            if (head is not None and name in _HEAD_KEYS) or name in extra:
+                continue
+            _copy_field(writer, field)
+        if head is not None:
+            _write_head(writer, head, rule)
+        for key, value in extra.items():
+            writer.add_string(key, value)
+        for t in reader.tensors:
+            writer.add_tensor_info(
+                t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type
+            )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data)
+        writer.close()
+    return dst
+
+
+def provenance(mf_path: Path | str) -> dict:
+    """The file's `metastone.provenance` JSON (empty when absent or unreadable)."""
+    raw = _field(read_gguf(Path(mf_path)), keys.PROVENANCE)
+    try:
+        value = json.loads(str(raw)) if raw is not None else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

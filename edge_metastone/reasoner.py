@@ -53,6 +53,7 @@ class ReasonOptions:
     strategy: StrategyName | None = None
     max_new_tokens: int | None = None
     allow_degrade: bool = False
+    logprobs: bool = False  # every candidate's mean log-probability (evaluation; costs a softmax)
 
     def __post_init__(self) -> None:
         try:
@@ -195,6 +196,21 @@ class Reasoner:
         """True when the model scores steps."""
         return self.engine.has_head
 
+    @property
+    def default_strategy(self) -> StrategyName:
+        """The model file's measured best selector (`metastone.default_strategy`) when it names
+        one this model can run; else best-of-k by SPRM score, or log-probability without a head."""
+        named = self.engine.model_file.default_strategy
+        needs_head = {StrategyName.BEST_OF_K, StrategyName.PRUNE, StrategyName.WEIGHTED_VOTE}
+        try:
+            choice = StrategyName(named) if named else None
+        except ValueError:
+            logger.warning("ignoring unknown default strategy %r in the model file", named)
+            choice = None
+        if choice is not None and (self.has_head or choice not in needs_head):
+            return choice
+        return StrategyName.BEST_OF_K if self.has_head else StrategyName.LOGPROB
+
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once, then cached on disk)."""
         if self._calibration is None or refresh:
@@ -278,9 +294,9 @@ class Reasoner:
         ids = self.engine.tokenize(text)
         plan = self.plan(len(ids), dataclasses.replace(o, max_new_tokens=max_new))
         t_plan = time.perf_counter() - t0
-        name = o.strategy or (StrategyName.BEST_OF_K if self.has_head else StrategyName.LOGPROB)
+        name = o.strategy or self.default_strategy
         sampling = dataclasses.replace(self.sampling, seed=o.seed)
-        settings = GenerationSettings(max_new_tokens=max_new)
+        settings = GenerationSettings(max_new_tokens=max_new, logprobs=o.logprobs)
         deadline = time.monotonic() - t_plan + o.latency_budget if o.latency_budget else None
         with self._lock:
             res = make_strategy(name).search(

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SCORE_FLOOR = 1e-10
+STEP_DELIMITER = ".\n\n"
+THINK_START, THINK_END = "<think>", "</think>"
 
 
 @dataclass(frozen=True)

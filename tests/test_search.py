@@ -248,9 +248,12 @@ def test_deadline_halts_and_flags_early_stop():
     [
         ("<think>so 5</think>The answer is \\boxed{5}.", "5"),
         ("<think>a</think>\\boxed{\\frac{1}{2}} and then \\boxed{\\sqrt{2}}", "\\sqrt{2}"),
-        ("<think>\\boxed{9}</think> It is 7.", "It is 7."),
+        ("<think>\\boxed{9}</think> It is 7.", "7"),
+        ("<think>9</think> It is seven.", "It is seven."),
+        ("<think>a</think>" + "word " * 5000, ("word " * 40).strip()),
+        ("7.\n\n", "7"),
         ("no think tags, \\boxed{x^{2}}", "x^{2}"),
-        ("<think>cut off \\boxed{12", "<think>cut off \\boxed{12"),
+        ("<think>cut off \\boxed{12", "12"),
         ("<think>a</think>\n  42  \n", "42"),
     ],
 )

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import Effort
 from edge_metastone.search import StrategyName
 
@@ -16,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reason", help="answer a prompt with k scored candidates (test-time scaling)"
     )
-    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the question ('-': read stdin)")
+    p.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
     p.add_argument(
         "--model", type=Path, default=None, help="model GGUF (default: the embedded model)"
     )
@@ -53,33 +55,69 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from PROMPT, `-` (stdin) or --prompt-file; exactly one of them."""
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise EdgeMetastoneError("give the prompt as PROMPT, '-' (stdin) or --prompt-file FILE")
+    try:
+        if args.prompt_file is not None:
+            return args.prompt_file.read_text(encoding="utf-8")
+        if args.prompt == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeMetastoneError(f"cannot read the prompt: {e}") from None
+    return args.prompt
+
+
 def run(args: argparse.Namespace) -> int:
     """Reason and print."""
     from edge_metastone.reasoner import Reasoner, ReasonOptions
 
+    prompt = read_prompt(args)
+    options = ReasonOptions(
+        effort=args.effort,
+        latency_budget=args.latency_budget,
+        memory_budget=args.memory_budget,
+        seed=args.seed,
+        strategy=args.strategy,
+        max_new_tokens=args.max_new_tokens,
+        allow_degrade=args.allow_degrade,
+    )
     with Reasoner(
         args.model, head=args.head, n_threads=args.threads, n_gpu_layers=args.gpu_layers
     ) as r:
-        options = ReasonOptions(
-            effort=args.effort,
-            latency_budget=args.latency_budget,
-            memory_budget=args.memory_budget,
-            seed=args.seed,
-            strategy=args.strategy,
-            max_new_tokens=args.max_new_tokens,
-            allow_degrade=args.allow_degrade,
-        )
-        result = r.reason(args.prompt, options)
+        result = r.reason(prompt, options)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return 0
-    c = result.chosen_candidate
-    print(result.answer if result.answer else "(no answer)")
-    print(
-        f"\n[{result.effort}: k={result.k}, {result.strategy}; chose candidate {result.chosen} "
-        f"(score {c.score if c.score is not None else 'n/a'}, {c.tokens} tokens); "
-        f"{result.timings.get('total_s', 0):.1f} s]",
-        file=sys.stderr,
-    )
-    print(f"[scheduler: {result.scheduler_reason}]", file=sys.stderr)
+    print(format_result(result))
     return 0
+
+
+def _short(text: str, width: int = 24) -> str:
+    text = " ".join(text.split()) or "(none)"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_result(result) -> str:
+    """The chosen answer, every candidate's answer and score, and the timings, for a person."""
+    lines = [result.answer if result.answer else "(no answer)", ""]
+    lines.append(f"  {'cand':>4}  {'answer':<24}  {'score':>6}  {'steps':>5}  {'tokens':>6}  end")
+    for c in result.candidates:
+        mark = "*" if c.index == result.chosen else " "
+        score = f"{c.score:.3f}" if c.score is not None else "n/a"
+        lines.append(
+            f"{mark} {c.index:>4}  {_short(c.answer):<24}  {score:>6}  {len(c.step_scores):>5}"
+            f"  {c.tokens:>6}  {c.finish_reason}"
+        )
+    t = result.timings
+    tokens = sum(c.tokens for c in result.candidates)
+    rate = tokens / t["decode_s"] if t.get("decode_s") else 0.0
+    lines += [
+        "",
+        f"[{result.effort}: k={result.k}, {result.strategy}; chose candidate {result.chosen}; "
+        f"{tokens} tokens in {t.get('total_s', 0.0):.2f} s ({rate:.0f} tokens/s decoding), "
+        f"prefill {t.get('prefill_s', 0.0) * 1e3:.0f} ms]",
+        f"[scheduler: {result.scheduler_reason}]",
+    ]
+    return "\n".join(lines)

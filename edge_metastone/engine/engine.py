@@ -18,7 +18,21 @@ from edge_metastone.engine.generate import (
 from edge_metastone.engine.llama import Model
 from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.modelfile import ModelFile, open_model_file
-from edge_metastone.sprm import StepRule
+from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
+
+
+def step_rule(mf: ModelFile, model: Model) -> StepRule:
+    """The file's step facts; for a plain Qwen2-family GGUF without them, the tokenizer's own
+    (`.\\n\\n` tokenized, and `<think>` / `</think>` where each is one token)."""
+    if mf.step_token_ids:
+        return StepRule.of(mf.step_token_ids, mf.think_start_id, mf.think_end_id)
+
+    def single(text: str) -> int:
+        ids = model.tokenize(text, parse_special=True)
+        return ids[0] if len(ids) == 1 else -1
+
+    step_ids = model.tokenize(STEP_DELIMITER, parse_special=False)
+    return StepRule.of(step_ids, single(THINK_START), single(THINK_END))
 
 
 class Engine:
@@ -39,7 +53,7 @@ class Engine:
         self.template = ChatTemplate(
             mf.chat_template, bos_token=mf.bos_token, eos_token=mf.eos_token
         )
-        self.rule = StepRule.of(mf.step_token_ids, mf.think_start_id, mf.think_end_id)
+        self.rule = step_rule(mf, self.model)
         self._generator = BatchGenerator(
             self.model, mf.head, self.rule, n_threads=n_threads, parity=parity
         )
@@ -48,6 +62,11 @@ class Engine:
     def has_head(self) -> bool:
         """True when step scores are available."""
         return self.model_file.head is not None
+
+    @property
+    def feature_layer(self) -> int:
+        """The layer whose output the head reads (the head's, else L-2)."""
+        return self._generator.feature_layer
 
     @property
     def last_timings(self) -> Timings:

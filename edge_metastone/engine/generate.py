@@ -38,6 +38,7 @@ class GenerationSettings:
     max_answer_tokens: int | None = None
     score_steps: bool = True
     logprobs: bool = False
+    keep_features: bool = False  # return each scored position's layer-(L-2) feature (training)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -70,6 +71,7 @@ class Candidate:
     score: float | None  # trajectory score; None when the model has no head or scoring is off
     finish_reason: FinishReason
     mean_logprob: float | None = None  # the policy's mean token log-probability (settings.logprobs)
+    step_features: np.ndarray | None = None  # [n_steps, C] float32 (settings.keep_features)
 
     @property
     def n_tokens(self) -> int:
@@ -184,6 +186,7 @@ class _Seq:
     )
     text: str = ""
     scores_by_pos: dict[int, float] = field(default_factory=dict)
+    features_by_pos: dict[int, np.ndarray] = field(default_factory=dict)
     online: list[float] = field(default_factory=list)
     think: _ThinkState = field(default_factory=lambda: _ThinkState())
     answer_tokens: int = 0
@@ -210,6 +213,11 @@ class BatchGenerator:
         self.n_threads = n_threads
         self.parity = parity
         self.last_timings = Timings()
+
+    @property
+    def feature_layer(self) -> int:
+        """The layer whose output feeds the head: the head's, else L-2 (SPEC §1)."""
+        return self.head.feature_layer if self.head is not None else self.model.n_layer - 2
 
     def _check(self, prompt_ids: Sequence[int], k: int, settings: GenerationSettings) -> int:
         if k < 1:
@@ -242,7 +250,8 @@ class BatchGenerator:
         tm = Timings(prompt_tokens=len(prompt))
         self.last_timings = tm
         scoring = settings.score_steps and self.head is not None
-        capture = FeatureCapture(self.head.feature_layer, self.model.n_embd) if scoring else None
+        keep = settings.keep_features
+        capture = FeatureCapture(self.feature_layer, self.model.n_embd) if scoring or keep else None
         n_batch = max(min(len(prompt), PREFILL_BATCH), k)
         ctx_settings = ContextSettings(
             n_ctx=n_ctx, n_batch=n_batch, n_seq_max=k, n_threads=self.n_threads, parity=self.parity
@@ -252,7 +261,8 @@ class BatchGenerator:
             Batch(n_batch, 1) as batch,
         ):
             t0 = time.perf_counter()
-            prompt_scores, last_feature, last_row = self._prefill(ctx, batch, prompt, capture)
+            prompt_feats, last_feature, last_row = self._prefill(ctx, batch, prompt, capture)
+            prompt_scores = self._score_prompt(prompt_feats) if scoring else {}
             tm.prefill_s = time.perf_counter() - t0
             prompt_think = _ThinkState()
             for i, t in enumerate(prompt):
@@ -268,6 +278,8 @@ class BatchGenerator:
                     candidate_offset + s, s, sampler, prompt[-1], len(prompt) - 1, last_feature
                 )
                 seq.scores_by_pos.update(prompt_scores)
+                if keep:
+                    seq.features_by_pos.update(prompt_feats)
                 seq.row = last_row
                 seq.think = dataclasses.replace(prompt_think)
                 seqs.append(seq)
@@ -277,7 +289,7 @@ class BatchGenerator:
                     batch.clear()
                     still: list[_Seq] = []
                     for seq in live:
-                        yield from self._advance(seq, ctx, settings, control, still, tm)
+                        yield from self._advance(seq, ctx, settings, control, still, tm, scoring)
                     for seq in live:
                         if seq not in still:
                             streamed = len(seq.text)
@@ -304,8 +316,9 @@ class BatchGenerator:
 
     def _prefill(
         self, ctx: Context, batch: Batch, prompt: list[int], capture: FeatureCapture | None
-    ) -> tuple[dict[int, float], np.ndarray | None, int]:
-        """Decode the prompt in sequence 0; score its step boundaries (used when no <think> window)."""
+    ) -> tuple[dict[int, np.ndarray], np.ndarray | None, int]:
+        """Decode the prompt in sequence 0; keep the features of its step boundaries (they count
+        when there is no <think> window) and of its last token."""
         wanted = {
             j - 1
             for j in range(1, len(prompt))
@@ -320,12 +333,15 @@ class BatchGenerator:
                 for i in range(count):
                     if start + i in wanted or start + i == len(prompt) - 1:
                         feats[start + i] = rows[i]
-        scores: dict[int, float] = {}
-        if capture is not None and wanted:
-            order = sorted(wanted)
-            values = self.head.scores(np.stack([feats[i] for i in order]))
-            scores = {i: float(v) for i, v in zip(order, values, strict=True)}
-        return scores, feats.get(len(prompt) - 1), last_row
+        last = feats.get(len(prompt) - 1)
+        return {i: feats[i].copy() for i in wanted if i in feats}, last, last_row
+
+    def _score_prompt(self, feats: dict[int, np.ndarray]) -> dict[int, float]:
+        if not feats:
+            return {}
+        order = sorted(feats)
+        values = self.head.scores(np.stack([feats[i] for i in order]))
+        return {i: float(v) for i, v in zip(order, values, strict=True)}
 
     def _advance(
         self,
@@ -335,6 +351,7 @@ class BatchGenerator:
         control: GenerationControl,
         still: list[_Seq],
         tm: Timings,
+        scoring: bool,
     ) -> Iterator[Event]:
         """Sample one token for `seq`, score a boundary, and decide whether it goes on."""
         if control.halted or seq.index in control.pruned:
@@ -351,7 +368,10 @@ class BatchGenerator:
             seq.reason = FinishReason.EOS
             return
         pos = seq.pos + 1
-        if seq.feature is not None and self.rule.is_step_boundary(seq.prev, tok):
+        boundary = seq.feature is not None and self.rule.is_step_boundary(seq.prev, tok)
+        if boundary and settings.keep_features:
+            seq.features_by_pos[seq.pos] = seq.feature.copy()  # a row of a [k, C] decode
+        if boundary and scoring:
             t0 = time.perf_counter()
             score = float(self.head.scores(seq.feature[None, :])[0])
             tm.score_s += time.perf_counter() - t0
@@ -396,10 +416,15 @@ class BatchGenerator:
         positions: list[int] = []
         steps: list[float] = []
         score: float | None = None
-        if scoring:
+        features: np.ndarray | None = None
+        if scoring or settings.keep_features:
             positions = self.rule.scored_positions(prompt + seq.tokens)
+        if scoring:
             steps = [seq.scores_by_pos[p] for p in positions]
             score = trajectory_score(steps)
+        if settings.keep_features:
+            rows = [seq.features_by_pos[p] for p in positions]
+            features = np.stack(rows) if rows else np.empty((0, self.model.n_embd), np.float32)
         n = len(seq.tokens)
         return Candidate(
             index=seq.index,
@@ -410,4 +435,5 @@ class BatchGenerator:
             score=score,
             finish_reason=seq.reason,
             mean_logprob=(seq.logprob_sum / n if n else 0.0) if settings.logprobs else None,
+            step_features=features,
         )

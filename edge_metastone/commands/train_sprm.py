@@ -1,0 +1,125 @@
+"""`edge-metastone train-sprm --model FILE.gguf --data PROBLEMS.jsonl -o OUT` (SPEC §3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the command."""
+    p = sub.add_parser(
+        "train-sprm",
+        help="train an SPRM head with the SPR loss from final-answer correctness (CPU)",
+        description=(
+            "Sample candidates per problem, label them by final-answer correctness, train the "
+            "head (SPEC §1's SPR loss), report, and write a model copy or, for OUT ending in "
+            ".sprm.gguf, a sidecar head. The input is never modified. Needs torch "
+            "(pip install 'edge-metastone[train]')."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, metavar="FILE.gguf")
+    p.add_argument("--data", type=Path, required=True, metavar="PROBLEMS.jsonl")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+    p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding a head")
+    p.add_argument("--samples", type=int, default=8, help="candidates per problem (default 8)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--val-split", type=float, default=0.2, help="fraction of problems held out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--warm-start", action="store_true", help="start from the model's (or --head's) head"
+    )
+    p.add_argument(
+        "--loss",
+        choices=["spr", "bce"],
+        default="spr",
+        help="spr: the paper's (default); bce: plain outcome BCE, a deviation for comparison",
+    )
+    p.add_argument("--cache", type=Path, default=None, help="sample cache (default OUT.samples/)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--gpu-layers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print the report."""
+    from edge_metastone.training.collect import CollectSettings
+    from edge_metastone.training.train import TrainSettings
+
+    try:
+        from edge_metastone.training.pipeline import train_sprm
+    except ImportError as e:
+        from edge_metastone.errors import EdgeMetastoneError
+
+        raise EdgeMetastoneError(
+            f"train-sprm needs torch ({e}); pip install 'edge-metastone[train]'"
+        ) from None
+    collect = CollectSettings(
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    train = TrainSettings(
+        loss=args.loss,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        val_split=args.val_split,
+        seed=args.seed,
+    )
+    result = train_sprm(
+        args.model,
+        args.data,
+        args.output,
+        collect_settings=collect,
+        train_settings=train,
+        warm_start=args.warm_start,
+        head_path=args.head,
+        cache_dir=args.cache,
+        n_threads=args.threads,
+        n_gpu_layers=args.gpu_layers,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_report(result))
+    return 0
+
+
+def _f(v: object) -> str:
+    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def format_report(result: dict) -> str:
+    """The report as a few human lines."""
+    v = result["validation"]
+    t = result["train"]
+    lines = [
+        f"wrote {result['output']} (report: {result['report_file']})",
+        f"train: {t['problems']} problems, {t['steps']} steps ({t['positive_steps']} positive), "
+        f"loss {t['loss']}, final {t['final_loss']:.4f}, sign filter kept "
+        f"{t['sign_filter_kept']:.2f}",
+        f"validation{' (= training set)' if result['validation_is_training_set'] else ''}: "
+        f"{v['problems']} problems x k={v['k']}, accuracy {_f(v['accuracy'])}, "
+        f"{v['truncated']} truncated",
+        f"  step AUC        pooled {_f(v['step_auc'])}   within problem {_f(v['step_auc_within'])}",
+        f"  trajectory AUC  pooled {_f(v['trajectory_auc'])}   within problem "
+        f"{_f(v['trajectory_auc_within'])}   ({v['problems_with_both_classes']} problems "
+        f"with both right and wrong candidates)",
+        f"  mean log-prob   within problem {_f(v['logprob_auc_within'])}",
+        "  best-of-k: " + ", ".join(f"{name} {_f(acc)}" for name, acc in v["best_of_k"].items()),
+    ]
+    return "\n".join(lines)

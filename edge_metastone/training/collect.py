@@ -1,0 +1,255 @@
+"""Sample k candidates per problem with the engine, keep each scored step's layer-(L-2) feature,
+label candidates by final-answer correctness, and cache it all on disk one problem at a time, so
+a killed run resumes where it stopped.
+
+Cache layout (DIR): `settings.json` (what the samples depend on; a mismatch is refused),
+one `<key>.npz` per problem (written atomically), and `journal.log` (one line per problem sampled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_metastone.answers import answers_equivalent, extract_answer
+from edge_metastone.engine.engine import Engine
+from edge_metastone.engine.generate import GenerationSettings
+from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 100_000
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One training problem: a prompt and its gold final answer."""
+
+    prompt: str
+    answer: str
+
+    @property
+    def key(self) -> str:
+        """Stable identity (prompt and answer), the cache file's name."""
+        return hashlib.sha1(f"{self.prompt}\0{self.answer}".encode()).hexdigest()[:16]
+
+
+def read_problems(path: Path | str) -> list[Problem]:
+    """`{"prompt", "answer"}` JSON lines; a bad line is an error naming it. Duplicates are dropped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise EdgeMetastoneError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise EdgeMetastoneError(f"{path}: not UTF-8 text") from None
+    out: list[Problem] = []
+    seen: set[str] = set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise InvalidRequestError(f"{path}:{n}: not a JSON object") from None
+        if not isinstance(rec, dict):
+            raise InvalidRequestError(f"{path}:{n}: not a JSON object")
+        prompt, answer = rec.get("prompt"), rec.get("answer")
+        if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError(f"{path}:{n}: 'prompt' must be a non-empty string")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise InvalidRequestError(f"{path}:{n}: 'answer' must be a string or a number")
+        p = Problem(prompt, str(answer))
+        if p.key not in seen:
+            seen.add(p.key)
+            out.append(p)
+    if not out:
+        raise InvalidRequestError(f"{path}: no problems")
+    return out
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """What the samples depend on (stored in the cache; a resumed run must match it)."""
+
+    samples: int = 8
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 2:
+            raise InvalidRequestError("samples per problem must be >= 2")
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class ProblemData:
+    """One problem's k candidates: step features (concatenated) and outcome labels."""
+
+    key: str
+    features: np.ndarray  # [sum(steps), C] float32
+    steps: np.ndarray  # [k] int: scored steps per candidate
+    correct: np.ndarray  # [k] bool (truncated candidates are wrong)
+    truncated: np.ndarray  # [k] bool
+    mean_logprob: np.ndarray  # [k] float
+    tokens: np.ndarray  # [k] int
+    answers: list[str]
+
+    def candidate_features(self) -> list[np.ndarray]:
+        """The features split per candidate."""
+        return np.split(self.features, np.cumsum(self.steps)[:-1])
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a killed writer leaves no half file."""
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz.partial", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(
+                f,
+                features=self.features,
+                steps=self.steps,
+                correct=self.correct,
+                truncated=self.truncated,
+                mean_logprob=self.mean_logprob,
+                tokens=self.tokens,
+                answers=np.array(self.answers, dtype=str),
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> ProblemData:
+        """Read one cache file (no pickles)."""
+        with np.load(path, allow_pickle=False) as z:
+            return cls(
+                key=path.stem,
+                features=z["features"],
+                steps=z["steps"],
+                correct=z["correct"],
+                truncated=z["truncated"],
+                mean_logprob=z["mean_logprob"],
+                tokens=z["tokens"],
+                answers=[str(a) for a in z["answers"]],
+            )
+
+
+def _problem_seed(seed: int, key: str) -> int:
+    return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def sample_problem(engine: Engine, problem: Problem, settings: CollectSettings) -> ProblemData:
+    """Generate `samples` candidates for one problem and label them."""
+    ids = engine.tokenize(engine.render([{"role": "user", "content": problem.prompt}]))
+    sampling = SamplingSettings(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=_problem_seed(settings.seed, problem.key),
+    )
+    gen = GenerationSettings(
+        max_new_tokens=settings.max_new_tokens,
+        keep_features=True,
+        logprobs=True,
+        score_steps=False,
+    )
+    cands = engine.generate_all(ids, settings.samples, sampling, gen)
+    answers = [extract_answer(c.text) for c in cands]
+    truncated = [c.truncated for c in cands]
+    correct = [
+        not t and answers_equivalent(a, problem.answer)
+        for a, t in zip(answers, truncated, strict=True)
+    ]
+    feats = [c.step_features for c in cands]
+    return ProblemData(
+        key=problem.key,
+        features=np.concatenate(feats).astype(np.float32, copy=False),
+        steps=np.array([len(f) for f in feats], dtype=np.int32),
+        correct=np.array(correct, dtype=bool),
+        truncated=np.array(truncated, dtype=bool),
+        mean_logprob=np.array([c.mean_logprob or 0.0 for c in cands], dtype=np.float64),
+        tokens=np.array([c.n_tokens for c in cands], dtype=np.int32),
+        answers=answers,
+    )
+
+
+class SampleCache:
+    """The on-disk cache of one collection (see the module docstring)."""
+
+    def __init__(self, root: Path | str, identity: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = self.root / "settings.json"
+        if meta.is_file():
+            try:
+                stored = json.loads(meta.read_text())
+            except ValueError:
+                stored = None
+            if stored != identity:
+                raise EdgeMetastoneError(
+                    f"{self.root} holds samples made with other settings or another model; "
+                    "pass a new --cache folder or delete that one"
+                )
+        else:
+            tmp = meta.with_suffix(".json.partial")
+            tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+            os.replace(tmp, meta)
+
+    def path(self, key: str) -> Path:
+        """Where one problem's samples live."""
+        return self.root / f"{key}.npz"
+
+    def has(self, key: str) -> bool:
+        """True when the problem was sampled (a complete file exists)."""
+        return self.path(key).is_file()
+
+    def put(self, data: ProblemData) -> None:
+        """Store one problem and note it in the journal."""
+        data.save(self.path(data.key))
+        with (self.root / "journal.log").open("a") as j:
+            j.write(data.key + "\n")
+
+    def get(self, key: str) -> ProblemData:
+        """Load one problem."""
+        return ProblemData.load(self.path(key))
+
+
+def model_identity(path: Path) -> dict[str, Any]:
+    """The model file as the cache knows it: name, size and a hash of its first and last MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha1()
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return {"name": path.name, "size": size, "sha1_ends": h.hexdigest()}
+
+
+def collect(
+    engine: Engine,
+    problems: Sequence[Problem],
+    settings: CollectSettings,
+    cache: SampleCache,
+) -> Iterator[tuple[Problem, ProblemData, bool]]:
+    """Yield (problem, its data, freshly sampled?) in input order, sampling only what is missing."""
+    for p in problems:
+        if cache.has(p.key):
+            yield p, cache.get(p.key), False
+            continue
+        data = sample_problem(engine, p, settings)
+        cache.put(data)
+        yield p, data, True
+
+
+def identity(model_path: Path, settings: CollectSettings, feature_layer: int) -> dict[str, Any]:
+    """The cache's settings.json content."""
+    return {"model": model_identity(model_path), "feature_layer": feature_layer, **asdict(settings)}

@@ -1,0 +1,149 @@
+"""`train-sprm` end to end: collect (resumable) -> split by problem -> train -> report -> write.
+
+The input model file is only read. The head goes into a copy of the model (metadata, SPEC §2) or,
+when the output name ends in `.sprm.gguf`, into a sidecar head file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from edge_metastone import keys
+from edge_metastone.engine.engine import Engine
+from edge_metastone.errors import EdgeMetastoneError
+from edge_metastone.modelfile import (
+    SIDECAR_SUFFIX,
+    open_model_file,
+    provenance,
+    write_head_sidecar,
+    write_model_copy,
+)
+from edge_metastone.sprm import SprmHead
+from edge_metastone.training.collect import (
+    CollectSettings,
+    SampleCache,
+    collect,
+    identity,
+    read_problems,
+)
+from edge_metastone.training.train import TrainSettings, report, split, train_head, training_steps
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache(out_path: Path) -> Path:
+    """Where samples are cached unless told: beside the output, `OUT.samples/`."""
+    return out_path.with_name(out_path.name + ".samples")
+
+
+def train_sprm(
+    model_path: Path | str,
+    data_path: Path | str,
+    out_path: Path | str,
+    *,
+    collect_settings: CollectSettings,
+    train_settings: TrainSettings,
+    warm_start: bool = False,
+    head_path: Path | str | None = None,
+    cache_dir: Path | str | None = None,
+    n_threads: int = 0,
+    n_gpu_layers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Collect, train, report and write; returns the report (also written as OUT.report.json)."""
+    model_path, out_path = Path(model_path), Path(out_path)
+    if out_path.resolve() == model_path.resolve() or (
+        head_path is not None and out_path.resolve() == Path(head_path).resolve()
+    ):
+        raise EdgeMetastoneError(f"{out_path}: the output must not be an input file")
+    problems = read_problems(data_path)
+    mf = open_model_file(model_path, head_path)
+    init: SprmHead | None = mf.head if warm_start else None
+    if warm_start and init is None:
+        raise EdgeMetastoneError(f"{model_path} has no SPRM head to warm-start from")
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache(out_path)
+    data = []
+    with Engine(
+        model_path, head_path=head_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers
+    ) as engine:
+        cache = SampleCache(cache_root, identity(mf.path, collect_settings, engine.feature_layer))
+        rule, feature_layer = engine.rule, engine.feature_layer
+        if not rule.step_token_ids:
+            raise EdgeMetastoneError(f"{model_path}: cannot find the step delimiter's token ids")
+        data = _collect_with_progress(engine, problems, collect_settings, cache, progress)
+    train_keys, val_keys = split(
+        [d.key for d in data], train_settings.val_split, train_settings.seed
+    )
+    train_data = [d for d in data if d.key in train_keys]
+    val_data = [d for d in data if d.key in val_keys] or train_data
+    x, y = training_steps(train_data)
+    head, log = train_head(x, y, train_settings, feature_layer=feature_layer, init=init)
+    result: dict[str, Any] = {
+        "model": str(model_path),
+        "output": str(out_path),
+        "collect": asdict(collect_settings),
+        "train": {
+            **{
+                k: (v.value if hasattr(v, "value") else v)
+                for k, v in asdict(train_settings).items()
+            },
+            "warm_start": warm_start,
+            "problems": len(train_data),
+            "steps": len(y),
+            "positive_steps": int(y.sum()),
+            "final_loss": log.losses[-1],
+            "sign_filter_kept": log.kept_fraction[-1],
+        },
+        "validation_is_training_set": not val_keys,
+        "validation": report(val_data, head),
+    }
+    if init is not None:
+        result["validation_before"] = report(val_data, init)
+    head_facts = {
+        "trained_with": train_settings.loss.value,
+        "script": "edge-metastone train-sprm",
+        "data": Path(data_path).name,
+        "problems": len(data),
+        "samples": collect_settings.samples,
+        "temperature": collect_settings.temperature,
+        "seed": train_settings.seed,
+        "epochs": train_settings.epochs,
+        "date": datetime.date.today().isoformat(),
+    }
+    prov = provenance(model_path)
+    prov["sprm"] = head_facts
+    extra = {
+        keys.SPRM_TRAINED_WITH: train_settings.loss.value,
+        keys.PROVENANCE: json.dumps(prov, sort_keys=True),
+    }
+    if out_path.name.endswith(SIDECAR_SUFFIX):
+        write_head_sidecar(out_path, head, rule, arch=mf.arch, extra=extra)
+    else:
+        write_model_copy(model_path, out_path, head=head, rule=rule, extra=extra)
+    report_path = out_path.with_name(out_path.name + ".report.json")
+    report_path.write_text(json.dumps(result, indent=2) + "\n")
+    result["report_file"] = str(report_path)
+    return result
+
+
+def _collect_with_progress(engine, problems, settings, cache, progress: bool) -> list:
+    from tqdm import tqdm
+
+    data = []
+    right = total = 0
+    bar = tqdm(total=len(problems), unit="problem", disable=not progress, desc="sampling")
+    with bar:
+        for _p, d, fresh in collect(engine, problems, settings, cache):
+            data.append(d)
+            right += int(d.correct.sum())
+            total += len(d.correct)
+            bar.set_postfix(acc=f"{right / total:.3f}", refresh=False)
+            bar.update(1)
+            if not fresh:
+                bar.set_description("sampling (resumed)", refresh=False)
+    return data

@@ -1,0 +1,176 @@
+"""Train an SPRM head on collected samples (torch, CPU) and report how it chooses.
+
+The head is SPEC §1's `Linear(C, 2C) -> ReLU -> Dropout(0.5) -> Linear(2C, 1)`. Training sees
+the steps of the training split's untruncated candidates, each labelled with its candidate's
+final-answer correctness (SPEC §1: truncated candidates are left out of the loss; in the report they
+count as wrong). The report scores the validation split with the runtime's own head math.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_metastone.errors import InvalidRequestError
+from edge_metastone.sprm import SprmHead, trajectory_score
+from edge_metastone.training.collect import ProblemData
+from edge_metastone.training.loss import LOSSES, Loss
+from edge_metastone.training.metrics import ProblemSamples, auc_report, selection_report
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The head's optimisation."""
+
+    loss: Loss = Loss.SPR
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    val_split: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "loss", Loss(self.loss))
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InvalidRequestError("epochs and batch size must be >= 1")
+        if not self.lr > 0:
+            raise InvalidRequestError("the learning rate must be > 0")
+        if not 0 <= self.val_split < 1:
+            raise InvalidRequestError("the validation split must be in [0, 1)")
+
+
+def split(keys: Sequence[str], val_split: float, seed: int) -> tuple[set[str], set[str]]:
+    """(train, validation) problem keys: a seeded shuffle, at least one problem in each when
+    val_split > 0 and there are two or more problems."""
+    order = sorted(keys)
+    random.Random(seed).shuffle(order)
+    n_val = round(len(order) * val_split)
+    if val_split > 0 and len(order) >= 2:
+        n_val = min(max(n_val, 1), len(order) - 1)
+    return set(order[n_val:]), set(order[:n_val])
+
+
+def training_steps(data: Sequence[ProblemData]) -> tuple[np.ndarray, np.ndarray]:
+    """Features [N, C] and labels [N] of every step of every untruncated candidate."""
+    xs, ys = [], []
+    for d in data:
+        for feats, ok, cut in zip(d.candidate_features(), d.correct, d.truncated, strict=True):
+            if cut or len(feats) == 0:
+                continue
+            xs.append(feats)
+            ys.append(np.full(len(feats), 1.0 if ok else 0.0, dtype=np.float32))
+    if not xs:
+        return np.empty((0, 0), np.float32), np.empty(0, np.float32)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def head_arrays(head) -> tuple[np.ndarray, ...]:
+    """(fc1.weight, fc1.bias, fc2.weight [2C], fc2.bias [1]) of a torch head, float32."""
+    sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in head.state_dict().items()}
+    return sd["0.weight"], sd["0.bias"], sd["3.weight"].reshape(-1), sd["3.bias"].reshape(1)
+
+
+@dataclass
+class TrainLog:
+    """Loss per epoch and how many steps the sign filter kept."""
+
+    losses: list[float] = field(default_factory=list)
+    kept_fraction: list[float] = field(default_factory=list)
+
+
+def train_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: TrainSettings,
+    *,
+    feature_layer: int,
+    init: SprmHead | None = None,
+) -> tuple[SprmHead, TrainLog]:
+    """Fit the head on steps (x, y) with the chosen loss; `init` warm-starts it."""
+    import torch
+    from torch import nn
+
+    if len(x) == 0:
+        raise InvalidRequestError("no training steps: no untruncated candidate had a scored step")
+    torch.manual_seed(settings.seed)
+    c = x.shape[1]
+    head = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Dropout(0.5), nn.Linear(2 * c, 1))
+    if init is not None:
+        with torch.no_grad():
+            head[0].weight.copy_(torch.from_numpy(init.fc1_weight.astype(np.float32)))
+            head[0].bias.copy_(torch.from_numpy(init.fc1_bias.astype(np.float32)))
+            head[3].weight.copy_(torch.from_numpy(init.fc2_weight.astype(np.float32))[None, :])
+            head[3].bias.copy_(torch.from_numpy(init.fc2_bias.astype(np.float32)))
+    loss_fn = LOSSES[settings.loss]
+    opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(settings.seed)
+    log = TrainLog()
+    head.train()
+    for _ in range(settings.epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        total, kept, seen = 0.0, 0, 0
+        for start in range(0, len(xt), settings.batch_size):
+            idx = perm[start : start + settings.batch_size]
+            logits = head(xt[idx])[:, 0]
+            loss = loss_fn(logits, yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            with torch.no_grad():
+                kept += int(
+                    (((logits > 0) & (yt[idx] == 1)) | ((logits < 0) & (yt[idx] == 0))).sum()
+                )
+            seen += len(idx)
+        log.losses.append(total / seen)
+        log.kept_fraction.append(kept / seen)
+    head.eval()
+    w1, b1, w2, b2 = head_arrays(head)
+    return SprmHead(w1, b1, w2, b2, feature_layer=feature_layer, dtype="f32"), log
+
+
+def samples_for(data: Sequence[ProblemData], head: SprmHead | None) -> list[ProblemSamples]:
+    """The report's view of problems, scored by `head` with the runtime's own head math."""
+    out = []
+    for d in data:
+        per_cand = d.candidate_features()
+        step_scores = [
+            [float(s) for s in head.scores(f)] if head is not None and len(f) else []
+            for f in per_cand
+        ]
+        out.append(
+            ProblemSamples(
+                answers=list(d.answers),
+                correct=[bool(c) for c in d.correct],
+                score=[trajectory_score(s) for s in step_scores],
+                mean_logprob=[float(v) for v in d.mean_logprob],
+                step_scores=step_scores,
+            )
+        )
+    return out
+
+
+def report(data: Sequence[ProblemData], head: SprmHead | None) -> dict[str, object]:
+    """AUCs and best-of-k accuracies of `head` on `data` (one problem = one group of k)."""
+    samples = samples_for(data, head)
+    k = len(data[0].correct) if data else 0
+    return {
+        "problems": len(data),
+        "k": k,
+        "candidates": int(sum(len(d.correct) for d in data)),
+        "truncated": int(sum(int(d.truncated.sum()) for d in data)),
+        "accuracy": float(np.mean([c for d in data for c in d.correct])) if data else None,
+        **auc_report(samples),
+        "best_of_k": selection_report(samples),
+    }
