@@ -47,11 +47,11 @@ def extract_answer(text: str) -> str:
     return tail.strip()[:MAX_ANSWER_CHARS].strip()
 
 
-def _timeouts() -> dict[str, Any]:
-    # math-verify times out through SIGALRM, which only the main thread may use.
-    if threading.current_thread() is threading.main_thread():
-        return {}
-    return {"parsing_timeout": None}
+CHECK_TIMEOUT_S = 5.0  # one answer check (or one vote's grouping) off the main thread
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,38 +60,101 @@ def _parsed(answer: str) -> Any:
 
     # math-verify looks for LaTeX/expressions; wrap bare answers so "1/2" and "\\frac12" both parse
     text = answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
-    return parse(text, **_timeouts())
+    return parse(text)
 
 
-def answers_equivalent(a: str, b: str) -> bool:
-    """True when two extracted answers are mathematically equal (math-verify), or equal as text."""
-    if a.strip() == b.strip():
-        return True
-    if not a.strip() or not b.strip():
-        return False
+def _equivalent_here(a: str, b: str) -> bool:
+    """math-verify in this process; its own SIGALRM time limits hold in the main thread only."""
     from math_verify import verify
 
     pa, pb = _parsed(a), _parsed(b)
     if not pa or not pb:
         return False
-    kwargs = {} if not _timeouts() else {"timeout_seconds": None}
     try:
-        return bool(verify(pa, pb, **kwargs))
+        return bool(verify(pa, pb))
     except Exception as e:  # math-verify can raise on exotic expressions; treat as not equal
         logger.debug("math-verify failed on %r vs %r: %s", a, b, e)
         return False
 
 
-def group_answers(answers: list[str]) -> list[int]:
-    """Equivalence-class label per answer (label = index of the class's first member)."""
+def _group_here(answers: list[str]) -> list[int]:
     labels: list[int] = []
     reps: list[int] = []
     for i, ans in enumerate(answers):
         for r in reps:
-            if answers_equivalent(answers[r], ans):
+            if _trivially(answers[r], ans) or (
+                _trivially(answers[r], ans) is None and _equivalent_here(answers[r], ans)
+            ):
                 labels.append(r)
                 break
         else:
             reps.append(i)
             labels.append(i)
+    return labels
+
+
+def _trivially(a: str, b: str) -> bool | None:
+    """Equal as text (True), one empty (False), or undecided (None)."""
+    if a.strip() == b.strip():
+        return True
+    if not a.strip() or not b.strip():
+        return False
+    return None
+
+
+class _Checker:
+    """A one-process pool that runs math-verify with a hard time limit for threads other than
+    the main one (a server's, a stream's): a pathological answer costs at most CHECK_TIMEOUT_S,
+    then the worker is killed and the check falls back to comparing text."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = None
+
+    def run(self, fn, *args):
+        import concurrent.futures as cf
+        import multiprocessing
+
+        with self._lock:
+            if self._pool is None:
+                ctx = multiprocessing.get_context("spawn")
+                self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+            pool = self._pool
+            try:
+                return pool.submit(fn, *args).result(timeout=CHECK_TIMEOUT_S)
+            except (cf.TimeoutError, cf.process.BrokenProcessPool) as e:
+                logger.warning("answer check stopped after %.0f s (%s)", CHECK_TIMEOUT_S, e)
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                return None
+
+
+_checker = _Checker()
+
+
+def answers_equivalent(a: str, b: str) -> bool:
+    """True when two extracted answers are mathematically equal (math-verify), or equal as text.
+    Bounded in time in every thread."""
+    quick = _trivially(a, b)
+    if quick is not None:
+        return quick
+    if _in_main_thread():
+        return _equivalent_here(a, b)
+    result = _checker.run(_equivalent_here, a, b)
+    return bool(result)
+
+
+def group_answers(answers: list[str]) -> list[int]:
+    """Equivalence-class label per answer (label = index of the class's first member); bounded
+    in time in every thread (off the main thread: one checked call for the whole vote, falling
+    back to grouping equal texts)."""
+    answers = list(answers)
+    if _in_main_thread() or all(_trivially(a, b) is not None for a in answers for b in answers):
+        return _group_here(answers)
+    labels = _checker.run(_group_here, answers)
+    if labels is None:
+        first: dict[str, int] = {}
+        return [first.setdefault(a.strip(), i) for i, a in enumerate(answers)]
     return labels

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_metastone.errors import InvalidRequestError
@@ -19,6 +22,11 @@ DEFAULT_TEMPLATE = (
 )
 
 
+MAX_TEMPLATE_OUTPUT = 4 << 20  # characters a render may produce
+MAX_TEMPLATE_STEPS = 2_000_000  # range() elements, calls and lookups per render
+MAX_TEMPLATE_SECONDS = 2.0
+
+
 def _raise(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -27,17 +35,88 @@ def _strftime_now(fmt: str) -> str:
     return _dt.datetime.now().strftime(fmt)
 
 
+class _Budget:
+    """The work one render may do: steps and wall time, checked at every call and lookup."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+
+    def spend(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > MAX_TEMPLATE_STEPS:
+            raise SecurityError("the template does too much work")
+        if self.steps % 1024 == 0 and time.monotonic() > self.deadline:
+            raise SecurityError(f"the template took longer than {MAX_TEMPLATE_SECONDS} s")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox plus bounds on work, time and the size of what `*`, `**` and
+    `+` can build (templates come from model files: untrusted)."""
+
+    intercepted_binops = frozenset(["*", "**", "+"])
+    budget = threading.local()
+
+    def _spend(self, n: int = 1) -> None:
+        b = getattr(self.budget, "current", None)
+        if b is not None:
+            b.spend(n)
+
+    def call(__self, __context, __obj, *args, **kwargs):
+        __self._spend()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        self._spend()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self._spend()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):
+        self._spend()
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise SecurityError("the template raises a number to too large a power")
+        if _result_size(operator, left, right) > MAX_TEMPLATE_OUTPUT:
+            raise SecurityError("the template builds too large a value")
+        return super().call_binop(context, operator, left, right)
+
+
+def _result_size(operator: str, left: object, right: object) -> float:
+    """Length of what `left operator right` would build, for sequences (0 otherwise)."""
+    seqs = (str, list, tuple)
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, seqs) and isinstance(n, (int, float)):
+                return len(seq) * max(n, 0)
+    if operator == "+" and isinstance(left, seqs) and isinstance(right, seqs):
+        return len(left) + len(right)
+    return 0
+
+
+def _bounded_range(env: _BoundedSandbox):
+    def bounded_range(*args: int) -> range:
+        r = range(*args)
+        env._spend(len(r))
+        return r
+
+    return bounded_range
+
+
 class ChatTemplate:
-    """A compiled chat template, rendered in jinja2's immutable sandbox."""
+    """A compiled chat template, rendered in a bounded jinja2 sandbox."""
 
     def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
+        env.globals["range"] = _bounded_range(env)
+        self._env = env
         self.source = source or DEFAULT_TEMPLATE
         try:
             self._template = env.from_string(self.source)
-        except jinja2.exceptions.TemplateError as e:
+        except (jinja2.exceptions.TemplateError, RecursionError, MemoryError) as e:
             raise InvalidRequestError(f"the model's chat template does not compile: {e}") from None
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
 
@@ -48,13 +127,31 @@ class ChatTemplate:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidRequestError("each message needs a string 'role' and 'content'")
+        self._env.budget.current = _Budget()
+        out: list[str] = []
+        size = 0
         try:
-            return self._template.render(
+            for chunk in self._template.generate(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
                 **self._special,
-            )
-        except jinja2.exceptions.SecurityError as e:
-            raise InvalidRequestError(f"the chat template tried an unsafe operation: {e}") from None
+            ):
+                size += len(chunk)
+                if size > MAX_TEMPLATE_OUTPUT:
+                    raise SecurityError("the template's output is too large")
+                out.append(chunk)
+        except SecurityError as e:
+            raise InvalidRequestError(f"the chat template was stopped: {e}") from None
         except jinja2.exceptions.TemplateError as e:
             raise InvalidRequestError(f"the chat template failed: {e}") from None
+        except RecursionError:
+            raise InvalidRequestError("the chat template recursed too deeply") from None
+        except MemoryError:
+            raise InvalidRequestError("the chat template ran out of memory") from None
+        except Exception as e:  # any other failure of untrusted template code: one clear error
+            raise InvalidRequestError(
+                f"the chat template failed: {type(e).__name__}: {e}"
+            ) from None
+        finally:
+            self._env.budget.current = None
+        return "".join(out)

@@ -31,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose < 2:
+    if args.verbose == 0:  # llama.cpp's own messages only with -v: errors are our one line
+        logging.getLogger("llama_cpp.native").setLevel(logging.CRITICAL)
+    elif args.verbose == 1:
         logging.getLogger("llama_cpp.native").setLevel(logging.ERROR)
     try:
         return int(args.run(args) or 0)

@@ -95,61 +95,133 @@ def read_gguf(path: Path) -> gguf.GGUFReader:
     return reader
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    f = reader.get_field(key)
-    if f is None:
-        return None
-    if (
-        f.types
-        and f.types[0] is gguf.GGUFValueType.ARRAY
-        and f.types[-1] is not gguf.GGUFValueType.STRING
-    ):
-        return f.parts[f.data[0]] if len(f.data) == 1 else np.array(f.contents())
-    return f.contents()
+_V = gguf.GGUFValueType
+_INT_TYPES = {_V.UINT8, _V.INT8, _V.UINT16, _V.INT16, _V.UINT32, _V.INT32, _V.UINT64, _V.INT64}
+_FLOAT_TYPES = {_V.FLOAT32, _V.FLOAT64}
+_MAX_DIM = 1 << 20
+# rope scaling types llama.cpp knows (src/llama-hparams / LLAMA_ROPE_SCALING_TYPES); others abort
+_ROPE_SCALING = ("none", "linear", "yarn")
 
 
-def _int_or(reader: gguf.GGUFReader, key: str, default: int) -> int:
-    v = _field(reader, key)
-    return default if v is None else int(v)
+class _Meta:
+    """Typed, validated reads of one file's metadata: every wrong type, count, range or encoding is
+    a `BadModelFileError` naming the key (never a TypeError from deep inside)."""
 
+    def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
+        self.reader, self.path = reader, path
 
-def _require(reader: gguf.GGUFReader, key: str, path: Path) -> Any:
-    v = _field(reader, key)
-    if v is None:
-        raise BadModelFileError(f"{path}: missing metadata key {key}")
-    return v
+    def bad(self, key: str, why: str) -> BadModelFileError:
+        return BadModelFileError(f"{self.path}: metadata {key} {why}")
+
+    def has(self, key: str) -> bool:
+        return self.reader.get_field(key) is not None
+
+    def _get(self, key: str, required: bool) -> gguf.ReaderField | None:
+        f = self.reader.get_field(key)
+        if f is None and required:
+            raise BadModelFileError(f"{self.path}: missing metadata key {key}")
+        return f
+
+    def int(
+        self, key: str, default: int | None = None, *, lo: int | None = None, hi: int | None = None
+    ) -> int:
+        f = self._get(key, default is None)
+        if f is None:
+            return default  # type: ignore[return-value]
+        if len(f.types) != 1 or f.types[0] not in _INT_TYPES:
+            raise self.bad(key, "must be an integer")
+        v = int(f.parts[f.data[0]][0])
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise self.bad(key, f"is {v}, outside {lo}..{hi}")
+        return v
+
+    def float(self, key: str, default: float | None = None, *, positive: bool = True) -> float:
+        f = self._get(key, default is None)
+        if f is None:
+            return default  # type: ignore[return-value]
+        if len(f.types) != 1 or f.types[0] not in _FLOAT_TYPES | _INT_TYPES:
+            raise self.bad(key, "must be a number")
+        v = float(f.parts[f.data[0]][0])
+        if not np.isfinite(v) or (positive and v <= 0):
+            raise self.bad(key, f"is {v}, not a finite{' positive' if positive else ''} number")
+        return v
+
+    def str(self, key: str, default: str | None = None) -> str:
+        f = self._get(key, default is None)
+        if f is None:
+            return default  # type: ignore[return-value]
+        if f.types != [_V.STRING]:
+            raise self.bad(key, "must be a string")
+        try:
+            return bytes(f.parts[f.data[0]]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.bad(key, "is not valid UTF-8") from None
+
+    def array(self, key: str, kinds: set[gguf.GGUFValueType]) -> np.ndarray | None:
+        """A numeric array of one of `kinds`, as one numpy view; None when absent."""
+        f = self._get(key, False)
+        if f is None:
+            return None
+        if len(f.types) != 2 or f.types[0] is not _V.ARRAY or f.types[1] not in kinds:
+            raise self.bad(key, f"must be an array of {'/'.join(k.name for k in kinds)}")
+        return np.asarray(f.parts[f.data[0]]) if f.data else np.empty(0)
+
+    def strings(self, key: str) -> list[bytes] | None:
+        f = self._get(key, False)
+        if f is None:
+            return None
+        if f.types != [_V.ARRAY, _V.STRING]:
+            raise self.bad(key, "must be an array of strings")
+        return [bytes(f.parts[i]) for i in f.data]
 
 
 def read_head(reader: gguf.GGUFReader, path: Path) -> SprmHead | None:
     """The SPRM head stored in `reader`'s metadata, or None when it has none."""
-    if reader.get_field(keys.SPRM_VERSION) is None:
+    m = _Meta(reader, path)
+    if not m.has(keys.SPRM_VERSION):
         return None
-    version = int(_require(reader, keys.SPRM_VERSION, path))
+    version = m.int(keys.SPRM_VERSION)
     if version != keys.SPRM_FORMAT_VERSION:
         raise BadModelFileError(f"{path}: SPRM head version {version} is not supported")
-    dtype = str(_require(reader, keys.SPRM_DTYPE, path))
-    c = int(_require(reader, keys.SPRM_HIDDEN_SIZE, path))
-    inner = int(_require(reader, keys.SPRM_INNER_SIZE, path))
+    dtype = m.str(keys.SPRM_DTYPE)
+    if dtype not in ("f32", "f16"):
+        raise BadModelFileError(f"{path}: SPRM head dtype {dtype!r} is not f32 or f16")
+    c = m.int(keys.SPRM_HIDDEN_SIZE, lo=1, hi=1 << 16)
+    inner = m.int(keys.SPRM_INNER_SIZE, lo=1, hi=1 << 17)
+    if inner != 2 * c:
+        raise BadModelFileError(f"{path}: SPRM inner size {inner} is not 2 x hidden size {c}")
+    kind = _V.UINT16 if dtype == "f16" else _V.FLOAT32
     arrays = []
     for key, shape in zip(keys.SPRM_ARRAYS, ((inner, c), (inner,), (inner,), (1,)), strict=True):
-        raw = np.asarray(_require(reader, key, path))
-        if dtype == "f16":
-            raw = raw.astype(np.uint16, copy=False).view(np.float16)
-        elif dtype != "f32":
-            raise BadModelFileError(f"{path}: SPRM head dtype {dtype!r} is not f32 or f16")
+        raw = m.array(key, {kind})
+        if raw is None:
+            raise BadModelFileError(f"{path}: missing metadata key {key}")
         if raw.size != int(np.prod(shape)):
             raise BadModelFileError(
                 f"{path}: {key} has {raw.size} values, expected {int(np.prod(shape))}"
             )
-        arrays.append(raw.reshape(shape))
+        values = raw.view(np.float16) if dtype == "f16" else raw
+        if not np.isfinite(values).all():
+            raise BadModelFileError(f"{path}: {key} holds non-finite values")
+        arrays.append(values.astype(np.float32).reshape(shape))  # widened once, at load
     return SprmHead(
         fc1_weight=arrays[0],
         fc1_bias=arrays[1],
         fc2_weight=arrays[2],
         fc2_bias=arrays[3],
-        feature_layer=int(_require(reader, keys.SPRM_FEATURE_LAYER, path)),
+        feature_layer=m.int(keys.SPRM_FEATURE_LAYER, lo=0, hi=4096),
         dtype=dtype,
     )
+
+
+def _step_facts(m: _Meta, n_vocab: int) -> tuple[tuple[int, ...], int, int]:
+    ids = m.array(keys.STEP_TOKEN_IDS, _INT_TYPES)
+    step = tuple(int(x) for x in ids) if ids is not None else ()
+    if any(not 0 <= t < n_vocab for t in step):
+        raise m.bad(keys.STEP_TOKEN_IDS, f"holds ids outside the vocabulary of {n_vocab}")
+    start = m.int(keys.THINK_START_ID, -1, lo=-1, hi=n_vocab - 1)
+    end = m.int(keys.THINK_END_ID, -1, lo=-1, hi=n_vocab - 1)
+    return step, start, end
 
 
 @dataclass(frozen=True)
@@ -197,33 +269,63 @@ def sidecar_path(model_path: Path) -> Path:
 
 
 def open_model_file(path: Path | str, head_path: Path | str | None = None) -> ModelFile:
-    """Validate `path` and read its facts; the head comes from its metadata, `head_path`, or the sidecar."""
+    """Validate `path` and read its facts; the head comes from its metadata, `head_path`, or the
+    sidecar. Anything llama.cpp would abort on (rather than refuse) is refused here first."""
     path = Path(path)
     reader = read_gguf(path)
-    arch = str(_require(reader, "general.architecture", path))
+    try:
+        return _open(path, reader, head_path)
+    except BadModelFileError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
+        raise BadModelFileError(f"{path}: malformed metadata ({type(e).__name__}: {e})") from None
+
+
+def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> ModelFile:
+    m = _Meta(reader, path)
+    arch = m.str(gguf.Keys.General.ARCHITECTURE)
     if arch not in SUPPORTED_ARCHS:
         raise BadModelFileError(
             f"{path}: architecture {arch!r} is not supported (expected {', '.join(SUPPORTED_ARCHS)})"
         )
     if not reader.tensors:
         raise BadModelFileError(f"{path}: the file has no tensors (a head-only sidecar?)")
+    llm = gguf.Keys.LLM
+    att = gguf.Keys.Attention
 
-    def hp(key: str) -> int:
-        return int(_require(reader, key.format(arch=arch), path))
+    def hp(key: str, hi: int = _MAX_DIM) -> int:
+        return m.int(key.format(arch=arch), lo=1, hi=hi)
 
-    head, head_source, facts_reader = read_head(reader, path), path, reader
+    n_embd, n_layers = hp(llm.EMBEDDING_LENGTH, 1 << 16), hp(llm.BLOCK_COUNT, 4096)
+    n_head, n_head_kv = hp(att.HEAD_COUNT, 4096), hp(att.HEAD_COUNT_KV, 4096)
+    if n_embd % n_head or n_head % n_head_kv:
+        raise BadModelFileError(
+            f"{path}: {n_head} heads / {n_head_kv} KV heads do not divide hidden size {n_embd}"
+        )
+    m.float(att.LAYERNORM_RMS_EPS.format(arch=arch))
+    m.float(gguf.Keys.Rope.FREQ_BASE.format(arch=arch), 10000.0)
+    rope_type = m.str(gguf.Keys.Rope.SCALING_TYPE.format(arch=arch), "none")
+    if rope_type not in _ROPE_SCALING:
+        raise BadModelFileError(f"{path}: rope scaling type {rope_type!r} is not supported")
+    m.float(gguf.Keys.Rope.SCALING_FACTOR.format(arch=arch), 1.0)
+    n_vocab = _check_vocabulary(m)
+    _check_tensors(path, reader)
+
+    head, head_source, facts = read_head(reader, path), path, m
     if head_path is None and head is None and sidecar_path(path).is_file():
         head_path = sidecar_path(path)
     if head_path is not None:
         head_path = Path(head_path)
         side = read_gguf(head_path)
-        head, head_source, facts_reader = read_head(side, head_path), head_path, side
+        try:
+            head, head_source, facts = read_head(side, head_path), head_path, _Meta(side, head_path)
+        except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError) as e:
+            raise BadModelFileError(f"{head_path}: malformed metadata ({e})") from None
         if head is None:
             raise BadModelFileError(f"{head_path}: no SPRM head in this file")
     if head is None:
         head_source = None
-
-    n_embd, n_layers = hp(gguf.Keys.LLM.EMBEDDING_LENGTH), hp(gguf.Keys.LLM.BLOCK_COUNT)
+    step_ids, think_start, think_end = _step_facts(facts, n_vocab)
     if head is not None:
         if head.hidden_size != n_embd:
             raise BadModelFileError(
@@ -233,52 +335,82 @@ def open_model_file(path: Path | str, head_path: Path | str | None = None) -> Mo
             raise BadModelFileError(
                 f"{head_source}: SPRM feature layer {head.feature_layer} outside 0..{n_layers - 1}"
             )
-    step_ids = _field(facts_reader, keys.STEP_TOKEN_IDS)
-    tokens = reader.get_field(gguf.Keys.Tokenizer.LIST)
-    n_vocab = len(tokens.data) if tokens is not None else 0
-    ftype = _field(reader, gguf.Keys.General.FILE_TYPE)
+        if not step_ids:
+            raise BadModelFileError(
+                f"{head_source}: an SPRM head without {keys.STEP_TOKEN_IDS}: no step could be scored"
+            )
+    tokens = m.strings(gguf.Keys.Tokenizer.LIST) or []
 
     def token_text(key: str) -> str:
-        tid = _field(reader, key)
-        return (
-            tokens.contents(int(tid))
-            if tokens is not None and tid is not None and int(tid) < n_vocab
-            else ""
-        )
+        tid = m.int(key, -1, lo=-1)
+        return tokens[tid].decode("utf-8", "replace") if 0 <= tid < n_vocab else ""
 
-    template = _field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+    template = m.str(gguf.Keys.Tokenizer.CHAT_TEMPLATE, "") or None
+    strategy = m.str(keys.DEFAULT_STRATEGY, "") if _is_string(m, keys.DEFAULT_STRATEGY) else ""
     return ModelFile(
         path=path,
         arch=arch,
-        name=str(_field(reader, gguf.Keys.General.NAME) or path.stem),
+        name=m.str(gguf.Keys.General.NAME, "") or path.stem,
         n_layers=n_layers,
         n_embd=n_embd,
-        n_ff=hp(gguf.Keys.LLM.FEED_FORWARD_LENGTH),
-        n_head=hp(gguf.Keys.Attention.HEAD_COUNT),
-        n_head_kv=hp(gguf.Keys.Attention.HEAD_COUNT_KV),
+        n_ff=hp(llm.FEED_FORWARD_LENGTH),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
         n_vocab=n_vocab,
-        context_length=hp(gguf.Keys.LLM.CONTEXT_LENGTH),
-        file_type=-1 if ftype is None else int(ftype),
+        context_length=hp(llm.CONTEXT_LENGTH, 1 << 24),
+        file_type=m.int(gguf.Keys.General.FILE_TYPE, -1),
         n_params=sum(int(t.n_elements) for t in reader.tensors),
         n_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         tensor_types=dict(Counter(t.tensor_type.name for t in reader.tensors)),
         head=head,
         head_source=head_source,
-        step_token_ids=tuple(int(x) for x in (step_ids if step_ids is not None else ())),
-        think_start_id=_int_or(facts_reader, keys.THINK_START_ID, -1),
-        think_end_id=_int_or(facts_reader, keys.THINK_END_ID, -1),
-        chat_template=str(template) if template is not None else None,
+        step_token_ids=step_ids,
+        think_start_id=think_start,
+        think_end_id=think_end,
+        chat_template=template,
         bos_token=token_text(gguf.Keys.Tokenizer.BOS_ID),
         eos_token=token_text(gguf.Keys.Tokenizer.EOS_ID),
-        default_strategy=_string_or_none(reader, keys.DEFAULT_STRATEGY),
+        default_strategy=strategy or None,
     )
 
 
-def _string_or_none(reader: gguf.GGUFReader, key: str) -> str | None:
-    f = reader.get_field(key)
-    if f is None or f.types != [gguf.GGUFValueType.STRING]:
-        return None
-    return str(f.contents())
+def _is_string(m: _Meta, key: str) -> bool:
+    f = m.reader.get_field(key)
+    return f is not None and f.types == [_V.STRING]
+
+
+def _check_vocabulary(m: _Meta) -> int:
+    """A BPE vocabulary llama.cpp's qwen2 loader accepts; returns its size."""
+    tk = gguf.Keys.Tokenizer
+    model = m.str(tk.MODEL)
+    if model != "gpt2":
+        raise m.bad(tk.MODEL, f"is {model!r}; a qwen2 model uses the BPE tokenizer 'gpt2'")
+    tokens = m.strings(tk.LIST)
+    if not tokens:
+        raise BadModelFileError(f"{m.path}: the file has no vocabulary ({tk.LIST})")
+    n = len(tokens)
+    if len(set(tokens)) != n:
+        raise m.bad(tk.LIST, "holds duplicate tokens")
+    for key, kinds in ((tk.TOKEN_TYPE, _INT_TYPES), (tk.SCORES, _FLOAT_TYPES)):
+        arr = m.array(key, kinds)
+        if arr is not None and len(arr) != n:
+            raise m.bad(key, f"has {len(arr)} entries for {n} tokens")
+    m.strings(tk.MERGES)
+    for key in (tk.BOS_ID, tk.EOS_ID, tk.EOT_ID, tk.PAD_ID, tk.UNK_ID, tk.SEP_ID):
+        m.int(key, -1, lo=-1, hi=n - 1)
+    return n
+
+
+def _check_tensors(path: Path, reader: gguf.GGUFReader) -> None:
+    """One-dimensional tensors (norms, biases) must be F32: llama.cpp aborts on quantized ones."""
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape if int(d) != 1] or [1]
+        if len(dims) == 1 and t.tensor_type is not gguf.GGMLQuantizationType.F32:
+            raise BadModelFileError(
+                f"{path}: tensor {t.name} is {t.tensor_type.name}; 1-D tensors must be F32"
+            )
+        if any(int(d) < 1 or int(d) > (1 << 32) for d in t.shape):
+            raise BadModelFileError(f"{path}: tensor {t.name} has shape {list(t.shape)}")
 
 
 # Keys a head (or a model copy with a new head) replaces; everything else is copied unchanged.
@@ -394,9 +526,9 @@ def write_model_copy(
 
 def provenance(mf_path: Path | str) -> dict:
     """The file's `metastone.provenance` JSON (empty when absent or unreadable)."""
-    raw = _field(read_gguf(Path(mf_path)), keys.PROVENANCE)
+    m = _Meta(read_gguf(Path(mf_path)), Path(mf_path))
     try:
-        value = json.loads(str(raw)) if raw is not None else {}
-    except ValueError:
+        value = json.loads(m.str(keys.PROVENANCE, "{}"))
+    except (ValueError, BadModelFileError):
         return {}
     return value if isinstance(value, dict) else {}

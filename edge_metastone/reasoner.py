@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -18,7 +19,8 @@ from edge_metastone.engine.engine import Engine
 from edge_metastone.engine.generate import Candidate, Event, GenerationSettings
 from edge_metastone.engine.llama import default_threads
 from edge_metastone.engine.sampling import SamplingSettings
-from edge_metastone.errors import InvalidRequestError
+from edge_metastone.errors import BudgetError, EdgeMetastoneError, InvalidRequestError
+from edge_metastone.limits import MAX_THREADS
 from edge_metastone.models import default_model_path
 from edge_metastone.scheduler import (
     MIB,
@@ -54,6 +56,7 @@ class ReasonOptions:
     max_new_tokens: int | None = None
     allow_degrade: bool = False
     logprobs: bool = False  # every candidate's mean log-probability (evaluation; costs a softmax)
+    raw: bool = False  # the prompt is pre-rendered text: fed as is, control tokens parsed
 
     def __post_init__(self) -> None:
         try:
@@ -62,18 +65,18 @@ class ReasonOptions:
                 object.__setattr__(self, "strategy", StrategyName(self.strategy))
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
-        if self.latency_budget is not None and self.latency_budget <= 0:
-            raise InvalidRequestError("latency_budget must be positive (seconds)")
-        if self.memory_budget is not None and self.memory_budget <= 0:
-            raise InvalidRequestError("memory_budget must be positive (MB)")
+        for name, unit in (("latency_budget", "seconds"), ("memory_budget", "MB")):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise InvalidRequestError(f"{name} must be a finite positive number ({unit})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be >= 1")
         if self.seed < 0:
             raise InvalidRequestError("seed must be >= 0")
 
 
-class _Cancelled(Exception):
-    """Raised inside a streamed generation whose consumer stopped listening."""
+class _Cancelled(EdgeMetastoneError):
+    """Raised inside a generation whose consumer stopped listening, or whose reasoner closed."""
 
 
 def _options(options: ReasonOptions | None, fields: dict[str, Any]) -> ReasonOptions:
@@ -180,6 +183,8 @@ class Reasoner:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         calibration: Calibration | None = None,
     ) -> None:
+        if not 0 <= n_threads <= MAX_THREADS:
+            raise InvalidRequestError(f"threads must be between 0 (automatic) and {MAX_THREADS}")
         self.model_path = Path(model) if model is not None else default_model_path()
         self.n_threads = n_threads or default_threads()
         self.engine = Engine(
@@ -189,7 +194,8 @@ class Reasoner:
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
         self._calibration = calibration
-        self._lock = threading.Lock()  # one generation at a time per loaded model
+        self._lock = threading.RLock()  # one generation (or calibration) at a time per model
+        self._closing = threading.Event()
 
     @property
     def has_head(self) -> bool:
@@ -213,18 +219,31 @@ class Reasoner:
 
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once, then cached on disk)."""
-        if self._calibration is None or refresh:
-            from edge_metastone.calibration import calibration_for
+        with self._lock:  # it runs the engine: never beside a generation
+            if self._calibration is None or refresh:
+                from edge_metastone.calibration import calibration_for
 
-            self._calibration = calibration_for(
-                self.engine, self.n_threads, self.sampling, refresh=refresh
-            )
-        return self._calibration
+                self._check_open()
+                self._calibration = calibration_for(
+                    self.engine, self.n_threads, self.sampling, refresh=refresh
+                )
+            return self._calibration
 
     def prompt_text(self, prompt: Prompt) -> str:
         """The exact text fed to the model: the chat template applied to the prompt."""
+        with self._lock:
+            self._check_open()
+            return self.encode(prompt)[0]
+
+    def encode(self, prompt: Prompt, *, raw: bool = False) -> tuple[str, list[int]]:
+        """(prompt text, token ids). Messages' text never becomes control tokens; with `raw`, a
+        string prompt is fed as it is, its control-token markup parsed (a pre-rendered prompt)."""
+        if raw:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("a raw prompt is one pre-rendered string")
+            return prompt, self.engine.tokenize(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.engine.render(messages)
+        return self.engine.encode_chat(messages)
 
     def plan(self, prompt_tokens: int, options: ReasonOptions | None = None, **fields: Any) -> Plan:
         """The scheduler's choice for a request of this size (no generation)."""
@@ -289,20 +308,34 @@ class Reasoner:
         """
         o = _options(options, fields)
         t0 = time.perf_counter()
+        arrival = time.monotonic()
         max_new = o.max_new_tokens or self.max_new_tokens
-        text = self.prompt_text(prompt)
-        ids = self.engine.tokenize(text)
-        plan = self.plan(len(ids), dataclasses.replace(o, max_new_tokens=max_new))
-        t_plan = time.perf_counter() - t0
         name = o.strategy or self.default_strategy
+        strategy = make_strategy(name)
         sampling = dataclasses.replace(self.sampling, seed=o.seed)
         settings = GenerationSettings(max_new_tokens=max_new, logprobs=o.logprobs)
-        deadline = time.monotonic() - t_plan + o.latency_budget if o.latency_budget else None
-        with self._lock:
-            res = make_strategy(name).search(
-                self.engine, ids, plan.k, sampling, settings, deadline=deadline, on_event=on_event
+        deadline = arrival + o.latency_budget if o.latency_budget else None
+        hook = self._hook(on_event)
+        with self._lock:  # requests queue here; the latency budget counts from arrival
+            self._check_open()
+            t_wait = time.perf_counter() - t0
+            text, ids = self.encode(prompt, raw=o.raw)
+            left = deadline - time.monotonic() if deadline is not None else None
+            if left is not None and left <= 0:
+                raise BudgetError(
+                    f"the latency budget ({o.latency_budget} s) ran out while waiting for the model"
+                )
+            t1 = time.perf_counter()
+            plan = self.plan(
+                len(ids), dataclasses.replace(o, max_new_tokens=max_new, latency_budget=left)
+            )
+            t_plan = time.perf_counter() - t1
+            cands, early = strategy.run(
+                self.engine, ids, plan.k, sampling, settings, deadline=deadline, on_event=hook
             )
             tm = self.engine.last_timings.as_dict()
+        res = strategy.choose(self.engine, cands, plan.k, early)  # answer checks: off the lock
+        tm["queue_s"] = t_wait
         tm["plan_s"] = t_plan
         tm["total_s"] = time.perf_counter() - t0
         views = [CandidateView.of(c) for c in res.candidates]
@@ -324,9 +357,24 @@ class Reasoner:
             else {},
         )
 
+    def _hook(self, on_event: Callable[[Event], None] | None) -> Callable[[Event], None]:
+        def hook(ev: Event) -> None:
+            if self._closing.is_set():  # close() was called: unwind the generation now
+                raise _Cancelled("the reasoner was closed during the request")
+            if on_event is not None:
+                on_event(ev)
+
+        return hook
+
+    def _check_open(self) -> None:
+        if self._closing.is_set():
+            raise EdgeMetastoneError("the reasoner is closed")
+
     def close(self) -> None:
-        """Free the model."""
-        self.engine.close()
+        """Cancel any running generation, wait for it to unwind, then free the model."""
+        self._closing.set()
+        with self._lock:
+            self.engine.close()
 
     def __enter__(self) -> Reasoner:
         return self

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_metastone.errors import BudgetError, InvalidRequestError
+from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.modelfile import ModelFile
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class Plan:
 def predict(facts: ModelFacts, cal: Calibration, req: Request, k: int) -> Prediction:
     """Worst-case latency (every candidate runs to max_new_tokens) and peak memory of k candidates."""
     n_ctx = req.prompt_tokens + k * req.max_new_tokens
-    n_batch = max(min(req.prompt_tokens, 512), k)
+    n_batch = max(min(req.prompt_tokens, PREFILL_BATCH), k)
     t, p = req.max_new_tokens, req.prompt_tokens
     # sum over steps s=1..t of k sequences x (p + k*s) cells
     cell_steps = k * (t * p + k * t * (t + 1) / 2)

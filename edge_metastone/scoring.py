@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import numpy as np
 
 from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
-from edge_metastone.errors import ContextExceededError, MissingHeadError
+from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, MissingHeadError
+from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.modelfile import ModelFile, open_model_file
 from edge_metastone.sprm import StepRule, trajectory_score
 
@@ -50,7 +52,7 @@ def forward_features(
             f"the text is {n} tokens; the model's context is {model.n_ctx_train}"
         )
     capture = FeatureCapture(layer, model.n_embd)
-    n_batch = min(n, 512)
+    n_batch = min(n, PREFILL_BATCH)
     settings = ContextSettings(n_ctx=n, n_batch=n_batch, n_threads=n_threads, parity=parity)
     logits = np.empty((n, model.n_vocab), np.float32) if want_logits else None
     with Context(model, settings, cb_eval=capture.callback) as ctx, Batch(n_batch) as batch:
@@ -76,6 +78,10 @@ def score_tokens(
         return ScoreResult([], [], 0.0, len(token_ids), list(token_ids))
     features, _ = forward_features(model, token_ids, mf.head.feature_layer, parity=parity)
     steps = [float(s) for s in mf.head.scores(features[positions])]
+    if not all(math.isfinite(s) for s in steps):
+        raise EdgeMetastoneError(
+            f"{mf.path}: the model produced non-finite step scores (its weights are broken)"
+        )
     return ScoreResult(positions, steps, trajectory_score(steps), len(token_ids), list(token_ids))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
@@ -144,9 +145,17 @@ def test_f16_output_keeps_f16_head_exact(tiny_hf, tmp_path):
     convert(hf, tmp_path / "m.gguf", "q4_0")
     head = open_model_file(tmp_path / "m.gguf").head
     assert head.dtype == "f16"
-    assert head.fc1_weight.dtype == np.float16
-    assert head.fc1_weight.tobytes() == half["0.weight"].numpy().tobytes()
-    assert head.fc2_bias.tobytes() == half["3.bias"].numpy().tobytes()
+    # stored as the exact half-precision bit patterns ...
+    raw = gguf.GGUFReader(tmp_path / "m.gguf").get_field(
+        "metastone.sprm.fc1.weight"
+    )  # stock reader
+    assert raw.types[-1] is gguf.GGUFValueType.UINT16
+    stored = np.array(raw.contents(), dtype=np.uint16)
+    assert stored.tobytes() == half["0.weight"].numpy().tobytes()
+    # ... and widened exactly, once, at load
+    assert head.fc1_weight.dtype == np.float32
+    assert np.array_equal(head.fc1_weight, half["0.weight"].float().numpy())
+    assert np.array_equal(head.fc2_bias, half["3.bias"].float().numpy())
 
 
 def test_inspect_reports_head_and_types(tiny_gguf):

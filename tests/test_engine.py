@@ -127,8 +127,20 @@ def test_stop_string(engine, prompt_ids):
         prompt_ids, 1, sampled(seed=21), GenerationSettings(60, stop=(stop,))
     )[0]
     assert cut.finish_reason is FinishReason.STOP
-    assert cut.text == free.text[: free.text.find(stop)]
+    at = free.text.find(stop)
+    # the kept tokens are those that end before the stop string; text is exactly their decoding
     assert cut.token_ids == free.token_ids[: cut.n_tokens]
+    assert engine.model.detokenize(cut.token_ids) == cut.text == free.text[: len(cut.text)]
+    assert len(cut.text) <= at < len(engine.model.detokenize(free.token_ids[: cut.n_tokens + 1]))
+    # no character of the stop string is ever streamed; the stream rebuilds the text
+    streamed, tail = "", ""
+    settings = GenerationSettings(60, stop=(stop,))
+    for ev in engine.generate(prompt_ids, 1, sampled(seed=21), settings):
+        if isinstance(ev, TokenEvent):
+            streamed += ev.text
+        elif isinstance(ev, FinishEvent):
+            tail = ev.text_tail
+    assert len(streamed) <= at and streamed + tail == cut.text
 
 
 def test_answer_budget_after_think_end(engine, prompt_ids):

@@ -119,11 +119,19 @@ def test_reason_cli_errors(tiny_gguf):
         "--effort",
         "auto",
         "--latency-budget",
-        "0.000001",
+        "0.05",
         "hi",
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "fit" in proc.stderr.strip().splitlines()[-1]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fit" in lines[0], proc.stderr
+    for bad in ("nan", "inf", "-1"):
+        proc = run_cli("reason", "--model", str(tiny_gguf("q8_0")), "--memory-budget", bad, "hi")
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "memory_budget must be a finite positive number" in proc.stderr
+    proc = run_cli("reason", "--model", str(tiny_gguf("q8_0")), "--threads", "100000", "hi")
+    assert proc.returncode == 1 and "threads must be between" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_reason_options_validate():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from edge_metastone.commands import print_json
 from edge_metastone.modelfile import ModelFile, open_model_file
 
 
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the description."""
     d = describe(open_model_file(args.model, args.head))
     if args.json:
-        print(json.dumps(d, indent=2))
+        print_json(d, indent=2)
         return 0
     print(f"{d['path']}: {d['architecture']} '{d['name']}'")
     print(

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from edge_metastone.commands import print_json
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import Effort
 from edge_metastone.search import StrategyName
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     ) as r:
         result = r.reason(prompt, options)
     if args.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        print_json(result.to_json(), ensure_ascii=False)
         return 0
     print(format_result(result))
     return 0

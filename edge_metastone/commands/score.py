@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from edge_metastone.commands import print_json
 from edge_metastone.errors import EdgeMetastoneError
 
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         raise EdgeMetastoneError(f"cannot read {args.text_file}: {e}") from None
     result = score_text(args.model, text, head_path=args.head)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print_json(result.to_json())
         return 0
     print(f"{result.n_tokens} tokens, {len(result.positions)} scored steps")
     for pos, s in zip(result.positions, result.step_scores, strict=True):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from edge_metastone.commands import print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.json:
-        print(json.dumps(result))
+        print_json(result)
         return 0
     print(format_report(result))
     return 0

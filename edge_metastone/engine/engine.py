@@ -17,6 +17,7 @@ from edge_metastone.engine.generate import (
 )
 from edge_metastone.engine.llama import Model
 from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.errors import InvalidRequestError
 from edge_metastone.modelfile import ModelFile, open_model_file
 from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
 
@@ -78,8 +79,34 @@ class Engine:
         return self.template.render(messages, add_generation_prompt=True)
 
     def tokenize(self, text: str) -> list[int]:
-        """Prompt text -> token ids (special tokens in the text are parsed)."""
+        """Prompt text -> token ids (special tokens in the text are parsed): for text the caller
+        rendered on purpose. User messages go through `encode_chat`."""
         return self.model.tokenize(text)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
+        """The prompt text and ids for a conversation. Only the template's own markup becomes
+        control tokens: text in a message that spells one (`<|im_end|>`, `<think>`) stays text."""
+        text = self.render(messages)
+        specials = [sp for sp in self.model.control_texts if len(sp) > 1]
+        if not any(sp in m["content"] for m in messages for sp in specials):
+            return text, self.model.tokenize(text)  # nothing to keep apart: one pass, as HF does
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use markers
+        marked = self.render([{**m, "content": mk} for m, mk in zip(messages, marks, strict=True)])
+        pieces, rest = [], marked
+        for mk in marks:
+            head, sep, rest = rest.partition(mk)
+            if not sep or mk in rest:
+                raise InvalidRequestError(
+                    "a message spells a control token (e.g. <|im_end|>) and this model's chat "
+                    "template transforms message text, so it cannot be kept as plain text"
+                )
+            pieces.append(head)
+        ids: list[int] = []
+        for head, m in zip(pieces, messages, strict=True):
+            ids += self.model.tokenize(head)
+            ids += self.model.tokenize(m["content"], parse_special=False)
+        ids += self.model.tokenize(rest)
+        return "".join(h + m["content"] for h, m in zip(pieces, messages, strict=True)) + rest, ids
 
     def generate(
         self,

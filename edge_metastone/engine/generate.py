@@ -7,10 +7,12 @@ loop: sample each live sequence from its row -> score a step boundary from the f
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import dataclasses
 import enum
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +23,11 @@ import numpy as np
 from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
 from edge_metastone.engine.sampling import Sampler, SamplingSettings
-from edge_metastone.errors import ContextExceededError, InvalidRequestError
+from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, InvalidRequestError
+from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.sprm import SprmHead, StepRule, trajectory_score
 
 logger = logging.getLogger(__name__)
-
-PREFILL_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class StepEvent:
 
 @dataclass(frozen=True)
 class FinishEvent:
-    """A candidate ended; `text_tail` is text not streamed yet (an incomplete UTF-8 ending)."""
+    """A candidate ended; `text_tail` is its text not streamed yet (held back as a possible stop
+    string's start, or an incomplete UTF-8 ending)."""
 
     candidate: int
     result: Candidate
@@ -185,6 +187,8 @@ class _Seq:
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
     text: str = ""
+    ends: list[int] = field(default_factory=list)  # len(text) after each token
+    streamed: int = 0  # characters of text already sent in TokenEvents
     scores_by_pos: dict[int, float] = field(default_factory=dict)
     features_by_pos: dict[int, np.ndarray] = field(default_factory=dict)
     online: list[float] = field(default_factory=list)
@@ -292,9 +296,8 @@ class BatchGenerator:
                         yield from self._advance(seq, ctx, settings, control, still, tm, scoring)
                     for seq in live:
                         if seq not in still:
-                            streamed = len(seq.text)
                             result = self._finish(seq, prompt, scoring, settings)
-                            yield FinishEvent(seq.index, result, result.text[streamed:])
+                            yield FinishEvent(seq.index, result, result.text[seq.streamed :])
                             llama_cpp.llama_memory_seq_rm(ctx.memory, seq.seq_id, -1, -1)
                     live = still
                     if not live:
@@ -374,6 +377,11 @@ class BatchGenerator:
         if boundary and scoring:
             t0 = time.perf_counter()
             score = float(self.head.scores(seq.feature[None, :])[0])
+            if not math.isfinite(score):
+                raise EdgeMetastoneError(
+                    f"the model produced a non-finite step score at token {seq.pos} "
+                    "(its weights or head are broken)"
+                )
             tm.score_s += time.perf_counter() - t0
             seq.scores_by_pos[seq.pos] = score
             start = seq.think.start_pos if seq.think.starts == 1 else 0
@@ -387,16 +395,23 @@ class BatchGenerator:
         tm.generated_tokens += 1
         piece = seq.utf8.decode(self.model.token_to_bytes(tok))
         seq.text += piece
+        seq.ends.append(len(seq.text))
         seq.prev, seq.pos = tok, pos
-        yield TokenEvent(seq.index, tok, piece)
         if 0 <= seq.think.end_pos < pos:
             seq.answer_tokens += 1
-        for stop in settings.stop:
-            cut = seq.text.find(stop, max(0, len(seq.text) - len(piece) - len(stop)))
-            if cut >= 0:
-                seq.text = seq.text[:cut]
-                seq.reason = FinishReason.STOP
-                return
+        cut = _stop_match(seq.text, len(piece), settings.stop)
+        if cut is not None:
+            # keep the tokens that end before the stop string: text == their decoding, and no
+            # character of the stop string was streamed (it was held back below)
+            n = bisect.bisect_right(seq.ends, cut)
+            del seq.tokens[n:], seq.ends[n:]
+            seq.text = seq.text[: seq.ends[-1] if n else 0]
+            seq.reason = FinishReason.STOP
+            yield TokenEvent(seq.index, tok, "")
+            return
+        safe = _safe_end(seq, settings.stop)
+        yield TokenEvent(seq.index, tok, seq.text[seq.streamed : safe])
+        seq.streamed = max(seq.streamed, safe)
         over_answer = (
             settings.max_answer_tokens is not None
             and seq.answer_tokens >= settings.max_answer_tokens
@@ -413,6 +428,8 @@ class BatchGenerator:
             seq.reason = FinishReason.LENGTH
         if seq.reason is not FinishReason.STOP:
             seq.text += seq.utf8.decode(b"", final=True)
+            if seq.ends:
+                seq.ends[-1] = len(seq.text)
         positions: list[int] = []
         steps: list[float] = []
         score: float | None = None
@@ -437,3 +454,28 @@ class BatchGenerator:
             mean_logprob=(seq.logprob_sum / n if n else 0.0) if settings.logprobs else None,
             step_features=features,
         )
+
+
+def _stop_match(text: str, new: int, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string that the last `new` characters completed begins."""
+    hits = [
+        i for stop in stops if (i := text.find(stop, max(0, len(text) - new - len(stop) + 1))) >= 0
+    ]
+    return min(hits) if hits else None
+
+
+def _safe_end(seq: _Seq, stops: Sequence[str]) -> int:
+    """How much text may be streamed: up to the last token boundary before any suffix that could
+    still grow into a stop string."""
+    text = seq.text
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if stop.startswith(text[len(text) - k :]):
+                hold = k
+                break
+    if hold == 0:
+        return len(text)
+    limit = len(text) - hold
+    n = bisect.bisect_right(seq.ends, limit)
+    return seq.ends[n - 1] if n else 0

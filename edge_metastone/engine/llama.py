@@ -15,7 +15,13 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from edge_metastone.errors import BadModelFileError, ContextExceededError, EdgeMetastoneError
+from edge_metastone.errors import (
+    BadModelFileError,
+    ContextExceededError,
+    EdgeMetastoneError,
+    InvalidRequestError,
+)
+from edge_metastone.limits import MAX_THREADS, PREFILL_BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,12 @@ class Model:
         self, text: str, *, add_special: bool = False, parse_special: bool = True
     ) -> list[int]:
         """Text -> token ids with the model's own tokenizer."""
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"the text is not valid Unicode ({e.reason} at character {e.start})"
+            ) from None
         cap = len(data) + 16
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(
@@ -99,6 +110,19 @@ class Model:
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, EOT, ...)."""
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def control_texts(self) -> tuple[str, ...]:
+        """Texts that parse as control or added tokens (`<|im_end|>`, `<think>`, ...): one pass
+        over the vocabulary, then cached."""
+        mask = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        out = set()
+        for t in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self.vocab, t) & mask:
+                text = self.token_to_bytes(t).decode("utf-8", errors="replace")
+                if text:
+                    out.add(text)
+        return tuple(sorted(out, key=len, reverse=True))
 
     @functools.cached_property
     def eog_ids(self) -> tuple[int, ...]:
@@ -141,7 +165,7 @@ class ContextSettings:
     """How a llama.cpp context is made. `parity` selects flash attention off and an F32 KV cache."""
 
     n_ctx: int
-    n_batch: int = 512
+    n_batch: int = PREFILL_BATCH
     n_seq_max: int = 1
     n_threads: int = 0  # 0: default_threads()
     parity: bool = False
@@ -149,6 +173,8 @@ class ContextSettings:
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1 or self.n_seq_max < 1:
             raise ValueError("n_ctx, n_batch and n_seq_max must be positive")
+        if not 0 <= self.n_threads <= MAX_THREADS:
+            raise InvalidRequestError(f"threads must be between 0 (automatic) and {MAX_THREADS}")
 
 
 class Context:

@@ -74,9 +74,26 @@ EventHook = Callable[[Event], None]
 
 
 class Strategy(Protocol):
-    """One search strategy: generate k candidates from a prompt and choose one."""
+    """One search strategy: generate k candidates from a prompt (`run`, the engine's part) and
+    choose one (`choose`, pure selection); `search` does both."""
 
     name: StrategyName
+
+    def run(
+        self,
+        engine: SearchEngine,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        deadline: float | None = None,
+        on_event: EventHook | None = None,
+    ) -> tuple[list[Candidate], bool]: ...
+
+    def choose(
+        self, engine: SearchEngine, cands: list[Candidate], k: int, early: bool
+    ) -> SearchResult: ...
 
     def search(
         self,

@@ -17,7 +17,6 @@ from edge_metastone.errors import InvalidRequestError
 from edge_metastone.search.base import (
     EventHook,
     SearchEngine,
-    SearchResult,
     StrategyName,
     select_by_score,
 )
@@ -75,7 +74,7 @@ class StepPruning(SelectingStrategy):
         self.min_steps, self.ratio, self.keep = min_steps, ratio, keep
         self.rule: PruneRule | None = None
 
-    def search(
+    def run(
         self,
         engine: SearchEngine,
         prompt_ids: Sequence[int],
@@ -85,26 +84,29 @@ class StepPruning(SelectingStrategy):
         *,
         deadline: float | None = None,
         on_event: EventHook | None = None,
-    ) -> SearchResult:
+    ) -> tuple[list[Candidate], bool]:
         """Run with pruning (plain best-of-k when the model cannot score steps)."""
         args = (engine, prompt_ids, k, sampling, settings)
         if not (engine.has_head and settings.score_steps):
-            return BestOfK().search(*args, deadline=deadline, on_event=on_event)
+            self.rule = None
+            return BestOfK().run(*args, deadline=deadline, on_event=on_event)
         self.rule = PruneRule(k, self.min_steps, self.ratio, self.keep)  # fresh per run
-        return super().search(*args, deadline=deadline, on_event=on_event)
+        return super().run(*args, deadline=deadline, on_event=on_event)
 
     def on_step(self, ev: StepEvent, control: GenerationControl) -> None:
         """Prune laggards at this step boundary."""
-        assert self.rule is not None
-        self.rule.on_step(ev, control)
+        if self.rule is not None:
+            self.rule.on_step(ev, control)
 
     def on_finish(self, c: Candidate) -> None:
         """A finished candidate can no longer be pruned."""
-        assert self.rule is not None
-        self.rule.finished.add(c.index)
+        if self.rule is not None:
+            self.rule.finished.add(c.index)
 
     def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Best trajectory score among the survivors."""
+        if self.rule is None:
+            return BestOfK().select(engine, cands, k)
         n = len(self.rule.pruned) if self.rule else 0
         return select_by_score(
             cands

@@ -40,6 +40,37 @@ class SelectingStrategy:
         """The chosen candidate's `.index` and the reason."""
         raise NotImplementedError
 
+    def run(
+        self,
+        engine: SearchEngine,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        deadline: float | None = None,
+        on_event: EventHook | None = None,
+    ) -> tuple[list[Candidate], bool]:
+        """Generate the candidates (the part that needs the engine): (candidates, early stop)."""
+        return run_candidates(
+            engine,
+            prompt_ids,
+            k,
+            sampling,
+            self.prepare(engine, settings),
+            deadline=deadline,
+            on_event=on_event,
+            on_step=self.on_step,
+            on_finish=self.on_finish,
+        )
+
+    def choose(
+        self, engine: SearchEngine, cands: list[Candidate], k: int, early: bool
+    ) -> SearchResult:
+        """Select among finished candidates (no engine work: may run off the model's lock)."""
+        best, reason = self.select(engine, cands, k)
+        return SearchResult(cands, position_of(cands, best), self.name, reason, early)
+
     def search(
         self,
         engine: SearchEngine,
@@ -52,16 +83,7 @@ class SelectingStrategy:
         on_event: EventHook | None = None,
     ) -> SearchResult:
         """Run the candidates and choose one."""
-        cands, early = run_candidates(
-            engine,
-            prompt_ids,
-            k,
-            sampling,
-            self.prepare(engine, settings),
-            deadline=deadline,
-            on_event=on_event,
-            on_step=self.on_step,
-            on_finish=self.on_finish,
+        cands, early = self.run(
+            engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
         )
-        best, reason = self.select(engine, cands, k)
-        return SearchResult(cands, position_of(cands, best), self.name, reason, early)
+        return self.choose(engine, cands, k, early)

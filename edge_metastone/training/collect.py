@@ -150,7 +150,7 @@ def _problem_seed(seed: int, key: str) -> int:
 
 def sample_problem(engine: Engine, problem: Problem, settings: CollectSettings) -> ProblemData:
     """Generate `samples` candidates for one problem and label them."""
-    ids = engine.tokenize(engine.render([{"role": "user", "content": problem.prompt}]))
+    _, ids = engine.encode_chat([{"role": "user", "content": problem.prompt}])
     sampling = SamplingSettings(
         temperature=settings.temperature,
         top_p=settings.top_p,
