@@ -33,9 +33,9 @@ V = gguf.GGUFValueType
 # --- mutations --------------------------------------------------------------------------------
 
 
-def rewrite(base: Path, out: Path, change, quantize: str | None = None) -> None:
-    """Copy `base` with `change(name, types, value) -> (types, value) | None` applied per key
-    (and tensor `quantize`, a 1-D F32 one, stored as Q8_0)."""
+def rewrite(base: Path, out: Path, change, quantize: str | None = None, add=()) -> None:
+    """Copy `base` with `change(name, types, value) -> (types, value) | None` applied per key,
+    the keys `add` [(name, types, value)] set, and tensor `quantize` (1-D F32) stored as Q8_0."""
     from edge_metastone.gguf_io import ArrayGGUFWriter
     from edge_metastone.modelfile import read_gguf
 
@@ -54,19 +54,25 @@ def rewrite(base: Path, out: Path, change, quantize: str | None = None) -> None:
         else:
             value = f.parts[f.data[0]][0]
         res = change(f.name, list(f.types), value)
-        if res is None:
+        if res is None or any(f.name == name for name, _, _ in add):
             continue
         types, value = res
         _add(w, f.name, types, value)
+    for name, types, value in add:
+        _add(w, name, types, value)
+    datas = []
     for t in reader.tensors:
-        w.add_tensor_info(
-            t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type
-        )
+        data, qtype = t.data, t.tensor_type
+        if t.name == quantize:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            data = gguf.quants.quantize(np.asarray(t.data, np.float32).reshape(1, -1), qtype)
+        datas.append(data)
+        w.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for t in reader.tensors:
-        w.write_tensor_data(t.data)
+    for data in datas:
+        w.write_tensor_data(data)
     w.close()
 
 
@@ -157,10 +163,7 @@ def _add_key(rng: random.Random, base: Path, out: Path) -> str:
         ]
     )
 
-    def change(n, t, v):
-        return (types, value) if n == key else (t, v)
-
-    rewrite(base, out, change)
+    rewrite(base, out, lambda n, t, v: (t, v), add=[(key, types, value)])
     return f"set {key}"
 
 

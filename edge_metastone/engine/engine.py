@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -104,9 +105,22 @@ class Engine:
         ids: list[int] = []
         for head, m in zip(pieces, messages, strict=True):
             ids += self.model.tokenize(head)
-            ids += self.model.tokenize(m["content"], parse_special=False)
+            ids += self._text_ids(m["content"], specials)
         ids += self.model.tokenize(rest)
         return "".join(h + m["content"] for h, m in zip(pieces, messages, strict=True)) + rest, ids
+
+    def _text_ids(self, text: str, specials: Sequence[str]) -> list[int]:
+        """`text` as plain text: llama.cpp matches added (user-defined) tokens such as `<think>`
+        even without special parsing, so their spellings are tokenized one character at a time."""
+        ids: list[int] = []
+        pattern = re.compile("|".join(re.escape(sp) for sp in specials))
+        pos = 0
+        for match in pattern.finditer(text):
+            ids += self.model.tokenize(text[pos : match.start()], parse_special=False)
+            for ch in match.group():
+                ids += self.model.tokenize(ch, parse_special=False)
+            pos = match.end()
+        return ids + self.model.tokenize(text[pos:], parse_special=False)
 
     def generate(
         self,
