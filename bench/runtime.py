@@ -148,13 +148,27 @@ def main() -> None:
     # Llama.generate does not stop at end-of-turn tokens by itself, so it also runs n tokens.
     def theirs() -> None:
         llm.reset()
-        for i, _tok in enumerate(llm.generate(prompt, temp=1.0, top_p=0.95, top_k=0, min_p=0.0)):
+        gen = llm.generate(
+            prompt,
+            temp=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            repeat_penalty=1.0,
+        )
+        for i, _tok in enumerate(gen):
             if i + 1 >= n:
                 break
 
     def ours() -> None:
         engine.generate_all(prompt, 1, sampling, on)
 
+    # the same file, threads, prompt, token count and sampler settings on both sides
+    print(
+        f"(d) both sides: {args.model.name}, {threads} threads, prompt {len(prompt)} tokens, "
+        f"{n} tokens, T={sampling.temperature} top-p {sampling.top_p} top-k {sampling.top_k} "
+        f"min-p {sampling.min_p}, no repeat penalty"
+    )
     ta, tb, r = side_by_side(ours, theirs, args.rounds)
     print(
         f"(d) k=1 tokens/s ours / Llama  {n / ta:7.1f} t/s / {n / tb:7.1f} t/s = {1 / r:.3f}   (target >= 0.9)"

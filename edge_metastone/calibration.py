@@ -72,7 +72,7 @@ def measure(
         base_rss_bytes=base_rss,
         n_threads=n_threads,
         attn_s_per_seq_cell=attn,
-        key=calibration_key(engine.model_file.path, n_threads, sampling_cost_key(sampling)),
+        key=calibration_key(engine.model_file.path, n_threads, _cost_key(engine, sampling)),
     )
     logger.info(
         "calibrated: step %s s, prefill %.0f tok/s, base RSS %.0f MiB",
@@ -88,11 +88,16 @@ def sampling_cost_key(s: SamplingSettings) -> str:
     return f"t{s.temperature > 0}-k{s.top_k}-p{s.top_p}-m{s.min_p}-r{s.repeat_penalty != 1.0}"
 
 
+def _cost_key(engine: Engine, sampling: SamplingSettings) -> str:
+    # layers offloaded to a GPU change every timing: a CPU calibration never serves a GPU run
+    return f"{sampling_cost_key(sampling)}-gpu{getattr(engine, 'n_gpu_layers', 0)}"
+
+
 def calibration_for(
     engine: Engine, n_threads: int, sampling: SamplingSettings, *, refresh: bool = False
 ) -> Calibration:
     """The cached calibration of (model, machine, threads, sampling), measured once if needed."""
-    key = calibration_key(engine.model_file.path, n_threads, sampling_cost_key(sampling))
+    key = calibration_key(engine.model_file.path, n_threads, _cost_key(engine, sampling))
     cal = None if refresh else load_cached(key)
     if cal is None:
         logger.info("calibrating this machine for %s (once)", engine.model_file.path.name)

@@ -86,11 +86,16 @@ def score_tokens(
 
 
 def score_text(
-    model_path: Path | str, text: str, *, head_path: Path | str | None = None, parity: bool = True
+    model_path: Path | str,
+    text: str,
+    *,
+    head_path: Path | str | None = None,
+    parity: bool = True,
+    n_gpu_layers: int = 0,
 ) -> ScoreResult:
     """Tokenize `text` with the model's tokenizer and score it (SPEC §1)."""
     mf = open_model_file(model_path, head_path)
     if mf.head is None:
         raise MissingHeadError(f"{mf.path} has no SPRM head; scoring is unavailable")
-    with Model(mf.path) as model:
+    with Model(mf.path, n_gpu_layers=n_gpu_layers) as model:
         return score_tokens(mf, model, model.tokenize(text), parity=parity)

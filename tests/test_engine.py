@@ -20,9 +20,10 @@ from edge_metastone.engine.generate import (
 from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.errors import ContextExceededError, InvalidRequestError
 from edge_metastone.scoring import score_tokens
+from reference_scorer import scored_positions
 
 PARITY_TOL = 1e-4
-DELIM, THINK_END = 258, 1004  # fixture ids of ".\n\n" and "</think>"
+DELIM, THINK, THINK_END = 258, 1003, 1004  # fixture ids of ".\n\n", "<think>", "</think>"
 # The tiny random model rarely samples a delimiter by itself: bias it so steps happen.
 STEPPY = ((DELIM, 4.0),)
 
@@ -48,6 +49,10 @@ def test_online_step_scores_equal_full_pass_score(engine, prompt_ids):
     for c in cands:
         ref = score_tokens(engine.model_file, engine.model, prompt_ids + c.token_ids)
         assert c.step_positions == ref.positions
+        # positions also by the reference scorer's own, independent implementation of SPEC §1
+        assert c.step_positions == scored_positions(
+            prompt_ids + c.token_ids, [DELIM], THINK, THINK_END
+        )
         if ref.step_scores:
             diff = float(np.abs(np.subtract(c.step_scores, ref.step_scores)).max())
             assert diff < PARITY_TOL, f"candidate {c.index}: max |step diff| {diff:.2e}"

@@ -72,21 +72,47 @@ def test_latency_budget_stops_early(tiny_gguf):
 
 
 def test_reason_stream(reasoner):
-    kinds = set()
+    texts: dict[int, str] = {}
+    steps: dict[int, list[float]] = {}
     final = None
     for item in reasoner.reason_stream("What is 2+3?", effort="low", seed=4):
         if isinstance(item, ReasonResult):
             final = item
-        else:
-            kinds.add(type(item))
+        elif isinstance(item, TokenEvent):
+            texts[item.candidate] = texts.get(item.candidate, "") + item.text
+        elif isinstance(item, StepEvent):
+            steps.setdefault(item.candidate, []).append(item.score)
+        elif isinstance(item, FinishEvent):
+            texts[item.candidate] = texts.get(item.candidate, "") + item.text_tail
     assert final is not None and final.k == 2
-    assert {TokenEvent, FinishEvent} <= kinds and StepEvent in kinds
+    for c in final.candidates:  # the stream rebuilds every candidate
+        assert texts[c.index] == c.text
+        assert steps.get(c.index, []) == pytest.approx(c.step_scores)
+    assert sum(len(v) for v in steps.values()) > 0
+    direct = reasoner.reason("What is 2+3?", effort="low", seed=4)  # same seed, same result
+    assert [c.token_ids for c in direct.candidates] == [c.token_ids for c in final.candidates]
+    assert direct.chosen == final.chosen and direct.answer == final.answer
 
 
 def test_strategies_run_end_to_end(reasoner):
     for strategy in ("prune", "vote", "weighted-vote", "logprob"):
-        res = reasoner.reason("What is 2+3?", effort="low", seed=5, strategy=strategy)
-        assert res.strategy == strategy and 0 <= res.chosen < 2
+        res = reasoner.reason(
+            "What is 2+3?", effort="low", seed=5, strategy=strategy, logprobs=True
+        )
+        assert res.strategy == strategy
+        a, b = res.candidates
+        higher_score = 0 if a.score >= b.score else 1
+        only_b_answered = not a.answer.strip() and bool(b.answer.strip())
+        only_a_answered = bool(a.answer.strip()) and not b.answer.strip()
+        if strategy == "prune":  # k=2 keeps 2 alive: nothing pruned, the best score wins
+            expected = higher_score
+        elif strategy == "logprob":
+            expected = 0 if a.mean_logprob >= b.mean_logprob else 1
+        elif strategy == "vote":  # one vote each (or one class): ties go to the lowest index
+            expected = 1 if only_b_answered else 0
+        else:  # weighted: an empty answer never wins; otherwise the heavier score
+            expected = 1 if only_b_answered else 0 if only_a_answered else higher_score
+        assert res.chosen == expected, (strategy, a.answer, b.answer, a.score, b.score)
 
 
 def test_reason_cli_json(tiny_gguf):

@@ -57,8 +57,11 @@ def test_kv_bytes_exact():
 def test_prediction_exact():
     p = predict(FACTS, CAL, REQ, 8)
     assert p.latency_s == pytest.approx(100 / 400 + 1000 * 0.08)
-    n_ctx, n_batch = 100 + 8 * 1000, 100
-    assert p.memory_bytes == int(CAL.base_rss_bytes + FACTS.context_bytes(n_ctx, n_batch))
+    # by hand: 8100 cells pad to 8192; batch 100 (the prompt)
+    kv = 28672 * 8192
+    logits = 4 * 151936 * 100
+    compute = 4 * 100 * (151936 + 3 * 8960 + 6 * 1536) + 4 * 100 * 12 * 8192
+    assert p.memory_bytes == 1200 * MIB + kv + logits + compute == 1_668_481_024
 
 
 def test_auto_picks_highest_fitting_effort_and_says_why():
@@ -143,3 +146,35 @@ def test_prediction_counts_attention_over_the_unified_cache():
     assert predict(FACTS, cal, REQ, 8).latency_s == pytest.approx(100 / 400 + 80 + extra)
     assert cal.attn_time(4) == pytest.approx(3e-8)
     assert cal.attn_time(64) == cal.attn_time(32) == 1e-8
+
+
+@pytest.mark.parametrize(("n_ctx", "n_batch", "n_seq"), [(1000, 100, 4), (5000, 512, 8)])
+def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, n_ctx, n_batch, n_seq):
+    """llama.cpp's own reported buffer sizes are the reference: the KV cache exactly, the output
+    and compute buffers bounded from above (the scheduler must not promise memory it lacks)."""
+    import logging
+    import re
+
+    from edge_metastone.engine.llama import Context, ContextSettings, Model
+    from edge_metastone.modelfile import open_model_file
+
+    path = tiny_gguf("q8_0")
+    facts = ModelFacts.of(open_model_file(path))
+    caplog.set_level(logging.INFO, logger="llama_cpp.native")
+    with (
+        Model(path) as m,
+        Context(m, ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq)),
+    ):
+        pass
+    text = caplog.text
+
+    def mib(pattern: str) -> float:
+        found = re.search(pattern + r"\s*=\s*([0-9.]+) MiB", text)
+        assert found, f"no {pattern!r} in llama.cpp's log"
+        return float(found.group(1)) * MIB
+
+    kv = mib(r"CPU KV buffer size")
+    assert abs(facts.kv_bytes(n_ctx) - kv) <= 0.005 * MIB, (facts.kv_bytes(n_ctx), kv)
+    actual = mib(r"CPU compute buffer size") + mib(r"CPU\s+output buffer size")
+    predicted = facts.context_bytes(n_ctx, n_batch) - facts.kv_bytes(n_ctx)
+    assert actual <= predicted <= 6 * actual, (predicted / MIB, actual / MIB)

@@ -20,6 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the question ('-': read stdin)")
     p.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
     p.add_argument(
+        "--raw",
+        action="store_true",
+        help="the prompt is pre-rendered text: fed as is, its control-token markup parsed "
+        "(default: the prompt is a user message; text in it never becomes control tokens)",
+    )
+    p.add_argument(
         "--model", type=Path, default=None, help="model GGUF (default: the embedded model)"
     )
     p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the SPRM head")
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         max_new_tokens=args.max_new_tokens,
         allow_degrade=args.allow_degrade,
+        raw=args.raw,
     )
     with Reasoner(
         args.model, head=args.head, n_threads=args.threads, n_gpu_layers=args.gpu_layers

@@ -18,6 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-file", type=Path, required=True, metavar="TEXT")
     p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the head")
     p.add_argument("--json", action="store_true", help="print {positions, step_scores, score}")
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=0,
+        help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
+    )
     p.set_defaults(run=run)
 
 
@@ -29,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         text = args.text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeMetastoneError(f"cannot read {args.text_file}: {e}") from None
-    result = score_text(args.model, text, head_path=args.head)
+    result = score_text(args.model, text, head_path=args.head, n_gpu_layers=args.gpu_layers)
     if args.json:
         print_json(result.to_json())
         return 0

@@ -52,6 +52,7 @@ class Engine:
         self.model_file: ModelFile = open_model_file(model_path, head_path)
         mf = self.model_file
         self.model = Model(mf.path, n_gpu_layers=n_gpu_layers)
+        self.n_gpu_layers = n_gpu_layers
         self.template = ChatTemplate(
             mf.chat_template, bos_token=mf.bos_token, eos_token=mf.eos_token
         )
