@@ -53,7 +53,8 @@ class SprmHead:
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Step scores sigmoid(logit) for features [N, C] -> [N]."""
         z = self.logits(features).astype(np.float64)
-        return 1.0 / (1.0 + np.exp(-z))
+        with np.errstate(all="ignore"):  # NaN features give NaN scores: callers refuse them
+            return np.exp(-np.logaddexp(0.0, -z))  # sigmoid without overflow for large |z|
 
 
 @dataclass(frozen=True)
