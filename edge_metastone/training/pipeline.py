@@ -67,7 +67,6 @@ def train_sprm(
     if warm_start and init is None:
         raise EdgeMetastoneError(f"{model_path} has no SPRM head to warm-start from")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache(out_path)
-    data = []
     with Engine(
         model_path, head_path=head_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers
     ) as engine:
