@@ -169,7 +169,7 @@ def train(args: argparse.Namespace) -> Path:
     print(f"model: {n_params / 1e6:.2f}M params, {layers} layers, hidden {hidden}", flush=True)
     bce = nn.BCEWithLogitsLoss()
     t0 = time.perf_counter()
-    stop_at = args.stop_at or args.steps
+    stop_at = min(args.stop_at or args.steps, args.steps)
     for step in range(1, stop_at + 1):
         frac = step / args.steps
         lr = args.lr * min(1.0, step / args.warmup) * 0.5 * (1 + math.cos(math.pi * frac))
