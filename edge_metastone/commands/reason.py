@@ -112,7 +112,7 @@ def format_result(result) -> str:
     lines.append(f"  {'cand':>4}  {'answer':<24}  {'score':>6}  {'steps':>5}  {'tokens':>6}  end")
     for c in result.candidates:
         mark = "*" if c.index == result.chosen else " "
-        score = f"{c.score:.3f}" if c.score is not None else "n/a"
+        score = f"{c.score:.3g}" if c.score is not None else "n/a"
         lines.append(
             f"{mark} {c.index:>4}  {_short(c.answer):<24}  {score:>6}  {len(c.step_scores):>5}"
             f"  {c.tokens:>6}  {c.finish_reason}"
