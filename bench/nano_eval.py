@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO))
 
 from task import problems  # noqa: E402
 
-from edge_metastone.answers import answers_equivalent  # noqa: E402
 from edge_metastone.reasoner import Reasoner, ReasonOptions  # noqa: E402
 from edge_metastone.training.metrics import (  # noqa: E402
     auc_report,
@@ -58,11 +57,7 @@ def run(args: argparse.Namespace) -> dict:
                 res = r.reason(p.prompt, ReasonOptions(effort=effort, seed=i, logprobs=True))
                 s = samples_from_result(res, str(p.answer))
                 samples.append(s)
-                chosen = res.candidates[res.chosen]
-                chosen_right.append(
-                    chosen.finish_reason not in ("length", "halted", "pruned")
-                    and answers_equivalent(res.answer, str(p.answer))
-                )
+                chosen_right.append(s.correct[res.chosen])  # the default selector's pick
                 tokens += sum(c.tokens for c in res.candidates)
             sel = selection_report(samples)
             aucs = auc_report(samples)

@@ -82,9 +82,8 @@ def _group_here(answers: list[str]) -> list[int]:
     reps: list[int] = []
     for i, ans in enumerate(answers):
         for r in reps:
-            if _trivially(answers[r], ans) or (
-                _trivially(answers[r], ans) is None and _equivalent_here(answers[r], ans)
-            ):
+            quick = _trivially(answers[r], ans)
+            if quick or (quick is None and _equivalent_here(answers[r], ans)):
                 labels.append(r)
                 break
         else:

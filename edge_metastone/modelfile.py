@@ -308,7 +308,8 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
     if rope_type not in _ROPE_SCALING:
         raise BadModelFileError(f"{path}: rope scaling type {rope_type!r} is not supported")
     m.float(gguf.Keys.Rope.SCALING_FACTOR.format(arch=arch), 1.0)
-    n_vocab = _check_vocabulary(m)
+    tokens = _check_vocabulary(m)
+    n_vocab = len(tokens)
     _check_tensors(path, reader)
 
     head, head_source, facts = read_head(reader, path), path, m
@@ -339,7 +340,6 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
             raise BadModelFileError(
                 f"{head_source}: an SPRM head without {keys.STEP_TOKEN_IDS}: no step could be scored"
             )
-    tokens = m.strings(gguf.Keys.Tokenizer.LIST) or []
 
     def token_text(key: str) -> str:
         tid = m.int(key, -1, lo=-1)
@@ -379,8 +379,8 @@ def _is_string(m: _Meta, key: str) -> bool:
     return f is not None and f.types == [_V.STRING]
 
 
-def _check_vocabulary(m: _Meta) -> int:
-    """A BPE vocabulary llama.cpp's qwen2 loader accepts; returns its size."""
+def _check_vocabulary(m: _Meta) -> list[bytes]:
+    """A BPE vocabulary llama.cpp's qwen2 loader accepts; returns its tokens (read once)."""
     tk = gguf.Keys.Tokenizer
     model = m.str(tk.MODEL)
     if model != "gpt2":
@@ -398,7 +398,7 @@ def _check_vocabulary(m: _Meta) -> int:
     m.strings(tk.MERGES)
     for key in (tk.BOS_ID, tk.EOS_ID, tk.EOT_ID, tk.PAD_ID, tk.UNK_ID, tk.SEP_ID):
         m.int(key, -1, lo=-1, hi=n - 1)
-    return n
+    return tokens
 
 
 def _check_tensors(path: Path, reader: gguf.GGUFReader) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from edge_metastone.answers import extract_answer
 from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import Candidate, Event, GenerationSettings
+from edge_metastone.engine.generate import Candidate, Event, FinishReason, GenerationSettings
 from edge_metastone.engine.llama import default_threads
 from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.errors import BudgetError, EdgeMetastoneError, InvalidRequestError
@@ -103,6 +103,11 @@ class CandidateView:
     tokens: int
     finish_reason: str
     mean_logprob: float | None
+
+    @property
+    def truncated(self) -> bool:
+        """True when the candidate was cut before it ended its turn (as `Candidate.truncated`)."""
+        return self.finish_reason not in (FinishReason.EOS.value, FinishReason.STOP.value)
 
     @classmethod
     def of(cls, c: Candidate) -> CandidateView:

@@ -114,17 +114,12 @@ def auc_report(problems: Sequence[ProblemSamples]) -> dict[str, float | int | No
     }
 
 
-TRUNCATED = ("length", "halted", "pruned")
-
-
 def samples_from_result(result, gold: str) -> ProblemSamples:
     """A `ReasonResult`'s candidates as the report sees them (truncated candidates are wrong)."""
     cands = result.candidates
     return ProblemSamples(
         answers=[c.answer for c in cands],
-        correct=[
-            c.finish_reason not in TRUNCATED and answers_equivalent(c.answer, gold) for c in cands
-        ],
+        correct=[not c.truncated and answers_equivalent(c.answer, gold) for c in cands],
         score=[c.score if c.score is not None else 0.0 for c in cands],
         mean_logprob=[c.mean_logprob if c.mean_logprob is not None else 0.0 for c in cands],
         step_scores=[list(c.step_scores) for c in cands],
