@@ -57,6 +57,9 @@ class ReasonOptions:
     allow_degrade: bool = False
     logprobs: bool = False  # every candidate's mean log-probability (evaluation; costs a softmax)
     raw: bool = False  # the prompt is pre-rendered text: fed as is, control tokens parsed
+    temperature: float | None = None  # None: the reasoner's sampling (MetaStone's 0.6)
+    top_p: float | None = None  # None: the reasoner's sampling (0.95)
+    stop: tuple[str, ...] = ()  # stop strings: a candidate ends before the first one it writes
 
     def __post_init__(self) -> None:
         try:
@@ -71,8 +74,27 @@ class ReasonOptions:
                 raise InvalidRequestError(f"{name} must be a finite positive number ({unit})")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be >= 1")
-        if self.seed < 0:
-            raise InvalidRequestError("seed must be >= 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise InvalidRequestError("seed must be an integer >= 0")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings")
+        self.sampling(SamplingSettings())  # temperature and top_p checked now, not mid-request
+
+    def sampling(self, base: SamplingSettings) -> SamplingSettings:
+        """`base` with this request's seed, temperature and top_p."""
+        changes: dict[str, Any] = {"seed": self.seed}
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        if self.top_p is not None:
+            changes["top_p"] = self.top_p
+        for name in ("temperature", "top_p"):
+            v = changes.get(name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise InvalidRequestError(f"{name} must be a finite number")
+        return dataclasses.replace(base, **changes)
 
 
 class _Cancelled(EdgeMetastoneError):
@@ -309,7 +331,8 @@ class Reasoner:
         """Generate k candidates (k from the effort, or chosen within the budgets) and pick one.
 
         Settings come as a `ReasonOptions` or as its fields: `effort`, `latency_budget` (seconds),
-        `memory_budget` (MB), `seed`, `strategy`, `max_new_tokens`, `allow_degrade`.
+        `memory_budget` (MB), `seed`, `strategy`, `max_new_tokens`, `allow_degrade`, `logprobs`,
+        `raw`, `temperature`, `top_p`, `stop`.
         """
         o = _options(options, fields)
         t0 = time.perf_counter()
@@ -317,8 +340,8 @@ class Reasoner:
         max_new = o.max_new_tokens or self.max_new_tokens
         name = o.strategy or self.default_strategy
         strategy = make_strategy(name)
-        sampling = dataclasses.replace(self.sampling, seed=o.seed)
-        settings = GenerationSettings(max_new_tokens=max_new, logprobs=o.logprobs)
+        sampling = o.sampling(self.sampling)
+        settings = GenerationSettings(max_new_tokens=max_new, stop=o.stop, logprobs=o.logprobs)
         deadline = arrival + o.latency_budget if o.latency_budget else None
         hook = self._hook(on_event)
         with self._lock:  # requests queue here; the latency budget counts from arrival

@@ -172,9 +172,33 @@ def test_reason_options_validate():
         {"max_new_tokens": 0},
         {"seed": -1},
         {"strategy": "beam"},
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"stop": [""]},
+        {"stop": [3]},
+        {"seed": 1.5},
     ):
         with pytest.raises(InvalidRequestError):
             ReasonOptions(**bad)
+
+
+def test_request_sampling_reaches_the_engine(reasoner):
+    """Per-request temperature / top_p / stop override the reasoner's sampling for that request."""
+    greedy = reasoner.reason("What is 2 + 2?", effort="low", seed=5, temperature=0)
+    a, b = greedy.candidates
+    assert a.token_ids == b.token_ids  # temperature 0: both candidates take the argmax
+    hot = reasoner.reason("What is 2 + 2?", effort="low", seed=5)
+    assert hot.candidates[0].token_ids != hot.candidates[1].token_ids  # the reasoner's T=1.0
+    # a stop string from the greedy text: the candidate ends before it
+    text = a.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = reasoner.reason("What is 2 + 2?", effort="low", seed=5, temperature=0, stop=[stop])
+    c = cut.candidates[0]
+    assert c.finish_reason == "stop" and stop not in c.text
+    assert text.startswith(c.text) and len(c.text) <= text.index(stop)
 
 
 def test_reason_rejects_unknown_fields(reasoner):
