@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edge_metastone.commands import print_json
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import Effort
 from edge_metastone.search import StrategyName
+
+if TYPE_CHECKING:
+    from edge_metastone.reasoner import ReasonOptions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +23,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the question ('-': read stdin)")
     p.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
+    add_reason_options(p)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(run=run)
+
+
+def add_reason_options(
+    p: argparse.ArgumentParser, effort_default: str | None = Effort.MEDIUM.value
+) -> None:
+    """The request options `reason` and `batch` share (they map 1:1 to `ReasonOptions`)."""
     p.add_argument(
         "--raw",
         action="store_true",
@@ -32,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--effort",
         choices=[e.value for e in Effort],
-        default=Effort.MEDIUM.value,
+        default=effort_default,
         help="low/medium/high = k 2/8/32 (default medium); auto = highest that fits the budgets",
     )
     p.add_argument(
@@ -57,8 +70,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
     )
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.set_defaults(run=run)
+
+
+def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
+    """The `ReasonOptions` the shared flags describe (`changes` override fields)."""
+    from edge_metastone.reasoner import ReasonOptions
+
+    fields = {
+        "effort": args.effort,
+        "latency_budget": args.latency_budget,
+        "memory_budget": args.memory_budget,
+        "seed": args.seed,
+        "strategy": args.strategy,
+        "max_new_tokens": args.max_new_tokens,
+        "allow_degrade": args.allow_degrade,
+        "raw": args.raw,
+    }
+    return ReasonOptions(**{**fields, **changes})
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -77,19 +105,10 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Reason and print."""
-    from edge_metastone.reasoner import Reasoner, ReasonOptions
+    from edge_metastone.reasoner import Reasoner
 
     prompt = read_prompt(args)
-    options = ReasonOptions(
-        effort=args.effort,
-        latency_budget=args.latency_budget,
-        memory_budget=args.memory_budget,
-        seed=args.seed,
-        strategy=args.strategy,
-        max_new_tokens=args.max_new_tokens,
-        allow_degrade=args.allow_degrade,
-        raw=args.raw,
-    )
+    options = reason_options(args)
     with Reasoner(
         args.model, head=args.head, n_threads=args.threads, n_gpu_layers=args.gpu_layers
     ) as r:
