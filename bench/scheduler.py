@@ -25,7 +25,7 @@ from edge_metastone.reasoner import Reasoner
 from edge_metastone.scheduler import Calibration
 model, effort, max_new, cal = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 with Reasoner(model, calibration=Calibration.from_json(cal), max_new_tokens=max_new) as r:
-    m = r.engine.model
+    m = r.backend.model
     ban = tuple((t, -1e9) for t in m.eog_ids)
     r.sampling = SamplingSettings(temperature=0.6, top_p=0.95, top_k=40, logit_bias=ban)
     res = r.reason(PROMPT, effort=effort, seed=0)

@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_metastone.answers import extract_answer
-from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import Candidate, Event, FinishReason, GenerationSettings
-from edge_metastone.engine.llama import default_threads
-from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.backend import Backend, open_backend
 from edge_metastone.errors import BudgetError, EdgeMetastoneError, InvalidRequestError
-from edge_metastone.limits import MAX_THREADS
+from edge_metastone.limits import MAX_THREADS, default_threads
 from edge_metastone.models import default_model_path
 from edge_metastone.scheduler import (
     MIB,
@@ -34,6 +31,14 @@ from edge_metastone.scheduler import (
     predict,
 )
 from edge_metastone.search import StrategyName, make_strategy
+from edge_metastone.types import (
+    Candidate,
+    Event,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    SamplingSettings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +202,17 @@ class ReasonResult:
 
 
 class Reasoner:
-    """A reflective model opened for test-time scaling (default: the embedded model)."""
+    """A reflective model opened for test-time scaling (default: the embedded model).
+
+    The model runs on the backend its path calls for (a GGUF file on llama.cpp, an ONNX directory
+    on onnxruntime), or on a `backend` already opened (e.g. a fake one in tests).
+    """
 
     def __init__(
         self,
         model: Path | str | None = None,
         *,
+        backend: Backend | None = None,
         head: Path | str | None = None,
         n_threads: int = 0,
         n_gpu_layers: int = 0,
@@ -212,12 +222,18 @@ class Reasoner:
     ) -> None:
         if not 0 <= n_threads <= MAX_THREADS:
             raise InvalidRequestError(f"threads must be between 0 (automatic) and {MAX_THREADS}")
-        self.model_path = Path(model) if model is not None else default_model_path()
         self.n_threads = n_threads or default_threads()
-        self.engine = Engine(
-            self.model_path, head_path=head, n_threads=self.n_threads, n_gpu_layers=n_gpu_layers
-        )
-        self.facts = ModelFacts.of(self.engine.model_file)
+        if backend is not None:
+            if model is not None or head is not None:
+                raise InvalidRequestError("pass either a model path or an opened backend")
+            self.backend = backend
+        else:
+            path = Path(model) if model is not None else default_model_path()
+            self.backend = open_backend(
+                path, head=head, n_threads=self.n_threads, n_gpu_layers=n_gpu_layers
+            )
+        self.model_path = self.backend.path
+        self.facts: ModelFacts = self.backend.facts
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
         self._calibration = calibration
@@ -227,13 +243,13 @@ class Reasoner:
     @property
     def has_head(self) -> bool:
         """True when the model scores steps."""
-        return self.engine.has_head
+        return self.backend.has_head
 
     @property
     def default_strategy(self) -> StrategyName:
         """The model file's measured best selector (`metastone.default_strategy`) when it names
         one this model can run; else best-of-k by SPRM score, or log-probability without a head."""
-        named = self.engine.model_file.default_strategy
+        named = self.backend.default_strategy
         needs_head = {StrategyName.BEST_OF_K, StrategyName.PRUNE, StrategyName.WEIGHTED_VOTE}
         try:
             choice = StrategyName(named) if named else None
@@ -252,7 +268,7 @@ class Reasoner:
 
                 self._check_open()
                 self._calibration = calibration_for(
-                    self.engine, self.n_threads, self.sampling, refresh=refresh
+                    self.backend, self.n_threads, self.sampling, refresh=refresh
                 )
             return self._calibration
 
@@ -268,9 +284,9 @@ class Reasoner:
         if raw:
             if not isinstance(prompt, str):
                 raise InvalidRequestError("a raw prompt is one pre-rendered string")
-            return prompt, self.engine.tokenize(prompt)
+            return prompt, self.backend.tokenize(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.engine.encode_chat(messages)
+        return self.backend.encode_chat(messages)
 
     def plan(self, prompt_tokens: int, options: ReasonOptions | None = None, **fields: Any) -> Plan:
         """The scheduler's choice for a request of this size (no generation)."""
@@ -358,11 +374,19 @@ class Reasoner:
                 len(ids), dataclasses.replace(o, max_new_tokens=max_new, latency_budget=left)
             )
             t_plan = time.perf_counter() - t1
+            control = GenerationControl()  # this request's own handle (and timings)
             cands, early = strategy.run(
-                self.engine, ids, plan.k, sampling, settings, deadline=deadline, on_event=hook
+                self.backend,
+                ids,
+                plan.k,
+                sampling,
+                settings,
+                deadline=deadline,
+                on_event=hook,
+                control=control,
             )
-            tm = self.engine.last_timings.as_dict()
-        res = strategy.choose(self.engine, cands, plan.k, early)  # answer checks: off the lock
+        tm = control.timings.as_dict()
+        res = strategy.choose(self.backend, cands, plan.k, early)  # answer checks: off the lock
         tm["queue_s"] = t_wait
         tm["plan_s"] = t_plan
         tm["total_s"] = time.perf_counter() - t0
@@ -402,7 +426,7 @@ class Reasoner:
         """Cancel any running generation, wait for it to unwind, then free the model."""
         self._closing.set()
         with self._lock:
-            self.engine.close()
+            self.backend.close()
 
     def __enter__(self) -> Reasoner:
         return self

@@ -319,10 +319,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGE_METASTONE_CACHE", Path.home() / ".cache" / "edge-metastone"))
 
 
-def calibration_key(model_path: Path, n_threads: int, extra: str = "") -> str:
-    """Identity of (model file, machine, threads, llama.cpp build, `extra`) for the cache."""
-    import llama_cpp
-
+def calibration_key(model_path: Path, n_threads: int, runtime: str, extra: str = "") -> str:
+    """Identity of (model, machine, threads, runtime build, `extra`) for the cache."""
     st = model_path.stat()
     ident = [
         str(model_path.resolve()),
@@ -332,7 +330,8 @@ def calibration_key(model_path: Path, n_threads: int, extra: str = "") -> str:
         platform.machine(),
         str(os.cpu_count()),
         str(n_threads),
-        llama_cpp.__version__,
+        runtime,
+        extra,
     ]
     return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:24]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,23 +14,11 @@ from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, Miss
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.modelfile import ModelFile, open_model_file
 from edge_metastone.sprm import StepRule, trajectory_score
+from edge_metastone.types import ScoreResult
+
+__all__ = ["ScoreResult", "forward_features", "score_text", "score_tokens"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """Scored feature positions (token indices), their step scores, and the trajectory score."""
-
-    positions: list[int]
-    step_scores: list[float]
-    score: float
-    n_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list, repr=False)
-
-    def to_json(self) -> dict[str, object]:
-        """The `score --json` object of SPEC §3."""
-        return {"positions": self.positions, "step_scores": self.step_scores, "score": self.score}
 
 
 def forward_features(

@@ -36,7 +36,7 @@ def test_reason_low_effort(reasoner):
 def test_candidates_rescore_outside_the_engine(reasoner):
     """prompt_text + each candidate's token_ids score the same through the one-pass scorer."""
     res = reasoner.reason("Add 3 and 4.", effort="medium", seed=1)
-    eng = reasoner.engine
+    eng = reasoner.backend
     prompt_ids = eng.tokenize(res.prompt_text)
     assert sum(len(c.step_scores) for c in res.candidates) > 0
     for c in res.candidates:

@@ -1,120 +1,29 @@
-"""Search strategies on hand-built scores, through a small fake engine (no llama.cpp)."""
+"""Search strategies on hand-built scores, through the scripted fake backend (no llama.cpp)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import pytest
+from fake_backend import FakeBackend, Script
 
 from edge_metastone.answers import answers_equivalent, extract_answer, group_answers
-from edge_metastone.engine.generate import (
-    Candidate,
-    Event,
-    FinishEvent,
-    FinishReason,
-    GenerationControl,
-    GenerationSettings,
-    StepEvent,
-    TokenEvent,
-)
-from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.search import BestOfK, LogProb, StepPruning, Vote, make_strategy
 from edge_metastone.search.base import argmax_lowest_index, select_by_score, selection_pool
 from edge_metastone.search.prune import PruneRule
 from edge_metastone.search.vote import vote
 from edge_metastone.sprm import trajectory_score
+from edge_metastone.types import (
+    Candidate,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    SamplingSettings,
+    StepEvent,
+)
 
 SAMPLING = SamplingSettings(temperature=1.0)
 SETTINGS = GenerationSettings(max_new_tokens=100)
-
-
-@dataclass
-class Script:
-    """One fake candidate: its step scores (one step every `every` tokens) and final text."""
-
-    steps: list[float]
-    text: str = "</think> \\boxed{1}"
-    every: int = 10
-    logprob: float = -1.0
-
-
-class FakeEngine:
-    """Emits events in the real engine's order, honouring control: each round, every live
-    candidate advances one token (a step boundary's StepEvent comes before that token's
-    TokenEvent); the FinishEvents of the candidates that ended come after the round."""
-
-    def __init__(
-        self, scripts: Sequence[Script], has_head: bool = True, round_s: float = 0.0
-    ) -> None:
-        self.scripts = list(scripts)
-        self._has_head = has_head
-        self.round_s = round_s  # a decode step's duration
-        self.generated = 0
-
-    @property
-    def has_head(self) -> bool:
-        return self._has_head
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        control: GenerationControl | None = None,
-        candidate_offset: int = 0,
-    ) -> Iterator[Event]:
-        assert k == len(self.scripts)
-        control = control or GenerationControl()
-        n_tok = [len(s.steps) * s.every for s in self.scripts]
-        live = list(range(k))
-        made = [0] * k
-        step_no = [0] * k
-        while live:
-            ended: list[tuple[int, FinishReason]] = []
-            for i in live:
-                s = self.scripts[i]
-                reason = None
-                if control.halted:
-                    reason = FinishReason.HALTED
-                elif i in control.pruned:
-                    reason = FinishReason.PRUNED
-                elif made[i] >= n_tok[i]:
-                    reason = FinishReason.EOS
-                if reason is not None:
-                    ended.append((i, reason))
-                    continue
-                made[i] += 1
-                self.generated += 1
-                if made[i] % s.every == 0 and self.has_head:
-                    step_no[i] += 1
-                    sc = s.steps[step_no[i] - 1]
-                    yield StepEvent(
-                        i, made[i], sc, step_no[i], trajectory_score(s.steps[: step_no[i]])
-                    )
-                yield TokenEvent(i, 0, "x")
-            for i, reason in ended:
-                s = self.scripts[i]
-                steps = s.steps[: step_no[i]]
-                yield FinishEvent(
-                    i,
-                    Candidate(
-                        i,
-                        list(range(made[i])),
-                        s.text if reason is FinishReason.EOS else "partial",
-                        list(range(len(steps))),
-                        steps,
-                        trajectory_score(steps) if self.has_head else None,
-                        reason,
-                        s.logprob if settings.logprobs else None,
-                    ),
-                )
-                live.remove(i)
-            if self.round_s:
-                time.sleep(self.round_s)
 
 
 def cand(i: int, score: float | None, reason=FinishReason.EOS, logprob=None) -> Candidate:
@@ -147,7 +56,7 @@ def test_selection_pool_after_early_stop_prefers_completed():
 
 
 def test_best_of_k_picks_highest_trajectory_score():
-    eng = FakeEngine([Script([0.5, 0.5]), Script([0.9, 0.8]), Script([0.9, 0.8]), Script([0.1])])
+    eng = FakeBackend([Script([0.5, 0.5]), Script([0.9, 0.8]), Script([0.9, 0.8]), Script([0.1])])
     res = BestOfK().search(eng, [1], 4, SAMPLING, SETTINGS)
     assert res.chosen == 1 and res.candidates[1].score == pytest.approx(
         trajectory_score([0.9, 0.8])
@@ -156,13 +65,13 @@ def test_best_of_k_picks_highest_trajectory_score():
 
 
 def test_best_of_k_without_head_falls_back_to_logprob():
-    eng = FakeEngine([Script([0.9], logprob=-2.0), Script([0.1], logprob=-0.5)], has_head=False)
+    eng = FakeBackend([Script([0.9], logprob=-2.0), Script([0.1], logprob=-0.5)], has_head=False)
     res = BestOfK().search(eng, [1], 2, SAMPLING, SETTINGS)
     assert res.chosen == 1 and "log-probability" in res.reason
 
 
 def test_logprob_strategy():
-    eng = FakeEngine(
+    eng = FakeBackend(
         [Script([0.9], logprob=-0.7), Script([0.1], logprob=-0.2), Script([0.5], logprob=-0.2)]
     )
     assert LogProb().search(eng, [1], 3, SAMPLING, SETTINGS).chosen == 1
@@ -172,9 +81,9 @@ def test_pruning_drops_laggards_and_saves_tokens():
     good = [0.9] * 10
     bad = [0.2] * 10
     scripts = [Script(bad), Script(good), Script(bad), Script([0.85] * 10), Script(bad)]
-    full = FakeEngine(scripts)
+    full = FakeBackend(scripts)
     best = BestOfK().search(full, [1], 5, SAMPLING, SETTINGS)
-    pruned_eng = FakeEngine(scripts)
+    pruned_eng = FakeBackend(scripts)
     res = StepPruning(min_steps=3, ratio=0.6, keep=2).search(pruned_eng, [1], 5, SAMPLING, SETTINGS)
     assert res.chosen == best.chosen == 1
     reasons = [c.finish_reason for c in res.candidates]
@@ -232,10 +141,10 @@ def test_vote_strategies_end_to_end():
         Script([0.9], "</think> \\boxed{5}"),
         Script([0.3], "</think> the answer is \\boxed{2+2}"),
     ]
-    assert Vote().search(FakeEngine(scripts), [1], 3, SAMPLING, SETTINGS).chosen == 0
+    assert Vote().search(FakeBackend(scripts), [1], 3, SAMPLING, SETTINGS).chosen == 0
     assert (
         make_strategy("weighted-vote")
-        .search(FakeEngine(scripts), [1], 3, SAMPLING, SETTINGS)
+        .search(FakeBackend(scripts), [1], 3, SAMPLING, SETTINGS)
         .chosen
         == 1
     )
@@ -244,7 +153,7 @@ def test_vote_strategies_end_to_end():
 def test_deadline_halts_and_flags_early_stop():
     # 2 candidates x 500 tokens at 2 ms a round would take 1 s; the deadline is 0.2 s away
     scripts = [Script([0.5] * 50, every=10), Script([0.6] * 50, every=10)]
-    eng = FakeEngine(scripts, round_s=0.002)
+    eng = FakeBackend(scripts, round_s=0.002)
     t0 = time.monotonic()
     res = BestOfK().search(eng, [1], 2, SAMPLING, SETTINGS, deadline=t0 + 0.2)
     took = time.monotonic() - t0
@@ -257,7 +166,7 @@ def test_deadline_halts_and_flags_early_stop():
 def test_deadline_in_the_future_lets_a_short_run_finish():
     scripts = [Script([0.5] * 2, every=5), Script([0.6] * 2, every=5)]
     res = BestOfK().search(
-        FakeEngine(scripts), [1], 2, SAMPLING, SETTINGS, deadline=time.monotonic() + 60
+        FakeBackend(scripts), [1], 2, SAMPLING, SETTINGS, deadline=time.monotonic() + 60
     )
     assert not res.early_stop and res.chosen == 1
 

@@ -14,7 +14,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score", help="score the reasoning steps of one full text with the SPRM head"
     )
-    p.add_argument("--model", type=Path, required=True, metavar="FILE.gguf")
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="FILE.gguf",
+        help="a GGUF file or an ONNX model directory",
+    )
     p.add_argument("--text-file", type=Path, required=True, metavar="TEXT")
     p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the head")
     p.add_argument("--json", action="store_true", help="print {positions, step_scores, score}")
@@ -29,13 +35,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Score and print."""
-    from edge_metastone.scoring import score_text
+    from edge_metastone.backend import open_backend
 
     try:
         text = args.text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeMetastoneError(f"cannot read {args.text_file}: {e}") from None
-    result = score_text(args.model, text, head_path=args.head, n_gpu_layers=args.gpu_layers)
+    backend = open_backend(args.model, head=args.head, n_gpu_layers=args.gpu_layers)
+    try:
+        result = backend.score_text(text)
+    finally:
+        backend.close()
     if args.json:
         print_json(result.to_json())
         return 0

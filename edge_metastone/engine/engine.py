@@ -1,4 +1,5 @@
-"""`Engine`: a model file opened for generation with in-stream step scoring."""
+"""`Engine`: a GGUF model file opened on llama.cpp for generation with in-stream step scoring (the
+llama.cpp implementation of `edge_metastone.backend.Backend`)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,25 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import llama_cpp
+
 from edge_metastone.chat import ChatTemplate
-from edge_metastone.engine.generate import (
-    BatchGenerator,
+from edge_metastone.engine.generate import BatchGenerator
+from edge_metastone.engine.llama import Model, default_threads
+from edge_metastone.errors import InvalidRequestError, MissingHeadError
+from edge_metastone.modelfile import ModelFile, open_model_file
+from edge_metastone.scheduler import ModelFacts
+from edge_metastone.scoring import score_tokens
+from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
+from edge_metastone.types import (
     Candidate,
     Event,
     FinishEvent,
     GenerationControl,
     GenerationSettings,
-    Timings,
+    SamplingSettings,
+    ScoreResult,
 )
-from edge_metastone.engine.llama import Model
-from edge_metastone.engine.sampling import SamplingSettings
-from edge_metastone.errors import InvalidRequestError
-from edge_metastone.modelfile import ModelFile, open_model_file
-from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
 
 
 def step_rule(mf: ModelFile, model: Model) -> StepRule:
@@ -53,6 +58,8 @@ class Engine:
         mf = self.model_file
         self.model = Model(mf.path, n_gpu_layers=n_gpu_layers)
         self.n_gpu_layers = n_gpu_layers
+        self.n_threads = n_threads or default_threads()
+        self.facts = ModelFacts.of(mf)
         self.template = ChatTemplate(
             mf.chat_template, bos_token=mf.bos_token, eos_token=mf.eos_token
         )
@@ -62,19 +69,34 @@ class Engine:
         )
 
     @property
+    def path(self) -> Path:
+        """The model file."""
+        return self.model_file.path
+
+    @property
+    def runtime(self) -> str:
+        """llama.cpp's build and the offload: a calibration is valid for this identity only."""
+        return f"llama.cpp/llama-cpp-python {llama_cpp.__version__} gpu-layers {self.n_gpu_layers}"
+
+    @property
     def has_head(self) -> bool:
         """True when step scores are available."""
         return self.model_file.head is not None
 
     @property
+    def default_strategy(self) -> str | None:
+        """The file's `metastone.default_strategy`, if it names one."""
+        return self.model_file.default_strategy
+
+    @property
+    def eog_ids(self) -> tuple[int, ...]:
+        """Token ids that end a turn."""
+        return self.model.eog_ids
+
+    @property
     def feature_layer(self) -> int:
         """The layer whose output the head reads (the head's, else L-2)."""
         return self._generator.feature_layer
-
-    @property
-    def last_timings(self) -> Timings:
-        """Timings of the most recent generation."""
-        return self._generator.last_timings
 
     def render(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt text for a conversation, by the model's own (sandboxed) chat template."""
@@ -84,6 +106,10 @@ class Engine:
         """Prompt text -> token ids (special tokens in the text are parsed): for text the caller
         rendered on purpose. User messages go through `encode_chat`."""
         return self.model.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text (control tokens spelled out)."""
+        return self.model.detokenize(token_ids)
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
         """The prompt text and ids for a conversation. Only the template's own markup becomes
@@ -156,6 +182,17 @@ class Engine:
             if isinstance(e, FinishEvent)
         ]
         return sorted(done, key=lambda c: c.index)
+
+    def score_tokens(self, token_ids: Sequence[int], *, parity: bool = True) -> ScoreResult:
+        """One forward over the full sequence, features at the scored positions through the head
+        (SPEC §1); `parity` keeps the KV cache in F32, as the reference scorer computes."""
+        if self.model_file.head is None:
+            raise MissingHeadError(f"{self.path} has no SPRM head; scoring is unavailable")
+        return score_tokens(self.model_file, self.model, list(token_ids), parity=parity)
+
+    def score_text(self, text: str, *, parity: bool = True) -> ScoreResult:
+        """Tokenize a full text (prompt and response, markup parsed) and score it."""
+        return self.score_tokens(self.model.tokenize(text), parity=parity)
 
     def close(self) -> None:
         """Free the model."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import codecs
 import dataclasses
-import enum
 import logging
 import math
 import time
@@ -22,139 +21,38 @@ import numpy as np
 
 from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
-from edge_metastone.engine.sampling import Sampler, SamplingSettings
+from edge_metastone.engine.sampling import Sampler
 from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.sprm import SprmHead, StepRule, trajectory_score
+from edge_metastone.types import (  # re-exported: the engine's public types live in types.py
+    Candidate,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    SamplingSettings,
+    StepEvent,
+    Timings,
+    TokenEvent,
+)
+
+__all__ = [
+    "BatchGenerator",
+    "Candidate",
+    "Event",
+    "FinishEvent",
+    "FinishReason",
+    "GenerationControl",
+    "GenerationSettings",
+    "SamplingSettings",
+    "StepEvent",
+    "Timings",
+    "TokenEvent",
+]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Limits and stops of one generation. `max_answer_tokens` caps tokens after `</think>`."""
-
-    max_new_tokens: int = 1024
-    stop: tuple[str, ...] = ()
-    max_answer_tokens: int | None = None
-    score_steps: bool = True
-    logprobs: bool = False
-    keep_features: bool = False  # return each scored position's layer-(L-2) feature (training)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be >= 1")
-        if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
-            raise InvalidRequestError("max_answer_tokens must be >= 0")
-        if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty")
-
-
-class FinishReason(str, enum.Enum):
-    """Why a candidate ended."""
-
-    EOS = "eos"  # the model ended its turn
-    LENGTH = "length"  # max_new_tokens (or the answer budget) reached
-    STOP = "stop"  # a stop string appeared
-    PRUNED = "pruned"  # a search strategy dropped it
-    HALTED = "halted"  # the caller stopped the whole generation (e.g. out of time)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One finished candidate."""
-
-    index: int
-    token_ids: list[int]
-    text: str
-    step_positions: list[int]  # token indices (prompt + generation) of the scored features
-    step_scores: list[float]
-    score: float | None  # trajectory score; None when the model has no head or scoring is off
-    finish_reason: FinishReason
-    mean_logprob: float | None = None  # the policy's mean token log-probability (settings.logprobs)
-    step_features: np.ndarray | None = None  # [n_steps, C] float32 (settings.keep_features)
-
-    @property
-    def n_tokens(self) -> int:
-        """Generated tokens."""
-        return len(self.token_ids)
-
-    @property
-    def truncated(self) -> bool:
-        """True when the candidate was cut before it ended its turn."""
-        return (
-            self.finish_reason is not FinishReason.EOS
-            and self.finish_reason is not FinishReason.STOP
-        )
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """Candidate `candidate` produced `token_id`; `text` is the newly decodable text."""
-
-    candidate: int
-    token_id: int
-    text: str
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """A step boundary was scored online (inside the current think window)."""
-
-    candidate: int
-    position: int
-    score: float
-    n_steps: int
-    running_score: float
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    """A candidate ended; `text_tail` is its text not streamed yet (held back as a possible stop
-    string's start, or an incomplete UTF-8 ending)."""
-
-    candidate: int
-    result: Candidate
-    text_tail: str = ""
-
-
-Event = TokenEvent | StepEvent | FinishEvent
-
-
-@dataclass
-class Timings:
-    """Seconds spent per phase of one generation, and the token counts."""
-
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    sample_s: float = 0.0
-    score_s: float = 0.0
-    total_s: float = 0.0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    decode_steps: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        """JSON-ready, with derived rates."""
-        d = dict(self.__dict__)
-        d["decode_tokens_per_s"] = self.generated_tokens / self.decode_s if self.decode_s else 0.0
-        return d
-
-
-class GenerationControl:
-    """Lets a consumer of the event stream prune candidates or halt everything between steps."""
-
-    def __init__(self) -> None:
-        self.pruned: set[int] = set()
-        self.halted = False
-
-    def prune(self, candidate: int) -> None:
-        """End candidate `candidate` at the next step."""
-        self.pruned.add(candidate)
-
-    def halt(self) -> None:
-        """End every live candidate at the next step."""
-        self.halted = True
 
 
 @dataclass
@@ -216,7 +114,6 @@ class BatchGenerator:
         self.rule = rule
         self.n_threads = n_threads
         self.parity = parity
-        self.last_timings = Timings()
 
     @property
     def feature_layer(self) -> int:
@@ -251,8 +148,8 @@ class BatchGenerator:
         prompt = list(prompt_ids)
         control = control or GenerationControl()
         t_start = time.perf_counter()
-        tm = Timings(prompt_tokens=len(prompt))
-        self.last_timings = tm
+        tm = control.timings  # this call's own timings (added to what the control holds)
+        tm.prompt_tokens += len(prompt)
         scoring = settings.score_steps and self.head is not None
         keep = settings.keep_features
         capture = FeatureCapture(self.feature_layer, self.model.n_embd) if scoring or keep else None
@@ -267,7 +164,7 @@ class BatchGenerator:
             t0 = time.perf_counter()
             prompt_feats, last_feature, last_row = self._prefill(ctx, batch, prompt, capture)
             prompt_scores = self._score_prompt(prompt_feats) if scoring else {}
-            tm.prefill_s = time.perf_counter() - t0
+            tm.prefill_s += time.perf_counter() - t0
             prompt_think = _ThinkState()
             for i, t in enumerate(prompt):
                 prompt_think.note(self.rule, t, i)
@@ -315,7 +212,7 @@ class BatchGenerator:
             finally:
                 for seq in seqs:
                     seq.sampler.close()
-                tm.total_s = time.perf_counter() - t_start
+                tm.total_s += time.perf_counter() - t_start
 
     def _prefill(
         self, ctx: Context, batch: Batch, prompt: list[int], capture: FeatureCapture | None

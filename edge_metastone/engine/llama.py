@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from edge_metastone.errors import (
     EdgeMetastoneError,
     InvalidRequestError,
 )
-from edge_metastone.limits import MAX_THREADS, PREFILL_BATCH
+from edge_metastone.limits import MAX_THREADS, PREFILL_BATCH, default_threads
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +46,6 @@ def ensure_backend() -> None:
             llama_cpp.llama_log_set(_log_to_logging, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
-
-
-def default_threads() -> int:
-    """Physical-ish core count: llama.cpp decodes fastest without hyper-threads."""
-    n = os.cpu_count() or 1
-    return max(1, n if n <= 4 else n // 2)
 
 
 class Model:

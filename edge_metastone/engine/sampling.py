@@ -4,52 +4,14 @@ on which other candidates share the batch."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
-import numpy as np
 
 from edge_metastone.errors import InvalidRequestError
+from edge_metastone.types import SamplingSettings
 
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How tokens are drawn. temperature 0 means greedy; top_k 0, top_p 1, min_p 0 are off."""
-
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int = 0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), as OpenAI's API
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InvalidRequestError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequestError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise InvalidRequestError("top_k must be >= 0")
-        if not 0 <= self.min_p < 1:
-            raise InvalidRequestError("min_p must be in [0, 1)")
-        if self.repeat_penalty <= 0:
-            raise InvalidRequestError("repeat_penalty must be > 0")
-        if self.repeat_last_n < 0:
-            raise InvalidRequestError("repeat_last_n must be >= 0")
-        if self.seed < 0:
-            raise InvalidRequestError("seed must be >= 0")
-
-    @property
-    def greedy(self) -> bool:
-        """True when sampling is argmax."""
-        return self.temperature == 0
-
-    def candidate_seed(self, candidate: int) -> int:
-        """The 32-bit seed of candidate `candidate`: a function of (seed, candidate) only."""
-        return int(np.random.SeedSequence([self.seed, candidate]).generate_state(1)[0])
+__all__ = ["Sampler", "SamplingSettings"]
 
 
 class Sampler:

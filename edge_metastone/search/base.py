@@ -9,16 +9,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge_metastone.engine.generate import (
+from edge_metastone.types import (
     Candidate,
     Event,
     FinishEvent,
     FinishReason,
     GenerationControl,
     GenerationSettings,
+    SamplingSettings,
     StepEvent,
 )
-from edge_metastone.engine.sampling import SamplingSettings
 
 
 class StrategyName(str, enum.Enum):
@@ -32,7 +32,7 @@ class StrategyName(str, enum.Enum):
 
 
 class SearchEngine(Protocol):
-    """What a strategy needs from an engine (the real one, or a fake in tests)."""
+    """What a strategy needs from a backend (`edge_metastone.backend.Backend` has it all)."""
 
     @property
     def has_head(self) -> bool: ...
@@ -89,6 +89,7 @@ class Strategy(Protocol):
         *,
         deadline: float | None = None,
         on_event: EventHook | None = None,
+        control: GenerationControl | None = None,
     ) -> tuple[list[Candidate], bool]: ...
 
     def choose(
@@ -119,9 +120,11 @@ def run_candidates(
     on_event: EventHook | None = None,
     on_step: Callable[[StepEvent, GenerationControl], None] | None = None,
     on_finish: Callable[[Candidate], None] | None = None,
+    control: GenerationControl | None = None,
 ) -> tuple[list[Candidate], bool]:
-    """Consume the engine's events; halt before `deadline` (time.monotonic()). Returns (candidates, early_stop)."""
-    control = GenerationControl()
+    """Consume the engine's events; halt before `deadline` (time.monotonic()). Returns (candidates, early_stop).
+    `control` is the caller's handle on the run (its timings); a fresh one when not given."""
+    control = control or GenerationControl()
     done: list[Candidate] = []
     last = time.monotonic()
     step_time = 0.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_metastone.engine.generate import Candidate, GenerationSettings
 from edge_metastone.search.base import (
     SearchEngine,
     StrategyName,
@@ -12,6 +11,7 @@ from edge_metastone.search.base import (
     select_by_score,
 )
 from edge_metastone.search.strategy import SelectingStrategy
+from edge_metastone.types import Candidate, GenerationSettings
 
 
 class BestOfK(SelectingStrategy):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_metastone.engine.generate import Candidate, GenerationSettings
 from edge_metastone.search.base import SearchEngine, StrategyName, select_by_logprob
 from edge_metastone.search.strategy import SelectingStrategy
+from edge_metastone.types import Candidate, GenerationSettings
 
 
 class LogProb(SelectingStrategy):

@@ -6,13 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edge_metastone.engine.generate import (
-    Candidate,
-    GenerationControl,
-    GenerationSettings,
-    StepEvent,
-)
-from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.search.base import (
     EventHook,
@@ -22,6 +15,13 @@ from edge_metastone.search.base import (
 )
 from edge_metastone.search.best_of_k import BestOfK
 from edge_metastone.search.strategy import SelectingStrategy
+from edge_metastone.types import (
+    Candidate,
+    GenerationControl,
+    GenerationSettings,
+    SamplingSettings,
+    StepEvent,
+)
 
 
 @dataclass
@@ -84,14 +84,15 @@ class StepPruning(SelectingStrategy):
         *,
         deadline: float | None = None,
         on_event: EventHook | None = None,
+        control: GenerationControl | None = None,
     ) -> tuple[list[Candidate], bool]:
         """Run with pruning (plain best-of-k when the model cannot score steps)."""
         args = (engine, prompt_ids, k, sampling, settings)
         if not (engine.has_head and settings.score_steps):
             self.rule = None
-            return BestOfK().run(*args, deadline=deadline, on_event=on_event)
+            return BestOfK().run(*args, deadline=deadline, on_event=on_event, control=control)
         self.rule = PruneRule(k, self.min_steps, self.ratio, self.keep)  # fresh per run
-        return super().run(*args, deadline=deadline, on_event=on_event)
+        return super().run(*args, deadline=deadline, on_event=on_event, control=control)
 
     def on_step(self, ev: StepEvent, control: GenerationControl) -> None:
         """Prune laggards at this step boundary."""

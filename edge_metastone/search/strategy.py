@@ -4,13 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from edge_metastone.engine.generate import (
-    Candidate,
-    GenerationControl,
-    GenerationSettings,
-    StepEvent,
-)
-from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.search.base import (
     EventHook,
     SearchEngine,
@@ -18,6 +11,13 @@ from edge_metastone.search.base import (
     StrategyName,
     position_of,
     run_candidates,
+)
+from edge_metastone.types import (
+    Candidate,
+    GenerationControl,
+    GenerationSettings,
+    SamplingSettings,
+    StepEvent,
 )
 
 
@@ -50,6 +50,7 @@ class SelectingStrategy:
         *,
         deadline: float | None = None,
         on_event: EventHook | None = None,
+        control: GenerationControl | None = None,
     ) -> tuple[list[Candidate], bool]:
         """Generate the candidates (the part that needs the engine): (candidates, early stop)."""
         return run_candidates(
@@ -62,6 +63,7 @@ class SelectingStrategy:
             on_event=on_event,
             on_step=self.on_step,
             on_finish=self.on_finish,
+            control=control,
         )
 
     def choose(

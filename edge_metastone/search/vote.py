@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from edge_metastone.answers import extract_answer, group_answers
-from edge_metastone.engine.generate import Candidate
 from edge_metastone.search.base import (
     SearchEngine,
     StrategyName,
@@ -13,6 +12,7 @@ from edge_metastone.search.base import (
     selection_pool,
 )
 from edge_metastone.search.strategy import SelectingStrategy
+from edge_metastone.types import Candidate
 
 
 def vote(answers: Sequence[str], weights: Sequence[float], indices: Sequence[int]) -> int:

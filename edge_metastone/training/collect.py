@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 
 from edge_metastone.answers import answers_equivalent, extract_answer
-from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import GenerationSettings
-from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.backend import Backend, generate_all
 from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
+from edge_metastone.types import GenerationSettings, SamplingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +147,9 @@ def _problem_seed(seed: int, key: str) -> int:
     return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def sample_problem(engine: Engine, problem: Problem, settings: CollectSettings) -> ProblemData:
+def sample_problem(backend: Backend, problem: Problem, settings: CollectSettings) -> ProblemData:
     """Generate `samples` candidates for one problem and label them."""
-    _, ids = engine.encode_chat([{"role": "user", "content": problem.prompt}])
+    _, ids = backend.encode_chat([{"role": "user", "content": problem.prompt}])
     sampling = SamplingSettings(
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -162,7 +161,7 @@ def sample_problem(engine: Engine, problem: Problem, settings: CollectSettings) 
         logprobs=True,
         score_steps=False,
     )
-    cands = engine.generate_all(ids, settings.samples, sampling, gen)
+    cands = generate_all(backend, ids, settings.samples, sampling, gen)
     answers = [extract_answer(c.text) for c in cands]
     truncated = [c.truncated for c in cands]
     correct = [
@@ -235,7 +234,7 @@ def model_identity(path: Path) -> dict[str, Any]:
 
 
 def collect(
-    engine: Engine,
+    backend: Backend,
     problems: Sequence[Problem],
     settings: CollectSettings,
     cache: SampleCache,
@@ -245,7 +244,7 @@ def collect(
         if cache.has(p.key):
             yield p, cache.get(p.key), False
             continue
-        data = sample_problem(engine, p, settings)
+        data = sample_problem(backend, p, settings)
         cache.put(data)
         yield p, data, True
 

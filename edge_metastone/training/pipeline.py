@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_metastone import keys
-from edge_metastone.engine.engine import Engine
+from edge_metastone.backend import open_backend
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.modelfile import (
     SIDECAR_SUFFIX,
@@ -67,14 +67,17 @@ def train_sprm(
     if warm_start and init is None:
         raise EdgeMetastoneError(f"{model_path} has no SPRM head to warm-start from")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache(out_path)
-    with Engine(
-        model_path, head_path=head_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers
-    ) as engine:
-        cache = SampleCache(cache_root, identity(mf.path, collect_settings, engine.feature_layer))
-        rule, feature_layer = engine.rule, engine.feature_layer
+    backend = open_backend(
+        model_path, head=head_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers
+    )
+    try:
+        cache = SampleCache(cache_root, identity(mf.path, collect_settings, backend.feature_layer))
+        rule, feature_layer = backend.rule, backend.feature_layer
         if not rule.step_token_ids:
             raise EdgeMetastoneError(f"{model_path}: cannot find the step delimiter's token ids")
-        data = _collect_with_progress(engine, problems, collect_settings, cache, progress)
+        data = _collect_with_progress(backend, problems, collect_settings, cache, progress)
+    finally:
+        backend.close()
     train_keys, val_keys = split(
         [d.key for d in data], train_settings.val_split, train_settings.seed
     )

@@ -1,0 +1,180 @@
+"""The backend boundary: what the `Reasoner`, the scheduler, the search strategies and the fronts
+need from a runtime, and the choice of runtime from the model path.
+
+A `.gguf` file runs on llama.cpp (`edge_metastone.engine.engine.Engine`); an ONNX model directory
+will run on onnxruntime. Nothing here imports either runtime: `open_backend` loads the one a model
+needs when it is asked to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from edge_metastone.errors import BadModelFileError
+from edge_metastone.scheduler import ModelFacts
+from edge_metastone.sprm import StepRule
+from edge_metastone.types import (
+    Candidate,
+    Event,
+    FinishEvent,
+    GenerationControl,
+    GenerationSettings,
+    SamplingSettings,
+    ScoreResult,
+)
+
+GGUF_MAGIC = b"GGUF"
+ONNX_MODEL_NAME = "model.onnx"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model opened on one runtime: text in, scored candidates out.
+
+    Timings are per call: `generate` fills the `GenerationControl` it is given (there is no shared
+    "last timings" state to read afterwards).
+    """
+
+    @property
+    def path(self) -> Path:
+        """The model file or directory."""
+        ...
+
+    @property
+    def runtime(self) -> str:
+        """Runtime and build identity (e.g. `llama.cpp/llama-cpp-python 0.3.36 cpu`): part of
+        the calibration cache key, so a new build or a GPU offload is measured again."""
+        ...
+
+    @property
+    def facts(self) -> ModelFacts:
+        """What the scheduler's latency and memory models need."""
+        ...
+
+    @property
+    def has_head(self) -> bool:
+        """True when the model scores steps (an SPRM head is loaded)."""
+        ...
+
+    @property
+    def default_strategy(self) -> str | None:
+        """The model's recorded best selector (`metastone.default_strategy`), if any."""
+        ...
+
+    @property
+    def rule(self) -> StepRule:
+        """Which tokens end a step and open/close the think window (SPEC §1, §2)."""
+        ...
+
+    @property
+    def feature_layer(self) -> int:
+        """The layer whose output the head reads (the head's, else L-2)."""
+        ...
+
+    @property
+    def eog_ids(self) -> tuple[int, ...]:
+        """Token ids that end a turn."""
+        ...
+
+    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt text for a conversation, by the model's own sandboxed chat template."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Pre-rendered prompt text -> token ids, control-token markup parsed."""
+        ...
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
+        """(prompt text, ids) of a conversation; message text never becomes control tokens."""
+        ...
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Token ids -> text."""
+        ...
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        control: GenerationControl | None = None,
+        candidate_offset: int = 0,
+    ) -> Iterator[Event]:
+        """Stream token, step and finish events of k candidates generated together over one
+        prompt; candidate i samples with the seed (sampling.seed, candidate_offset + i)."""
+        ...
+
+    def score_tokens(self, token_ids: Sequence[int]) -> ScoreResult:
+        """Score a full token sequence in one pass, exactly as the reference scorer (SPEC §1)."""
+        ...
+
+    def score_text(self, text: str) -> ScoreResult:
+        """Tokenize a full text (prompt and response) and score it (`edge-metastone score`)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model. Callers make sure no generation is running."""
+        ...
+
+
+def generate_all(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    k: int,
+    sampling: SamplingSettings,
+    settings: GenerationSettings,
+    *,
+    control: GenerationControl | None = None,
+) -> list[Candidate]:
+    """Run a generation to its end; the candidates in index order."""
+    events = backend.generate(prompt_ids, k, sampling, settings, control=control)
+    done = [e.result for e in events if isinstance(e, FinishEvent)]
+    return sorted(done, key=lambda c: c.index)
+
+
+def model_kind(path: Path) -> str:
+    """'gguf' or 'onnx' by what is at `path` (its content, not its name); a clear error otherwise."""
+    if path.is_dir():
+        if (path / ONNX_MODEL_NAME).is_file():
+            return "onnx"
+        raise BadModelFileError(
+            f"{path} is a directory without {ONNX_MODEL_NAME}: not an ONNX model directory"
+        )
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise BadModelFileError(f"no such model file: {path}") from None
+    except OSError as e:
+        raise BadModelFileError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic == GGUF_MAGIC:
+        return "gguf"
+    raise BadModelFileError(f"{path} is neither a GGUF file nor an ONNX model directory")
+
+
+def open_backend(
+    model: Path | str,
+    *,
+    head: Path | str | None = None,
+    n_threads: int = 0,
+    n_gpu_layers: int = 0,
+    parity: bool = False,
+) -> Backend:
+    """Open `model` on the runtime it needs: a GGUF file on llama.cpp, an ONNX model directory on
+    onnxruntime."""
+    path = Path(model)
+    kind = model_kind(path)
+    if kind == "onnx":
+        raise BadModelFileError(
+            f"{path} is an ONNX model directory, and this build has no ONNX backend yet: "
+            "convert the checkpoint to GGUF (edge-metastone convert HF_DIR -o FILE.gguf)"
+        )
+    from edge_metastone.engine.engine import Engine  # loads llama.cpp
+
+    return Engine(
+        path, head_path=head, n_threads=n_threads, n_gpu_layers=n_gpu_layers, parity=parity
+    )

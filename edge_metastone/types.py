@@ -1,0 +1,198 @@
+"""The backend-neutral types: settings, candidates, events, timings and score results.
+
+Nothing here imports a runtime (llama.cpp, onnxruntime), so search strategies, the scheduler, the
+`Reasoner` and the fronts can use these types without loading one.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_metastone.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How tokens are drawn. temperature 0 means greedy; top_k 0, top_p 1, min_p 0 are off."""
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), as OpenAI's API
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise InvalidRequestError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidRequestError("top_k must be >= 0")
+        if not 0 <= self.min_p < 1:
+            raise InvalidRequestError("min_p must be in [0, 1)")
+        if self.repeat_penalty <= 0:
+            raise InvalidRequestError("repeat_penalty must be > 0")
+        if self.repeat_last_n < 0:
+            raise InvalidRequestError("repeat_last_n must be >= 0")
+        if self.seed < 0:
+            raise InvalidRequestError("seed must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax."""
+        return self.temperature == 0
+
+    def candidate_seed(self, candidate: int) -> int:
+        """The 32-bit seed of candidate `candidate`: a function of (seed, candidate) only."""
+        return int(np.random.SeedSequence([self.seed, candidate]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Limits and stops of one generation. `max_answer_tokens` caps tokens after `</think>`."""
+
+    max_new_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+    max_answer_tokens: int | None = None
+    score_steps: bool = True
+    logprobs: bool = False
+    keep_features: bool = False  # return each scored position's layer-(L-2) feature (training)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens must be >= 1")
+        if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
+            raise InvalidRequestError("max_answer_tokens must be >= 0")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+
+
+class FinishReason(str, enum.Enum):
+    """Why a candidate ended."""
+
+    EOS = "eos"  # the model ended its turn
+    LENGTH = "length"  # max_new_tokens (or the answer budget) reached
+    STOP = "stop"  # a stop string appeared
+    PRUNED = "pruned"  # a search strategy dropped it
+    HALTED = "halted"  # the caller stopped the whole generation (e.g. out of time)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One finished candidate."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    step_positions: list[int]  # token indices (prompt + generation) of the scored features
+    step_scores: list[float]
+    score: float | None  # trajectory score; None when the model has no head or scoring is off
+    finish_reason: FinishReason
+    mean_logprob: float | None = None  # the policy's mean token log-probability (settings.logprobs)
+    step_features: np.ndarray | None = None  # [n_steps, C] float32 (settings.keep_features)
+
+    @property
+    def n_tokens(self) -> int:
+        """Generated tokens."""
+        return len(self.token_ids)
+
+    @property
+    def truncated(self) -> bool:
+        """True when the candidate was cut before it ended its turn."""
+        return (
+            self.finish_reason is not FinishReason.EOS
+            and self.finish_reason is not FinishReason.STOP
+        )
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Candidate `candidate` produced `token_id`; `text` is the newly decodable text."""
+
+    candidate: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A step boundary was scored online (inside the current think window)."""
+
+    candidate: int
+    position: int
+    score: float
+    n_steps: int
+    running_score: float
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """A candidate ended; `text_tail` is its text not streamed yet (held back as a possible stop
+    string's start, or an incomplete UTF-8 ending)."""
+
+    candidate: int
+    result: Candidate
+    text_tail: str = ""
+
+
+Event = TokenEvent | StepEvent | FinishEvent
+
+
+@dataclass
+class Timings:
+    """Seconds spent per phase of one generation, and the token counts."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    sample_s: float = 0.0
+    score_s: float = 0.0
+    total_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON-ready, with derived rates."""
+        d = dict(self.__dict__)
+        d["decode_tokens_per_s"] = self.generated_tokens / self.decode_s if self.decode_s else 0.0
+        return d
+
+
+class GenerationControl:
+    """The caller's handle on one generation: prune candidates or halt everything between steps,
+    and read the generation's own timings (filled in by the backend as it runs; a generation run
+    through several calls with one control adds them up)."""
+
+    def __init__(self) -> None:
+        self.pruned: set[int] = set()
+        self.halted = False
+        self.timings = Timings()
+
+    def prune(self, candidate: int) -> None:
+        """End candidate `candidate` at the next step."""
+        self.pruned.add(candidate)
+
+    def halt(self) -> None:
+        """End every live candidate at the next step."""
+        self.halted = True
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Scored feature positions (token indices), their step scores, and the trajectory score."""
+
+    positions: list[int]
+    step_scores: list[float]
+    score: float
+    n_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, object]:
+        """The `score --json` object of SPEC §3."""
+        return {"positions": self.positions, "step_scores": self.step_scores, "score": self.score}

@@ -1,0 +1,239 @@
+"""A scripted backend implementing `edge_metastone.backend.Backend` without any runtime: search
+strategies and the whole `Reasoner` run on it in tests, with hand-chosen step scores."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_metastone.scheduler import ModelFacts
+from edge_metastone.sprm import StepRule, trajectory_score
+from edge_metastone.types import (
+    Candidate,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    SamplingSettings,
+    ScoreResult,
+    StepEvent,
+    TokenEvent,
+)
+
+EOS = 0
+FACTS = ModelFacts(
+    weight_bytes=1 << 20,
+    n_layers=4,
+    n_kv_heads=2,
+    head_dim=16,
+    n_embd=64,
+    n_ff=128,
+    n_head=4,
+    n_vocab=256,
+    n_ctx_train=4096,
+)
+
+
+@dataclass
+class Script:
+    """One fake candidate: its step scores (one step every `every` tokens) and final text."""
+
+    steps: list[float]
+    text: str = "</think> \\boxed{1}"
+    every: int = 10
+    logprob: float = -1.0
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.steps) * self.every
+
+    def piece(self, j: int) -> str:
+        """The text of generated token j (the text spread evenly over the tokens)."""
+        n, t = self.n_tokens, self.text
+        return t[j * len(t) // n : (j + 1) * len(t) // n]
+
+
+class FakeBackend:
+    """Emits events in the real engine's order, honouring control: each round, every live
+    candidate advances one token (a step boundary's StepEvent comes before that token's
+    TokenEvent); the FinishEvents of the candidates that ended come after the round. Candidate i
+    plays `scripts[i % len(scripts)]`. Text is tokenized one byte per token."""
+
+    def __init__(
+        self,
+        scripts: Sequence[Script],
+        has_head: bool = True,
+        round_s: float = 0.0,
+        path: Path | str = "fake.gguf",
+        default_strategy: str | None = None,
+    ) -> None:
+        self.scripts = list(scripts)
+        self._has_head = has_head
+        self.round_s = round_s  # a decode step's duration
+        self.generated = 0
+        self.calls = 0
+        self.live_generations = 0  # > 0 while a generation runs (close() must never see that)
+        self.closed = False
+        self._path = Path(path)
+        self._default_strategy = default_strategy
+
+    # --- facts ---------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def runtime(self) -> str:
+        return "fake"
+
+    @property
+    def facts(self) -> ModelFacts:
+        return FACTS
+
+    @property
+    def has_head(self) -> bool:
+        return self._has_head
+
+    @property
+    def default_strategy(self) -> str | None:
+        return self._default_strategy
+
+    @property
+    def rule(self) -> StepRule:
+        return StepRule.of([ord(".")], -1, -1)
+
+    @property
+    def feature_layer(self) -> int:
+        return FACTS.n_layers - 2
+
+    @property
+    def eog_ids(self) -> tuple[int, ...]:
+        return (EOS,)
+
+    # --- text ------------------------------------------------------------------------------
+    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
+        turns = "".join(f"[{m['role']}]{m['content']}\n" for m in messages)
+        return turns + "[assistant]"
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
+        text = self.render(messages)
+        return text, self.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+    # --- generation ------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        control: GenerationControl | None = None,
+        candidate_offset: int = 0,
+    ) -> Iterator[Event]:
+        assert not self.closed, "generate() on a closed backend"
+        control = control or GenerationControl()
+        self.calls += 1
+        self.live_generations += 1
+        t0 = time.perf_counter()
+        try:
+            yield from self._run(list(prompt_ids), k, settings, control, candidate_offset)
+        finally:
+            self.live_generations -= 1
+            control.timings.prompt_tokens += len(prompt_ids)
+            control.timings.total_s += time.perf_counter() - t0
+
+    def _run(
+        self,
+        prompt: list[int],
+        k: int,
+        settings: GenerationSettings,
+        control: GenerationControl,
+        offset: int,
+    ) -> Iterator[Event]:
+        idx = [offset + i for i in range(k)]
+        scripts = {c: self.scripts[c % len(self.scripts)] for c in idx}
+        live = list(idx)
+        made = dict.fromkeys(idx, 0)
+        step_no = dict.fromkeys(idx, 0)
+        text = dict.fromkeys(idx, "")
+        ids: dict[int, list[int]] = {c: [] for c in idx}
+        while live:
+            ended: list[tuple[int, FinishReason]] = []
+            for i in live:
+                s = scripts[i]
+                reason = None
+                if control.halted:
+                    reason = FinishReason.HALTED
+                elif i in control.pruned:
+                    reason = FinishReason.PRUNED
+                elif made[i] >= s.n_tokens:
+                    reason = FinishReason.EOS
+                elif made[i] >= settings.max_new_tokens:
+                    reason = FinishReason.LENGTH
+                if reason is not None:
+                    ended.append((i, reason))
+                    continue
+                piece = s.piece(made[i])
+                made[i] += 1
+                self.generated += 1
+                control.timings.generated_tokens += 1
+                if made[i] % s.every == 0 and self.has_head and settings.score_steps:
+                    step_no[i] += 1
+                    sc = s.steps[step_no[i] - 1]
+                    yield StepEvent(
+                        i,
+                        len(prompt) + made[i],
+                        sc,
+                        step_no[i],
+                        trajectory_score(s.steps[: step_no[i]]),
+                    )
+                text[i] += piece
+                ids[i].append(ord(piece[0]) if piece else 1)
+                yield TokenEvent(i, ids[i][-1], piece)
+            for i, reason in ended:
+                s = scripts[i]
+                steps = s.steps[: step_no[i]]
+                scored = self.has_head and settings.score_steps
+                yield FinishEvent(
+                    i,
+                    Candidate(
+                        i,
+                        ids[i],
+                        text[i],
+                        [len(prompt) + (j + 1) * s.every for j in range(len(steps))]
+                        if scored
+                        else [],
+                        steps if scored else [],
+                        trajectory_score(steps) if scored else None,
+                        reason,
+                        s.logprob if settings.logprobs else None,
+                    ),
+                )
+                live.remove(i)
+            if live:
+                control.timings.decode_steps += 1
+            if self.round_s:
+                time.sleep(self.round_s)
+
+    def score_tokens(self, token_ids: Sequence[int]) -> ScoreResult:
+        positions = [i for i, t in enumerate(token_ids) if t == ord(".")]
+        steps = [0.5] * len(positions)
+        return ScoreResult(
+            positions, steps, trajectory_score(steps), len(token_ids), list(token_ids)
+        )
+
+    def score_text(self, text: str) -> ScoreResult:
+        return self.score_tokens(self.tokenize(text))
+
+    def close(self) -> None:
+        assert self.live_generations == 0, "close() while a generation is running"
+        self.closed = True

@@ -1,0 +1,181 @@
+"""The backend boundary: the neutral core loads no runtime, the whole `Reasoner` runs on any
+`Backend` (here the scripted fake), and the model path picks the runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from fake_backend import FakeBackend, Script
+
+from conftest import REPO, run_cli
+from edge_metastone.backend import Backend, open_backend
+from edge_metastone.errors import BadModelFileError
+from edge_metastone.reasoner import Reasoner
+from edge_metastone.scheduler import MIB, Calibration, calibration_key
+from edge_metastone.sprm import trajectory_score
+from edge_metastone.types import FinishEvent, StepEvent, TokenEvent
+
+CAL = Calibration({1: 0.01, 2: 0.011, 4: 0.012, 8: 0.015, 16: 0.02, 32: 0.03}, 2000.0, 200 * MIB, 2)
+
+
+def test_the_core_imports_no_runtime():
+    """Search, the Reasoner's module, the scheduler, calibration and the fronts' types load
+    neither llama.cpp nor onnxruntime (nor torch)."""
+    code = (
+        "import sys\n"
+        "import edge_metastone.search, edge_metastone.reasoner, edge_metastone.scheduler\n"
+        "import edge_metastone.backend, edge_metastone.types, edge_metastone.calibration\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('llama_cpp', 'onnxruntime', 'torch'))\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_both_backends_implement_the_protocol(tiny_gguf):
+    assert isinstance(FakeBackend([Script([0.5])]), Backend)
+    with open_backend(tiny_gguf("q8_0")) as engine:
+        assert isinstance(engine, Backend)
+        assert engine.runtime.startswith("llama.cpp")
+        assert engine.facts.n_layers == engine.model_file.n_layers
+
+
+SCRIPTS = [
+    Script([0.5, 0.5], "</think> \\boxed{4}"),
+    Script([0.9, 0.8], "</think> \\boxed{5}"),
+    Script([0.3, 0.4], "</think> \\boxed{4}"),
+    Script([0.1, 0.2], "</think> \\boxed{4}"),
+]
+
+
+def test_reasoner_runs_on_a_fake_backend():
+    fake = FakeBackend(SCRIPTS)
+    with Reasoner(backend=fake, calibration=CAL) as r:
+        res = r.reason("What is 2+2?", effort="low", seed=1)
+        assert res.k == 2 and res.chosen == 1 and res.answer == "5"
+        assert res.prompt_text == "[user]What is 2+2?\n[assistant]"
+        assert res.candidates[1].score == pytest.approx(trajectory_score([0.9, 0.8]))
+        # timings are this request's own: the tokens it generated, not another call's
+        assert res.timings["generated_tokens"] == sum(c.tokens for c in res.candidates) == 40
+        res8 = r.reason("What is 2+2?", effort="medium", strategy="vote")
+        assert res8.k == 8 and res8.answer == "4" and res8.strategy == "vote"
+        assert res8.timings["generated_tokens"] == 160
+    assert fake.closed
+
+
+def test_default_strategy_comes_from_the_backend():
+    with Reasoner(backend=FakeBackend(SCRIPTS, default_strategy="vote"), calibration=CAL) as r:
+        assert r.default_strategy.value == "vote"
+    # a selector that needs a head is not taken for a model without one
+    fake = FakeBackend(SCRIPTS, has_head=False, default_strategy="best-of-k")
+    with Reasoner(backend=fake, calibration=CAL) as r:
+        assert r.default_strategy.value == "logprob"
+
+
+def test_stream_on_a_fake_backend_rebuilds_the_result():
+    with Reasoner(backend=FakeBackend(SCRIPTS), calibration=CAL) as r:
+        texts: dict[int, str] = {}
+        steps: dict[int, list[float]] = {}
+        for ev in r.reason_stream("hi", effort="low"):
+            if isinstance(ev, TokenEvent):
+                texts[ev.candidate] = texts.get(ev.candidate, "") + ev.text
+            elif isinstance(ev, StepEvent):
+                steps.setdefault(ev.candidate, []).append(ev.score)
+            elif isinstance(ev, FinishEvent):
+                texts[ev.candidate] += ev.text_tail
+            else:
+                result = ev
+        assert [texts[c.index] for c in result.candidates] == [c.text for c in result.candidates]
+        assert [steps[c.index] for c in result.candidates] == [
+            c.step_scores for c in result.candidates
+        ]
+
+
+def test_close_waits_for_the_running_generation():
+    """close() during a stream cancels the generation and frees the backend only after it has
+    unwound (the fake asserts that no generation is live when it is closed)."""
+    fake = FakeBackend([Script([0.5] * 200, every=10)], round_s=0.001)  # ~2 s uncancelled
+    r = Reasoner(backend=fake, calibration=CAL)
+    stream = r.reason_stream("hi", effort="low")
+    next(stream)
+    assert fake.live_generations == 1
+    t0 = time.monotonic()
+    r.close()
+    assert time.monotonic() - t0 < 1.0 and fake.closed and fake.live_generations == 0
+    assert fake.generated < 2 * 2000
+
+
+def test_a_queued_request_plans_with_the_time_it_has_left():
+    """The latency budget counts from arrival: a request queued behind a 0.4 s one plans with
+    what is left (1.7 s budget: medium on an idle model, 1.5 s predicted; low after 0.4 s queued)."""
+    fake = FakeBackend([Script([0.5] * 20, every=10)], round_s=0.001)
+    with Reasoner(backend=fake, calibration=CAL, max_new_tokens=100) as r:
+        idle = r.plan(10, effort="auto", latency_budget=1.7)
+        done = threading.Event()
+
+        def hold() -> None:
+            with r._lock:
+                done.wait(0.4)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        time.sleep(0.05)
+        res = r.reason("x" * 3, effort="auto", latency_budget=1.7)
+        t.join()
+        assert res.timings["queue_s"] >= 0.3
+        assert res.k < idle.k, (res.k, idle.k, res.scheduler_reason)
+
+
+def test_calibration_runs_through_the_backend(tmp_path, private_cache):
+    model = tmp_path / "fake.gguf"
+    model.write_bytes(b"GGUF")
+    fake = FakeBackend([Script([0.5] * 10, every=10)], path=model)
+    with Reasoner(backend=fake) as r:
+        cal = r.calibration()
+        assert set(cal.step_seconds) >= {1, 2, 8, 32} and cal.prefill_tokens_per_s > 0
+        assert cal.key == calibration_key(model, r.n_threads, "fake", cal_key_extra(r))
+
+
+def cal_key_extra(r: Reasoner) -> str:
+    from edge_metastone.calibration import sampling_cost_key
+
+    return sampling_cost_key(r.sampling)
+
+
+def test_calibration_key_names_runtime_and_settings(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    base = calibration_key(model, 2, "llama.cpp 0.3.36 gpu-layers 0", "t1")
+    assert base == calibration_key(model, 2, "llama.cpp 0.3.36 gpu-layers 0", "t1")
+    assert base != calibration_key(model, 2, "llama.cpp 0.3.36 gpu-layers 99", "t1")
+    assert base != calibration_key(model, 2, "llama.cpp 0.3.36 gpu-layers 0", "t0")
+    assert base != calibration_key(model, 4, "llama.cpp 0.3.36 gpu-layers 0", "t1")
+
+
+def test_the_model_path_picks_the_runtime(tmp_path):
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"\x08\x07")
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model")
+    cases = [
+        (empty_dir, "not an ONNX model directory"),
+        (onnx_dir, "no ONNX backend"),
+        (text, "neither a GGUF file nor an ONNX model directory"),
+        (tmp_path / "missing.gguf", "no such model file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(BadModelFileError, match=message):
+            open_backend(path)
+    proc = run_cli("reason", "--model", str(onnx_dir), "hi")
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "ONNX" in proc.stderr, proc.stderr
