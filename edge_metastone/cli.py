@@ -7,10 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from edge_metastone.commands import convert, inspect, reason, score, train_sprm
+from edge_metastone.commands import batch, convert, inspect, reason, score, serve, train_sprm
 from edge_metastone.errors import EdgeMetastoneError
 
-COMMANDS = (convert, inspect, score, reason, train_sprm)
+COMMANDS = (convert, inspect, score, reason, batch, train_sprm, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,198 @@
+"""What a batch output adds up to: accuracy, tokens and time per effort mode (the summary), and for
+a sweep, every selector's accuracy on the same candidates against thinking compute, a log-linear
+fit, and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_metastone.batch.jobfile import sidecar
+from edge_metastone.training.metrics import ProblemSamples, selection_report
+
+if TYPE_CHECKING:
+    from edge_metastone.batch.runner import BatchJob
+
+SELECTORS = ("default", "sprm", "majority", "logprob")
+SELECTOR_LABELS = {
+    "default": "default",
+    "sprm": "SPRM best-of-k",
+    "majority": "majority vote",
+    "logprob": "mean log-prob",
+}
+
+
+def _by_mode(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        out.setdefault(rec["effort"], []).append(rec)
+    return out
+
+
+def summarize(records: Sequence[dict[str, Any]], facts: dict[str, Any]) -> dict[str, Any]:
+    """Per effort mode: records, errors, accuracy over the lines with a gold answer, generated
+    tokens, time spent reasoning (over every run that made the records) and tokens/s."""
+    modes = {}
+    for mode, recs in _by_mode(records).items():
+        ok = [r for r in recs if "error" not in r]
+        checked = [r for r in ok if "correct" in r]
+        tokens = sum(r["tokens"] for r in ok)
+        secs = sum(r.get("time_s", 0.0) for r in recs)
+        modes[mode] = {
+            "records": len(recs),
+            "errors": len(recs) - len(ok),
+            "with_answer": len(checked),
+            "accuracy": sum(bool(r["correct"]) for r in checked) / len(checked)
+            if checked
+            else None,
+            "tokens": tokens,
+            "time_s": round(secs, 3),
+            "tokens_per_s": round(tokens / secs, 1) if secs > 0 else None,
+        }
+    return {
+        "records": len(records),
+        "errors": sum(m["errors"] for m in modes.values()),
+        "modes": modes,
+        "this_run": {
+            "records": facts["ran"],
+            "resumed_after": facts["resumed"],
+            "wall_s": round(facts["wall_s"], 3),
+            "records_per_s": round(facts["ran"] / facts["wall_s"], 3) if facts["wall_s"] else None,
+        },
+    }
+
+
+def _samples(rec: dict[str, Any]) -> ProblemSamples:
+    cands = rec["candidates"]
+    return ProblemSamples(
+        answers=[c["answer"] for c in cands],
+        correct=[bool(c["correct"]) for c in cands],
+        score=[c["score"] if c["score"] is not None else 0.0 for c in cands],
+        mean_logprob=[c["mean_logprob"] if c["mean_logprob"] is not None else 0.0 for c in cands],
+        step_scores=[[] for _ in cands],
+    )
+
+
+def sweep_points(records: Sequence[dict[str, Any]], n_params: int) -> dict[str, dict[str, Any]]:
+    """Per mode, over the lines with a gold answer: each selector's accuracy on the same
+    candidates, one sample's (the mean), the oracle pass@k, and the thinking compute (generated
+    tokens x parameters)."""
+    points = {}
+    for mode, recs in _by_mode(records).items():
+        checked = [r for r in recs if "error" not in r and "correct" in r]
+        if not checked:
+            continue
+        sel = selection_report([_samples(r) for r in checked])
+        tokens = sum(r["tokens"] for r in checked)
+        strategies = sorted({r["strategy"] for r in checked})
+        points[mode] = {
+            "k": max(r["k"] for r in checked),
+            "problems": len(checked),
+            "tokens": tokens,
+            "compute": float(tokens) * n_params,
+            "default": float(np.mean([bool(r["correct"]) for r in checked])),
+            "default_strategy": ",".join(strategies),
+            **{name: sel[name] for name in ("sprm", "majority", "logprob")},
+            "single": sel["random"],
+            "oracle": sel["oracle"],
+        }
+    return points
+
+
+def loglinear_fit(points: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per selector, least squares accuracy = a + b * log10(compute), with R^2 (needs two
+    distinct compute values)."""
+    xs = [math.log10(p["compute"]) for p in points.values() if p["compute"] > 0]
+    if len(set(xs)) < 2 or len(xs) != len(points):
+        return {}
+    x = np.array(xs)
+    fits = {}
+    for name in SELECTORS:
+        y = np.array([p[name] for p in points.values()])
+        b, a = np.polyfit(x, y, 1)
+        resid = y - (a + b * x)
+        ss = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 - float((resid**2).sum()) / ss if ss > 0 else None  # flat: R^2 undefined
+        fits[name] = {"intercept": float(a), "slope_per_decade": float(b), "r2": r2}
+    return fits
+
+
+def plot_sweep(
+    points: dict[str, dict[str, Any]],
+    fits: dict[str, dict[str, float | None]],
+    path: Path,
+    title: str,
+) -> None:
+    """Accuracy against thinking compute (log x), one line per selector, fits dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted(points, key=lambda m: points[m]["compute"])
+    x = np.array([points[m]["compute"] for m in modes])
+    fig, ax = plt.subplots(figsize=(10, 5))
+    default_name = points[modes[0]]["default_strategy"]
+    for name, style in zip(SELECTORS, ("o-", "s--", "^-.", "d:"), strict=True):
+        label = SELECTOR_LABELS[name] + (f" ({default_name})" if name == "default" else "")
+        fit = fits.get(name)
+        if fit:
+            label += f"  [{fit['slope_per_decade']:+.3f}/decade]"
+        (line,) = ax.plot(x, [points[m][name] for m in modes], style, label=label)
+        if fit and len(x) > 1:
+            xx = np.geomspace(x.min(), x.max(), 20)
+            yy = fit["intercept"] + fit["slope_per_decade"] * np.log10(xx)
+            ax.plot(xx, yy, color=line.get_color(), lw=0.7, alpha=0.5)
+    ax.plot(x, [points[m]["oracle"] for m in modes], "x:", color="grey", label="oracle pass@k")
+    ax.plot(x, [points[m]["single"] for m in modes], "+:", color="black", label="one sample")
+    for xi, m in zip(x, modes, strict=True):
+        ax.annotate(f"{m} k={points[m]['k']}", (xi, points[m]["oracle"]), fontsize=8,
+                    ha="center", xytext=(0, 5), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("thinking compute: generated tokens x parameters (log scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(
+    job: BatchJob, records: Sequence[dict[str, Any]], facts: dict[str, Any], png: Path | None
+) -> dict[str, Any]:
+    """The summary (written to OUT.summary.json); with `png`, the sweep too (points, fit, plot)."""
+    summary = summarize(records, facts)
+    summary["output"] = str(job.output)
+    if png is not None:
+        from edge_metastone.modelfile import open_model_file
+
+        n_params = open_model_file(job.model_path, job.head).n_params
+        points = sweep_points(records, n_params)
+        fits = loglinear_fit(points)
+        summary["sweep"] = {"n_params": n_params, "points": points, "fit": fits, "png": None}
+        if points:
+            n = max(p["problems"] for p in points.values())
+            title = (
+                f"{job.model_path.name}: accuracy vs thinking compute, {n} problems, "
+                "every selector on the same candidates"
+            )
+            plot_sweep(points, fits, png, title)
+            summary["sweep"]["png"] = str(png)
+    path = sidecar(job.output, "summary.json")
+    _write_json(path, summary)
+    summary["summary_file"] = str(path)
+    return summary

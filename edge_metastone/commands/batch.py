@@ -1,0 +1,184 @@
+"""`edge-metastone batch IN.jsonl -o OUT.jsonl [--model F] [--effort ...|--sweep low,medium,high]
+[--ray [ADDRESS]]`: reason over a file of problems, resumably (SPEC §3)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edge_metastone.commands import print_json
+from edge_metastone.commands.reason import add_reason_options, reason_options
+from edge_metastone.errors import EdgeMetastoneError
+from edge_metastone.scheduler import FIXED_EFFORTS, Effort
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the command."""
+    p = sub.add_parser(
+        "batch",
+        help="reason over a JSONL file of problems (resumable; --sweep; --ray)",
+        description=(
+            'Reads {"id", "prompt" | "messages"[, "answer"]} lines and writes one result line '
+            "per line (per effort mode with --sweep) to OUT, in input order. Killed at any "
+            "moment and rerun with the same command, it resumes. A summary is printed and "
+            "written to OUT.summary.json."
+        ),
+    )
+    p.add_argument("input", type=Path, metavar="IN.jsonl")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.jsonl")
+    add_reason_options(p, effort_default=None)
+    p.add_argument(
+        "--sweep",
+        metavar="MODES",
+        default=None,
+        help="run every listed effort mode (e.g. low,medium,high) on every line, then plot each "
+        "selector's accuracy against thinking compute (OUT.sweep.png; needs matplotlib)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster (no ADDRESS: start a local one); needs edge-metastone[ray]",
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="Ray workers (default: cluster CPUs / --threads)"
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="also write every candidate's text, token ids and step scores, and the prompt text",
+    )
+    p.add_argument("--png", type=Path, default=None, help="sweep plot (default OUT.sweep.png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def parse_modes(text: str) -> tuple[Effort, ...]:
+    """`low,medium,high` as effort modes (fixed modes only, each once)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    allowed = [e.value for e in FIXED_EFFORTS]
+    bad = [n for n in names if n not in allowed]
+    if not names or bad or len(set(names)) != len(names):
+        raise EdgeMetastoneError(
+            f"--sweep takes distinct modes among {','.join(allowed)} (got {text!r})"
+        )
+    return tuple(Effort(n) for n in names)
+
+
+def _check_extras(args: argparse.Namespace) -> None:
+    """Missing extras are reported before any work, not after hours of it."""
+    if args.ray is not None:
+        from edge_metastone.batch.on_ray import import_ray
+
+        import_ray()
+    if args.sweep:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise EdgeMetastoneError(
+                "--sweep draws with matplotlib: pip install 'edge-metastone[plot]'"
+            ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run or resume the job, then print the summary."""
+    from edge_metastone.batch import BatchJob, run_batch
+    from edge_metastone.batch.jobfile import sidecar
+    from edge_metastone.batch.report import write_report
+
+    if args.sweep and args.effort:
+        raise EdgeMetastoneError("give --effort or --sweep, not both")
+    if args.workers < 0:
+        raise EdgeMetastoneError("--workers must be >= 0")
+    modes = parse_modes(args.sweep) if args.sweep else (Effort(args.effort or "medium"),)
+    _check_extras(args)
+    # a sweep scores every selector on the same candidates: log-probabilities are needed
+    options = reason_options(args, effort=modes[0], logprobs=bool(args.sweep))
+    job = BatchJob(
+        input=args.input,
+        output=args.output,
+        options=options,
+        modes=modes,
+        model=args.model,
+        head=args.head,
+        threads=args.threads,
+        gpu_layers=args.gpu_layers,
+        full=args.full,
+        ray_address=args.ray,
+        ray_workers=args.workers,
+    )
+    records, facts = run_batch(job, progress=not args.no_progress)
+    png = (args.png or sidecar(args.output, "sweep.png")) if args.sweep else None
+    summary = write_report(job, records, facts, png)
+    if args.json:
+        print_json(summary)
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def _f(v: object, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def format_summary(s: dict) -> str:
+    """The summary (and the sweep's table and fit) for a person."""
+    run = s["this_run"]
+    lines = [
+        f"{s['output']}: {s['records']} records ({s['errors']} errors); "
+        f"summary in {s['summary_file']}",
+        f"  {'effort':<8}{'records':>8}{'errors':>8}{'accuracy':>10}{'tokens':>10}"
+        f"{'time_s':>10}{'tokens/s':>10}",
+    ]
+    for mode, m in s["modes"].items():
+        acc = f"{_f(m['accuracy'])} ({m['with_answer']})" if m["with_answer"] else "n/a"
+        lines.append(
+            f"  {mode:<8}{m['records']:>8}{m['errors']:>8}{acc:>10}{m['tokens']:>10}"
+            f"{m['time_s']:>10.1f}{_f(m['tokens_per_s'], '.0f'):>10}"
+        )
+    resumed = f", resumed after {run['resumed_after']}" if run["resumed_after"] else ""
+    lines.append(
+        f"this run: {run['records']} records in {run['wall_s']:.1f} s "
+        f"({_f(run['records_per_s'], '.2f')} records/s){resumed}"
+    )
+    sweep = s.get("sweep")
+    if sweep and sweep["points"]:
+        lines += ["", _sweep_table(sweep)]
+    elif sweep:
+        lines.append("sweep: no line has a gold answer; nothing to plot")
+    return "\n".join(lines)
+
+
+def _sweep_table(sweep: dict) -> str:
+    from edge_metastone.batch.report import SELECTORS
+
+    points = sweep["points"]
+    default = next(iter(points.values()))["default_strategy"]
+    head = ["default", "sprm", "majority", "logprob", "single", "oracle"]
+    lines = [
+        f"sweep ({sweep['n_params']:,} parameters): accuracy of each selector on the same "
+        f"candidates (default = {default})",
+        f"  {'effort':<8}{'k':>4}{'problems':>9}{'compute':>11}"
+        + "".join(f"{h:>10}" for h in head),
+    ]
+    for mode, p in points.items():
+        lines.append(
+            f"  {mode:<8}{p['k']:>4}{p['problems']:>9}{p['compute']:>11.3g}"
+            + "".join(f"{p[h]:>10.3f}" for h in head)
+        )
+    if sweep["fit"]:
+        lines.append("log-linear fit: accuracy = a + b * log10(generated tokens x parameters)")
+        for name in SELECTORS:
+            f = sweep["fit"][name]
+            lines.append(
+                f"  {name:<9} a = {f['intercept']:+.3f}  b = {f['slope_per_decade']:+.4f} "
+                f"per decade  R^2 = {_f(f['r2'], '.2f')}"
+            )
+    else:
+        lines.append("log-linear fit: needs two or more modes")
+    if sweep["png"]:
+        lines.append(f"wrote {sweep['png']}")
+    return "\n".join(lines)
