@@ -1,0 +1,196 @@
+"""The FastAPI app: `/v1/chat/completions`, `/v1/models`, `/health`, and the web page at `/`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
+
+from edge_metastone.errors import InvalidRequestError
+from edge_metastone.reasoner import Reasoner
+from edge_metastone.scheduler import FIXED_EFFORTS
+from edge_metastone.server.errors import ApiError, ErrorGuard
+from edge_metastone.server.schema import Completion, Limits, parse_request, to_options
+from edge_metastone.server.service import Channel, GenerationService, Job
+from edge_metastone.server.streaming import EventStream, error_of, watch_client
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's limits; `serve`'s flags map 1:1 to these fields."""
+
+    max_queue: int = 32  # requests waiting behind the running one; more get a 503
+    max_request_bytes: int = MIB  # larger bodies get a 413
+    max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
+    max_k: int = 32  # the most candidates a request may generate (low 2, medium 8, high 32)
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise InvalidRequestError("max_queue must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise InvalidRequestError("max_request_bytes must be >= 1024")
+        if self.max_tokens_limit < 1:
+            raise InvalidRequestError("max_tokens_limit must be >= 1")
+        if self.max_k < 2:
+            raise InvalidRequestError("max_k must be >= 2 (effort low generates 2 candidates)")
+
+
+class _App(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        return ErrorGuard(super().build_middleware_stack())
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """Strict JSON (a non-finite number is an error, never invalid JSON)."""
+    body = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode()
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it passes `limit` bytes."""
+    too_large = ApiError(
+        413, f"the request body is larger than {limit} bytes", code="request_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    reasoner: Reasoner, settings: ServerSettings | None = None, *, model_id: str | None = None
+) -> FastAPI:
+    """An app serving `reasoner` as `model_id` (default: the model file's name without .gguf).
+    The caller closes the reasoner after the server stops."""
+    settings = settings or ServerSettings()
+    service = GenerationService(reasoner, settings.max_queue)
+    model_id = model_id or reasoner.model_path.name.removesuffix(".gguf")
+    limits = Limits(
+        max_tokens=settings.max_tokens_limit,
+        default_max_tokens=min(reasoner.max_new_tokens, settings.max_tokens_limit),
+        max_k=settings.max_k,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        yield
+        service.stop()
+        await asyncio.to_thread(service.join, 30.0)
+
+    app = _App(title="edge-metastone", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.state.model_id = model_id
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return ApiError(e.status_code, str(e.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> Response:  # ErrorGuard logs it
+        return ApiError(500, "internal server error", type="server_error").response()
+
+    def model_card() -> dict[str, Any]:
+        path = reasoner.model_path
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": int(path.stat().st_mtime) if path.exists() else 0,
+            "owned_by": "edge-metastone",
+            "metastone": {
+                "file": path.name,
+                "has_head": reasoner.has_head,
+                "default_strategy": reasoner.default_strategy.value,
+                "context_length": reasoner.facts.n_ctx_train,
+                "max_tokens_limit": limits.max_tokens,
+                "default_max_tokens": limits.default_max_tokens,
+                "efforts": {e.value: e.k for e in FIXED_EFFORTS if e.k <= limits.max_k},
+            },
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return json_response({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> Response:
+        if name != model_id:
+            return _unknown_model(name, model_id).response()
+        return json_response(model_card())
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response(
+            {
+                "status": "shutting_down" if service.closing else "ok",
+                "model": model_id,
+                "running": service.running,
+                "queued": service.queued,
+                **service.stats.__dict__,
+            }
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        arrival = time.monotonic()
+        try:
+            req = parse_request(await read_body(request, settings.max_request_bytes))
+            if req.model is not None and req.model != model_id:
+                raise _unknown_model(req.model, model_id)
+            messages, options = to_options(req, limits)
+            job = Job(messages, options, Channel(asyncio.get_running_loop()), stream=req.stream)
+            job.arrival = arrival
+            service.submit(job)
+        except ApiError as e:
+            return e.response()
+        completion = Completion(model_id)
+        # the stream's headers wait for its first event: errors before it get their own status
+        first = await watch_client(job.channel.get(), request.receive, service, job)
+        terminal = next(((k, x) for k, x in first if k != "event"), None)
+        if terminal is not None and terminal[0] != "result":
+            return error_of(*terminal, job, service).response()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(service, job, first, completion, include_usage)
+        return json_response(completion.response(terminal[1], options.seed))
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/")
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    return app
+
+
+def _unknown_model(name: str, model_id: str) -> ApiError:
+    return ApiError(
+        404,
+        f"the model {name!r} does not exist; this server serves {model_id!r}",
+        param="model",
+        code="model_not_found",
+    )

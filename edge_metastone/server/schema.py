@@ -1,0 +1,282 @@
+"""The `/v1/chat/completions` request (validated) and the response objects built from a
+`ReasonResult`: OpenAI's shapes, plus the `metastone` extension field standard clients ignore."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_metastone.errors import InvalidRequestError
+from edge_metastone.reasoner import ReasonOptions, ReasonResult
+from edge_metastone.scheduler import Effort
+from edge_metastone.server.errors import ApiError, bad_request
+from edge_metastone.types import Event, FinishEvent, StepEvent, TokenEvent
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1
+
+EffortName = Literal["low", "medium", "high", "auto"]
+StrategyField = Literal["best-of-k", "prune", "vote", "weighted-vote", "logprob"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class TextPart(_Strict):
+    """One part of a message's content; only text is understood."""
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    """A chat message (tool calls and images are not supported)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    """`stream_options`: only `include_usage` is read."""
+
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    """The fields read from a chat completion request; unknown fields are ignored."""
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    # extension fields
+    effort: EffortName | None = None
+    strategy: StrategyField | None = None
+    latency_budget: float | None = Field(default=None, gt=0)
+    memory_budget: float | None = Field(default=None, gt=0)
+    allow_degrade: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_tokens: int  # the largest max_tokens accepted
+    default_max_tokens: int  # used when a request gives none
+    max_k: int  # the largest number of candidates (low 2, medium 8, high 32)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """Parse and validate a request body; a 400 `ApiError` naming the field when it is bad."""
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(
+            f"the request body is not valid JSON ({e})", code="invalid_json"
+        ) from None
+    if not isinstance(obj, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatRequest.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise bad_request(f"{where}: {first['msg']}", param=where) from None
+
+
+def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], ReasonOptions]:
+    """The request as the Reasoner's prompt (messages) and `ReasonOptions`."""
+    if req.n != 1:
+        raise bad_request(
+            "n must be 1: the server returns the chosen candidate (the effort sets how many "
+            "candidates are generated)",
+            param="n",
+        )
+    if req.tools or req.functions:
+        raise bad_request("tools are not supported", param="tools")
+    max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
+    if max_tokens > limits.max_tokens:
+        raise bad_request(
+            f"max_tokens ({max_tokens}) is above this server's limit of {limits.max_tokens}",
+            param="max_tokens",
+        )
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad_request(
+            f"stop: at most {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_CHARS} "
+            "characters",
+            param="stop",
+        )
+    effort = Effort(req.effort) if req.effort else default_effort(limits.max_k)
+    if effort is Effort.AUTO and limits.max_k < Effort.HIGH.k:
+        raise bad_request(
+            f"effort auto may choose high (k={Effort.HIGH.k}), above this server's limit of "
+            f"k={limits.max_k}; ask for low or medium",
+            param="effort",
+        )
+    if effort is not Effort.AUTO and effort.k > limits.max_k:
+        raise bad_request(
+            f"effort {effort.value} generates k={effort.k} candidates, above this server's "
+            f"limit of k={limits.max_k}",
+            param="effort",
+        )
+    messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
+    try:
+        options = ReasonOptions(
+            effort=effort,
+            latency_budget=req.latency_budget,
+            memory_budget=req.memory_budget,
+            seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
+            strategy=req.strategy,
+            max_new_tokens=max_tokens,
+            allow_degrade=req.allow_degrade,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=stop,
+        )
+    except InvalidRequestError as e:
+        raise bad_request(str(e)) from None
+    return messages, options
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def default_effort(max_k: int) -> Effort:
+    """The Reasoner's default (medium), or low when the server allows fewer candidates."""
+    return Effort.MEDIUM if Effort.MEDIUM.k <= max_k else Effort.LOW
+
+
+class Completion:
+    """Builds one request's response objects (shared id, creation time and model name)."""
+
+    def __init__(self, model: str) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def response(self, result: ReasonResult, seed: int) -> dict[str, Any]:
+        """The non-streaming `chat.completion` object."""
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.answer},
+                    "finish_reason": finish_reason(result),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(result),
+            "metastone": extension(result, seed),
+        }
+
+    def chunk(
+        self,
+        delta: dict[str, Any] | None = None,
+        *,
+        finish: str | None = None,
+        metastone: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
+        choices: bool = True,
+    ) -> dict[str, Any]:
+        """One `chat.completion.chunk` of a stream."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
+            ]
+            if choices
+            else [],
+        }
+        if usage is not None:
+            out["usage"] = usage
+        if metastone is not None:
+            out["metastone"] = metastone
+        return out
+
+
+def finish_reason(result: ReasonResult) -> str:
+    """OpenAI's finish reason of the chosen candidate: `stop` when it ended, else `length`."""
+    return "length" if result.chosen_candidate.truncated else "stop"
+
+
+def usage(result: ReasonResult) -> dict[str, int]:
+    """Token counts: the prompt once (its cache is shared), every candidate's generated tokens."""
+    prompt = int(result.timings.get("prompt_tokens", 0))
+    completion = sum(c.tokens for c in result.candidates)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def extension(result: ReasonResult, seed: int) -> dict[str, Any]:
+    """The `metastone` field: `reason --json`'s object (every candidate, its text, token ids and
+    step scores; the scheduler's decision; timings) plus the seed that reproduces it."""
+    return {**result.to_json(), "seed": seed}
+
+
+def event_json(ev: Event) -> dict[str, Any]:
+    """An engine event as a stream item of the `metastone.events` list."""
+    if isinstance(ev, TokenEvent):
+        return {"type": "token", "candidate": ev.candidate, "text": ev.text}
+    if isinstance(ev, StepEvent):
+        return {
+            "type": "step",
+            "candidate": ev.candidate,
+            "position": ev.position,
+            "score": _finite(ev.score),
+            "n_steps": ev.n_steps,
+            "running_score": _finite(ev.running_score),
+        }
+    if isinstance(ev, FinishEvent):
+        return {
+            "type": "finish",
+            "candidate": ev.candidate,
+            "text": ev.text_tail,
+            "finish_reason": ev.result.finish_reason.value,
+            "score": _finite(ev.result.score),
+            "tokens": ev.result.n_tokens,
+        }
+    raise ApiError(500, f"unknown event {type(ev).__name__}", type="server_error")
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
