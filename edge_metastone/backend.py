@@ -2,8 +2,8 @@
 need from a runtime, and the choice of runtime from the model path.
 
 A `.gguf` file runs on llama.cpp (`edge_metastone.engine.engine.Engine`); an ONNX model directory
-will run on onnxruntime. Nothing here imports either runtime: `open_backend` loads the one a model
-needs when it is asked to.
+runs on onnxruntime (`edge_metastone.onnx_backend.OnnxBackend`). Nothing here imports either
+runtime: `open_backend` loads the one a model needs when it is asked to.
 """
 
 from __future__ import annotations
@@ -169,10 +169,17 @@ def open_backend(
     path = Path(model)
     kind = model_kind(path)
     if kind == "onnx":
-        raise BadModelFileError(
-            f"{path} is an ONNX model directory, and this build has no ONNX backend yet: "
-            "convert the checkpoint to GGUF (edge-metastone convert HF_DIR -o FILE.gguf)"
-        )
+        if head is not None:
+            raise BadModelFileError("a sidecar head (--head) is for GGUF files, not ONNX models")
+        try:
+            from edge_metastone.onnx_backend import OnnxBackend  # loads onnxruntime
+        except ImportError as e:
+            raise BadModelFileError(
+                f"{path} is an ONNX model directory and onnxruntime is not installed "
+                f"({e.name or e}): pip install 'edge-metastone[onnx]'"
+            ) from None
+        # --gpu-layers asks for the GPU: CUDA or a clear error; otherwise CUDA when present
+        return OnnxBackend(path, n_threads=n_threads, provider="cuda" if n_gpu_layers else None)
     from edge_metastone.engine.engine import Engine  # loads llama.cpp
 
     return Engine(

@@ -169,7 +169,7 @@ def test_the_model_path_picks_the_runtime(tmp_path):
     text.write_text("not a model")
     cases = [
         (empty_dir, "not an ONNX model directory"),
-        (onnx_dir, "no ONNX backend"),
+        (onnx_dir, "no metastone.json"),
         (text, "neither a GGUF file nor an ONNX model directory"),
         (tmp_path / "missing.gguf", "no such model file"),
     ]

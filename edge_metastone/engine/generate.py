@@ -25,6 +25,9 @@ from edge_metastone.engine.sampling import Sampler
 from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.sprm import SprmHead, StepRule, trajectory_score
+from edge_metastone.textstream import ThinkState as _ThinkState
+from edge_metastone.textstream import safe_end
+from edge_metastone.textstream import stop_match as _stop_match
 from edge_metastone.types import (  # re-exported: the engine's public types live in types.py
     Candidate,
     Event,
@@ -53,23 +56,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _ThinkState:
-    """Where `<think>` / `</think>` occurred so far: the provisional SPEC §1 window."""
-
-    starts: int = 0
-    start_pos: int = -1
-    end_pos: int = -1
-
-    def note(self, rule: StepRule, token: int, pos: int) -> None:
-        """Account for `token` at position `pos`."""
-        if token == rule.think_start_id:
-            self.starts += 1
-            self.start_pos = pos
-        elif token == rule.think_end_id and self.end_pos < 0:
-            self.end_pos = pos
 
 
 @dataclass(eq=False)  # compared by identity: it holds numpy arrays
@@ -353,26 +339,6 @@ class BatchGenerator:
         )
 
 
-def _stop_match(text: str, new: int, stops: Sequence[str]) -> int | None:
-    """Where the earliest stop string that the last `new` characters completed begins."""
-    hits = [
-        i for stop in stops if (i := text.find(stop, max(0, len(text) - new - len(stop) + 1))) >= 0
-    ]
-    return min(hits) if hits else None
-
-
 def _safe_end(seq: _Seq, stops: Sequence[str]) -> int:
-    """How much text may be streamed: up to the last token boundary before any suffix that could
-    still grow into a stop string."""
-    text = seq.text
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if stop.startswith(text[len(text) - k :]):
-                hold = k
-                break
-    if hold == 0:
-        return len(text)
-    limit = len(text) - hold
-    n = bisect.bisect_right(seq.ends, limit)
-    return seq.ends[n - 1] if n else 0
+    """How much text may be streamed (see `textstream.safe_end`)."""
+    return safe_end(seq.text, seq.ends, stops)

@@ -1,0 +1,226 @@
+"""An ONNX model directory's metadata (`metastone.json`) and tokenizer, read and validated.
+
+Both come from strangers: every field is type- and range-checked, and each problem is one
+`BadModelFileError` line (never a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_metastone import keys
+from edge_metastone.errors import BadModelFileError
+
+MODEL_FILE = "model.onnx"
+META_FILE = "metastone.json"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = "edge-metastone-onnx"
+FORMAT_VERSION = 1
+MAX_META_BYTES = 16 << 20
+MAX_DIM = 1 << 20  # hidden size, vocabulary and context bounds well above any real model
+
+
+@dataclass(frozen=True)
+class OnnxModelDir:
+    """The facts of an ONNX model directory."""
+
+    path: Path
+    out_type: str
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    context_length: int
+    step_token_ids: tuple[int, ...]
+    think_start_id: int
+    think_end_id: int
+    eog_token_ids: tuple[int, ...]
+    bos_token: str
+    eos_token: str
+    chat_template: str | None
+    has_head: bool
+    feature_layer: int
+    default_strategy: str | None
+    n_bytes: int
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width."""
+        return self.hidden_size // self.n_heads
+
+    @property
+    def model_file(self) -> Path:
+        """The graph."""
+        return self.path / MODEL_FILE
+
+
+def _int(meta: dict[str, Any], key: str, lo: int, hi: int, where: Path) -> int:
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise BadModelFileError(f"{where}: {key} must be an integer in [{lo}, {hi}] (got {v!r})")
+    return v
+
+
+def _str(meta: dict[str, Any], key: str, where: Path, *, optional: bool = True) -> str | None:
+    v = meta.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise BadModelFileError(f"{where}: {key} must be a string")
+    return v
+
+
+def _ids(meta: dict[str, Any], key: str, vocab: int, where: Path) -> tuple[int, ...]:
+    v = meta.get(key)
+    if not isinstance(v, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in v
+    ):
+        raise BadModelFileError(f"{where}: {key} must be a list of token ids below {vocab}")
+    return tuple(v)
+
+
+def read_model_dir(path: Path) -> OnnxModelDir:
+    """Read and check `path/metastone.json` (the SPEC §2 keys under their GGUF names)."""
+    where = path / META_FILE
+    try:
+        if where.stat().st_size > MAX_META_BYTES:
+            raise BadModelFileError(f"{where} is larger than {MAX_META_BYTES >> 20} MiB")
+        meta = json.loads(where.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadModelFileError(
+            f"{path} has no {META_FILE}: not an edge-metastone ONNX model"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise BadModelFileError(f"{where} cannot be read as JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise BadModelFileError(f"{where} is not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise BadModelFileError(f"{where}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BadModelFileError(
+            f"{where}: format_version {meta.get('format_version')!r} is not supported "
+            f"(this build reads {FORMAT_VERSION})"
+        )
+    out_type = _str(meta, "out_type", where) or "unknown"
+    c = _int(meta, "hidden_size", 1, MAX_DIM, where)
+    n_layers = _int(meta, "n_layers", 2, 4096, where)
+    n_heads = _int(meta, "n_heads", 1, 4096, where)
+    n_kv = _int(meta, "n_kv_heads", 1, n_heads, where)
+    if c % n_heads or n_heads % n_kv:
+        raise BadModelFileError(
+            f"{where}: hidden_size {c}, n_heads {n_heads} and n_kv_heads {n_kv} do not divide"
+        )
+    vocab = _int(meta, "vocab_size", 1, 1 << 24, where)
+    step_ids = _ids(meta, keys.STEP_TOKEN_IDS, vocab, where)
+    if not step_ids:
+        raise BadModelFileError(f"{where}: {keys.STEP_TOKEN_IDS} is empty")
+    has_head = keys.SPRM_VERSION in meta
+    feature_layer = n_layers - 2
+    if has_head:
+        if meta[keys.SPRM_VERSION] != keys.SPRM_FORMAT_VERSION:
+            raise BadModelFileError(f"{where}: {keys.SPRM_VERSION} must be 1")
+        feature_layer = _int(meta, keys.SPRM_FEATURE_LAYER, 0, n_layers - 1, where)
+        if _int(meta, keys.SPRM_HIDDEN_SIZE, 1, MAX_DIM, where) != c:
+            raise BadModelFileError(f"{where}: the SPRM head's hidden size is not the model's")
+        if _int(meta, keys.SPRM_INNER_SIZE, 1, 2 * MAX_DIM, where) != 2 * c:
+            raise BadModelFileError(f"{where}: the SPRM head's inner size is not 2C")
+    template = _str(meta, "chat_template", where)
+    strategy = _str(meta, keys.DEFAULT_STRATEGY, where)
+    try:
+        n_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    except OSError as e:
+        raise BadModelFileError(f"cannot read {path}: {e}") from None
+    return OnnxModelDir(
+        path=path,
+        out_type=out_type,
+        hidden_size=c,
+        intermediate_size=_int(meta, "intermediate_size", 1, 16 * MAX_DIM, where),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=vocab,
+        context_length=_int(meta, "context_length", 1, 1 << 24, where),
+        step_token_ids=step_ids,
+        think_start_id=_int(meta, keys.THINK_START_ID, -1, vocab - 1, where),
+        think_end_id=_int(meta, keys.THINK_END_ID, -1, vocab - 1, where),
+        eog_token_ids=_ids(meta, "eog_token_ids", vocab, where),
+        bos_token=_str(meta, "bos_token", where) or "",
+        eos_token=_str(meta, "eos_token", where) or "",
+        chat_template=template,
+        has_head=has_head,
+        feature_layer=feature_layer,
+        default_strategy=strategy,
+        n_bytes=n_bytes,
+    )
+
+
+# GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest are shifted to 256+.
+def _byte_decoder() -> dict[str, int]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class HfTokenizer:
+    """The directory's `tokenizer.json` through HF `tokenizers` (no transformers), with the
+    byte pieces llama.cpp would stream for each id."""
+
+    def __init__(self, path: Path, vocab_size: int) -> None:
+        from tokenizers import Tokenizer
+
+        file = path / TOKENIZER_FILE
+        try:
+            self._tok = Tokenizer.from_file(str(file))
+            spec = json.loads(file.read_text(encoding="utf-8"))
+        except Exception as e:  # tokenizers raises its own Exception subclass for bad files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadModelFileError(f"{file} cannot be loaded: {first}") from None
+        model = spec.get("model") if isinstance(spec, dict) else None
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not isinstance(vocab, dict):
+            raise BadModelFileError(f"{file}: only byte-level BPE tokenizers are supported")
+        decoder = _byte_decoder()
+        pieces: list[bytes] = [b""] * vocab_size  # ids the tokenizer lacks render as nothing
+        for text, i in vocab.items():
+            if isinstance(i, int) and 0 <= i < vocab_size and isinstance(text, str):
+                pieces[i] = bytes(decoder.get(ch, ord("?")) for ch in text if ch in decoder)
+        added: list[str] = []
+        for a in spec.get("added_tokens") or []:
+            i, text = a.get("id"), a.get("content")
+            if isinstance(i, int) and 0 <= i < vocab_size and isinstance(text, str) and text:
+                pieces[i] = text.encode("utf-8")
+                added.append(text)
+        self.pieces = pieces
+        # spellings that parse as added tokens, longest first (kept as text in user messages)
+        self.control_texts = tuple(sorted(set(added), key=len, reverse=True))
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids; added-token spellings in `text` become those tokens."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            from edge_metastone.errors import InvalidRequestError
+
+            raise InvalidRequestError(
+                f"the text is not valid Unicode ({e.reason} at character {e.start})"
+            ) from None
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (control tokens spelled out)."""
+        return self.pieces[token] if 0 <= token < len(self.pieces) else b""
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text, as llama.cpp's detokenizer with special tokens rendered."""
+        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
