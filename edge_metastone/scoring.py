@@ -38,16 +38,21 @@ def forward_features(
         raise ContextExceededError(
             f"the text is {n} tokens; the model's context is {model.n_ctx_train}"
         )
-    capture = FeatureCapture(layer, model.n_embd)
     n_batch = min(n, PREFILL_BATCH)
+    capture = FeatureCapture(layer, model.n_embd, capacity=n_batch)
     settings = ContextSettings(n_ctx=n, n_batch=n_batch, n_threads=n_threads, parity=parity)
     logits = np.empty((n, model.n_vocab), np.float32) if want_logits else None
-    with Context(model, settings, cb_eval=capture.callback) as ctx, Batch(n_batch) as batch:
+    with (
+        Context(model, settings, cb_eval=capture.callback, cb_user_data=capture.user_data) as ctx,
+        Batch(n_batch) as batch,
+    ):
+        chunks = []
         for start, count in ctx.prefill(batch, token_ids, all_logits=want_logits):
+            chunks.append(capture.take())  # one prefill chunk's rows
             if logits is not None:
                 for k in range(count):
                     logits[start + k] = ctx.logits(k)
-        features = capture.take()
+        features = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
     if features.shape[0] != n:
         raise RuntimeError(f"captured {features.shape[0]} feature rows for {n} tokens")
     return features, logits

@@ -243,3 +243,47 @@ def test_long_prompt_prefilled_in_several_batches(engine):
         ref = score_tokens(engine.model_file, engine.model, ids + cand.token_ids)
         assert cand.step_positions == ref.positions and len(ref.positions) > 100
         assert np.allclose(cand.step_scores, ref.step_scores, atol=PARITY_TOL)
+
+
+def test_native_capture_equals_the_python_callback(engine, prompt_ids, monkeypatch):
+    """The C eval callback (built with the package) copies exactly what the Python one copies:
+    the features of a two-chunk prefill, and a scored k=4 generation, bit for bit."""
+    import functools
+
+    from edge_metastone.engine import capture, generate
+    from edge_metastone.scoring import forward_features
+
+    assert capture.native_available(), "the C feature capture was not built at install"
+    layer = engine.feature_layer
+    long_ids = (prompt_ids * 60)[:700]  # > PREFILL_BATCH: the capture is taken chunk by chunk
+    native, _ = forward_features(engine.model, long_ids, layer)
+    settings = GenerationSettings(max_new_tokens=40)
+    native_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
+    python_capture = functools.partial(capture.FeatureCapture, native=False)
+    monkeypatch.setattr("edge_metastone.scoring.FeatureCapture", python_capture)
+    monkeypatch.setattr(generate, "FeatureCapture", python_capture)
+    py, _ = forward_features(engine.model, long_ids, layer)
+    py_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
+    assert native.shape == py.shape == (700, engine.model.n_embd)
+    assert np.array_equal(native, py)
+    assert [c.step_scores for c in native_cands] == [c.step_scores for c in py_cands]
+    assert [c.token_ids for c in native_cands] == [c.token_ids for c in py_cands]
+    assert sum(len(c.step_scores) for c in native_cands) > 0
+
+
+def test_native_capture_reports_overflow(tiny_gguf):
+    """More rows than the buffer holds is an error, not a write past its end."""
+    from edge_metastone.engine.capture import FeatureCapture
+    from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
+    from edge_metastone.errors import EdgeMetastoneError
+
+    with Model(tiny_gguf("f32")) as model:
+        cap = FeatureCapture(model.n_layer - 2, model.n_embd, capacity=4)
+        settings = ContextSettings(n_ctx=64, n_batch=16)
+        with (
+            Context(model, settings, cb_eval=cap.callback, cb_user_data=cap.user_data) as ctx,
+            Batch(16) as batch,
+        ):
+            list(ctx.prefill(batch, list(range(300, 316))))
+            with pytest.raises(EdgeMetastoneError, match="overflowed"):
+                cap.take()

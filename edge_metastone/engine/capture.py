@@ -1,8 +1,12 @@
 """Copy one graph tensor (the SPRM features, `l_out-{L-2}`) out of every llama.cpp decode.
 
-llama.cpp calls the context's `cb_eval` twice per graph node: once to ask whether we want the
+llama.cpp calls the context's `cb_eval` for every graph node: once to ask whether we want the
 tensor (`ask=True`), then, for the ones we claimed, after it is computed. The copy goes through
 `ggml_backend_tensor_get`, so it works for tensors living in GPU memory too.
+
+The callback runs in C (`_capture.c`, built with the package) when that module is present: a
+decode graph has ~35 nodes per layer, and each Python callback is a C -> Python -> C round trip.
+Without it (no compiler at install time) the same logic runs in Python.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from quant_kernels.ggml import ggml_library
 
 logger = logging.getLogger(__name__)
 
+try:
+    from edge_metastone.engine import _capture as _native_module
+except ImportError:  # built without a C compiler: the Python callback does the same work
+    _native_module = None
+
 _GGML_TYPE_F32 = 0
 
 
@@ -30,6 +39,30 @@ class _TensorHead(ctypes.Structure):
         ("ne", ctypes.c_int64 * 4),
         ("nb", ctypes.c_size_t * 4),
     ]
+
+
+class _CaptureState(ctypes.Structure):
+    """`struct em_capture` of _capture.c."""
+
+    _fields_ = [
+        ("get_name", ctypes.c_void_p),
+        ("tensor_get", ctypes.c_void_p),
+        ("is_contiguous", ctypes.c_void_p),
+        ("buf", ctypes.c_void_p),
+        ("n_embd", ctypes.c_int64),
+        ("cap_rows", ctypes.c_int64),
+        ("rows", ctypes.c_int64),
+        ("error", ctypes.c_int32),
+        ("target", ctypes.c_char * 64),
+    ]
+
+
+_NATIVE_ERRORS = {1: "is not a contiguous F32 tensor of the expected width", 2: "overflowed"}
+
+
+def native_available() -> bool:
+    """True when the C callback was built with the package."""
+    return _native_module is not None
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -48,15 +81,51 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 class FeatureCapture:
-    """Collects the rows of graph tensor `l_out-{layer}` ([n_embd, n_tokens]) decode by decode."""
+    """Collects the rows of graph tensor `l_out-{layer}` ([n_embd, n_tokens]) decode by decode.
 
-    def __init__(self, layer: int, n_embd: int) -> None:
+    Give the context both `callback` and `user_data`. `capacity` bounds the rows between two
+    `take()`s (a context's n_ubatch); `native=False` forces the Python callback.
+    """
+
+    def __init__(
+        self, layer: int, n_embd: int, *, capacity: int = 512, native: bool | None = None
+    ) -> None:
         self.name = f"l_out-{layer}".encode()
         self.n_embd = n_embd
         self._lib = _declare(ggml_library().lib)
         self._chunks: list[np.ndarray] = []
         self._error: str | None = None
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+        self.native = native_available() if native is None else native
+        self.user_data: int | None = None
+        if self.native:
+            if _native_module is None:
+                raise EdgeMetastoneError("the C feature capture is not built in this installation")
+            self._init_native(capacity)
+        else:
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+
+    def _init_native(self, capacity: int) -> None:
+        if len(self.name) >= 64:
+            raise EdgeMetastoneError(f"tensor name {self.name!r} is too long")
+        so = ctypes.CDLL(_native_module.__file__)
+
+        def address(fn: object) -> int:
+            return ctypes.cast(fn, ctypes.c_void_p).value
+
+        self._buf = np.empty((capacity, self.n_embd), np.float32)
+        self._state = _CaptureState(
+            address(self._lib.ggml_get_name),
+            address(self._lib.ggml_backend_tensor_get),
+            address(self._lib.ggml_is_contiguous),
+            self._buf.ctypes.data,
+            self.n_embd,
+            capacity,
+            0,
+            0,
+            self.name,
+        )
+        self.user_data = ctypes.addressof(self._state)
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(address(so.em_capture_cb))
 
     def _on_eval(self, tensor: int, ask: bool, _user_data: int) -> bool:
         # Never raise across the C boundary: remember the problem and report it in take().
@@ -83,6 +152,15 @@ class FeatureCapture:
 
     def take(self) -> np.ndarray:
         """The rows captured since the last take(), in batch order: [n_tokens, n_embd]."""
+        if self.native:
+            st = self._state
+            rows, error = st.rows, st.error
+            st.rows = st.error = 0
+            if error:
+                raise EdgeMetastoneError(
+                    f"feature capture failed: {self.name.decode()} {_NATIVE_ERRORS[error]}"
+                )
+            return self._buf[:rows].copy()
         chunks, self._chunks = self._chunks, []
         if self._error is not None:
             err, self._error = self._error, None

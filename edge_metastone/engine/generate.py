@@ -138,13 +138,22 @@ class BatchGenerator:
         tm.prompt_tokens += len(prompt)
         scoring = settings.score_steps and self.head is not None
         keep = settings.keep_features
-        capture = FeatureCapture(self.feature_layer, self.model.n_embd) if scoring or keep else None
         n_batch = max(min(len(prompt), PREFILL_BATCH), k)
+        capture = (
+            FeatureCapture(self.feature_layer, self.model.n_embd, capacity=n_batch)
+            if scoring or keep
+            else None
+        )
         ctx_settings = ContextSettings(
             n_ctx=n_ctx, n_batch=n_batch, n_seq_max=k, n_threads=self.n_threads, parity=self.parity
         )
         with (
-            Context(self.model, ctx_settings, cb_eval=capture.callback if capture else None) as ctx,
+            Context(
+                self.model,
+                ctx_settings,
+                cb_eval=capture.callback if capture else None,
+                cb_user_data=capture.user_data if capture else None,
+            ) as ctx,
             Batch(n_batch, 1) as batch,
         ):
             t0 = time.perf_counter()

@@ -173,7 +173,14 @@ class ContextSettings:
 class Context:
     """A llama.cpp context over a `Model`, with an optional graph-evaluation callback."""
 
-    def __init__(self, model: Model, settings: ContextSettings, *, cb_eval: Any = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        settings: ContextSettings,
+        *,
+        cb_eval: Any = None,
+        cb_user_data: int | None = None,
+    ) -> None:
         self.model = model
         self.settings = settings
         p = llama_cpp.llama_context_default_params()
@@ -190,7 +197,7 @@ class Context:
             p.type_k = p.type_v = llama_cpp.GGML_TYPE_F32
         if cb_eval is not None:
             p.cb_eval = cb_eval
-            p.cb_eval_user_data = None
+            p.cb_eval_user_data = cb_user_data
         self._cb_eval = cb_eval  # keep the ctypes callback alive as long as the context
         self._ptr = llama_cpp.llama_init_from_model(model.ptr, p)
         if not self._ptr:
