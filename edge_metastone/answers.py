@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 THINK_END = "</think>"
 MAX_ANSWER_CHARS = 200  # an answer is a short string: never kilobytes of text for math-verify
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_INTEGER = re.compile(r"[+-]?\d{1,100}")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -93,11 +94,14 @@ def _group_here(answers: list[str]) -> list[int]:
 
 
 def _trivially(a: str, b: str) -> bool | None:
-    """Equal as text (True), one empty (False), or undecided (None)."""
-    if a.strip() == b.strip():
+    """Equal as text (True), one empty (False), two integers (compared), or undecided (None)."""
+    a, b = a.strip(), b.strip()
+    if a == b:
         return True
-    if not a.strip() or not b.strip():
+    if not a or not b:
         return False
+    if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(b):  # math-verify costs ~20 ms a pair
+        return int(a) == int(b)
     return None
 
 
