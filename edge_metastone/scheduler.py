@@ -320,12 +320,17 @@ def cache_dir() -> Path:
 
 
 def calibration_key(model_path: Path, n_threads: int, runtime: str, extra: str = "") -> str:
-    """Identity of (model, machine, threads, runtime build, `extra`) for the cache."""
-    st = model_path.stat()
+    """Identity of (model, machine, threads, runtime build, `extra`) for the cache. A model
+    directory (ONNX) is identified by each of its files: its own mtime misses rewritten files."""
+    if model_path.is_dir():
+        files = sorted(f for f in model_path.iterdir() if f.is_file())
+        stamp = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    else:
+        st = model_path.stat()
+        stamp = [str(st.st_size), str(int(st.st_mtime))]
     ident = [
         str(model_path.resolve()),
-        str(st.st_size),
-        str(int(st.st_mtime)),
+        *stamp,
         platform.node(),
         platform.machine(),
         str(os.cpu_count()),

@@ -301,3 +301,20 @@ def test_convert_command_writes_a_directory(tiny_hf, tmp_path):
     proc = run_cli("convert", str(tiny_hf), "--format", "onnx", "-o", str(tmp_path / "keep"))
     assert proc.returncode != 0 and "refusing to overwrite" in proc.stderr
     assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
+
+
+def test_calibration_key_sees_a_rewritten_model_file(onnx_dirs, tmp_path):
+    import os
+
+    from edge_metastone.scheduler import calibration_key
+
+    d = tmp_path / "copy"
+    shutil.copytree(onnx_dirs["int4"], d)
+    before = calibration_key(d, 2, "onnxruntime")
+    dir_mtime = d.stat().st_mtime_ns
+    data = d / "model.onnx.data"
+    st = data.stat()
+    data.write_bytes(data.read_bytes())  # same size, rewritten in place
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert d.stat().st_mtime_ns == dir_mtime  # the directory's own stamp did not move
+    assert calibration_key(d, 2, "onnxruntime") != before
