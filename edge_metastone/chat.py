@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,22 @@ def _raise(message: str) -> None:
 
 def _strftime_now(fmt: str) -> str:
     return _dt.datetime.now().strftime(fmt)
+
+
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' `tojson` (jinja2's own escapes HTML characters and sorts keys)."""
+    out = json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+    if len(out) > MAX_TEMPLATE_OUTPUT:
+        raise SecurityError("the template builds too large a value")
+    return out
 
 
 class _Budget:
@@ -107,8 +124,21 @@ def _bounded_range(env: _BoundedSandbox):
 class ChatTemplate:
     """A compiled chat template, rendered in a bounded jinja2 sandbox."""
 
-    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
-        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
+    def __init__(
+        self,
+        source: str | None,
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+        variables: Mapping[str, str] | None = None,
+    ) -> None:
+        """`variables` (the tokenizer's named special tokens, `ModelFile.template_variables`) are
+        exactly the token variables the template sees; without them, `bos_token` and `eos_token`."""
+        # as transformers compiles chat templates (apply_chat_template)
+        env = _BoundedSandbox(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         env.globals["range"] = _bounded_range(env)
@@ -118,7 +148,9 @@ class ChatTemplate:
             self._template = env.from_string(self.source)
         except (jinja2.exceptions.TemplateError, RecursionError, MemoryError) as e:
             raise InvalidRequestError(f"the model's chat template does not compile: {e}") from None
-        self._special = {"bos_token": bos_token, "eos_token": eos_token}
+        if variables is None:
+            variables = {"bos_token": bos_token, "eos_token": eos_token}
+        self._special = {k: v for k, v in variables.items() if isinstance(v, str)}
 
     def render(
         self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
@@ -132,9 +164,11 @@ class ChatTemplate:
         size = 0
         try:
             for chunk in self._template.generate(
-                messages=[dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                **self._special,
+                {
+                    **self._special,
+                    "messages": [dict(m) for m in messages],
+                    "add_generation_prompt": add_generation_prompt,
+                }
             ):
                 size += len(chunk)
                 if size > MAX_TEMPLATE_OUTPUT:

@@ -1,4 +1,4 @@
-"""GGUF metadata keys of the SPRM head and step delimiters (SPEC §2)."""
+"""GGUF metadata keys of the SPRM head, step delimiters and tokenizer facts (SPEC §2)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ THINK_END_ID = "metastone.think_end_id"
 DEFAULT_STRATEGY = "metastone.default_strategy"
 PROVENANCE = "metastone.provenance"
 SPRM_TRAINED_WITH = "metastone.sprm.trained_with"
+# The tokenizer's Unicode normal form (NFC, NFD, NFKC or NFKD); absent: text is not normalized.
+TOKENIZER_NORMALIZER = "metastone.tokenizer.normalizer"
+# JSON object: the tokenizer's named special tokens (bos_token, eos_token, ...) as its own config
+# defines them, the chat template's variables; absent: taken from the token ids, as before.
+TOKENIZER_SPECIAL_TOKENS = "metastone.tokenizer.special_tokens"
 
 SPRM_FORMAT_VERSION = 1
 SPRM_ARRAYS = (SPRM_FC1_WEIGHT, SPRM_FC1_BIAS, SPRM_FC2_WEIGHT, SPRM_FC2_BIAS)

@@ -17,6 +17,7 @@ import numpy as np
 from edge_metastone import keys
 from edge_metastone.errors import BadModelFileError, EdgeMetastoneError
 from edge_metastone.gguf_io import ArrayGGUFWriter, add_head_keys, add_step_keys, atomic_output
+from edge_metastone.normalization import NORMAL_FORMS, NormalForm
 from edge_metastone.sprm import SprmHead, StepRule
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,9 @@ class ModelFile:
     bos_token: str = ""
     eos_token: str = ""
     default_strategy: str | None = None  # metastone.default_strategy, as written by the maker
+    normalizer: NormalForm | None = None  # metastone.tokenizer.normalizer
+    # metastone.tokenizer.special_tokens: the tokenizer's named special tokens (None in older files)
+    special_tokens: Mapping[str, str] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -261,6 +265,15 @@ class ModelFile:
     def has_head(self) -> bool:
         """True when step scoring is available."""
         return self.head is not None
+
+    @property
+    def template_variables(self) -> dict[str, str]:
+        """The chat template's token variables: the tokenizer's own named special tokens, as
+        transformers passes them (those it leaves undefined stay undefined); in files made before
+        the key, the texts of the BOS and EOS ids."""
+        if self.special_tokens is not None:
+            return dict(self.special_tokens)
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token}
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -345,6 +358,14 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         tid = m.int(key, -1, lo=-1)
         return tokens[tid].decode("utf-8", "replace") if 0 <= tid < n_vocab else ""
 
+    special = _special_tokens(m)
+    if special is None:  # a file made before the key: BOS and EOS from the ids, as before
+        bos, eos = token_text(gguf.Keys.Tokenizer.BOS_ID), token_text(gguf.Keys.Tokenizer.EOS_ID)
+    else:
+        bos, eos = special.get("bos_token", ""), special.get("eos_token", "")
+    normalizer = m.str(keys.TOKENIZER_NORMALIZER, "") or None
+    if normalizer is not None and normalizer not in NORMAL_FORMS:
+        raise m.bad(keys.TOKENIZER_NORMALIZER, f"is {normalizer!r}, not one of {NORMAL_FORMS}")
     template = m.str(gguf.Keys.Tokenizer.CHAT_TEMPLATE, "") or None
     strategy = m.str(keys.DEFAULT_STRATEGY, "") if _is_string(m, keys.DEFAULT_STRATEGY) else ""
     return ModelFile(
@@ -368,10 +389,45 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         think_start_id=think_start,
         think_end_id=think_end,
         chat_template=template,
-        bos_token=token_text(gguf.Keys.Tokenizer.BOS_ID),
-        eos_token=token_text(gguf.Keys.Tokenizer.EOS_ID),
+        bos_token=bos,
+        eos_token=eos,
         default_strategy=strategy or None,
+        normalizer=normalizer,  # type: ignore[arg-type]
+        special_tokens=special,
     )
+
+
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+_MAX_SPECIAL_TOKEN_CHARS = 1024
+
+
+def _special_tokens(m: _Meta) -> dict[str, str] | None:
+    """metastone.tokenizer.special_tokens: a JSON object from SPECIAL_TOKEN_NAMES to short strings."""
+    key = keys.TOKENIZER_SPECIAL_TOKENS
+    if not m.has(key):
+        return None
+    try:
+        value = json.loads(m.str(key))
+    except ValueError:
+        raise m.bad(key, "is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise m.bad(key, "must be a JSON object")
+    for name, text in value.items():
+        if name not in SPECIAL_TOKEN_NAMES:
+            raise m.bad(key, f"names {name!r}, not one of {', '.join(SPECIAL_TOKEN_NAMES)}")
+        if not isinstance(text, str) or len(text) > _MAX_SPECIAL_TOKEN_CHARS:
+            raise m.bad(
+                key, f"gives {name} a value that is not a string of at most 1024 characters"
+            )
+    return value
 
 
 def _is_string(m: _Meta, key: str) -> bool:

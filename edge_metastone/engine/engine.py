@@ -3,6 +3,7 @@ llama.cpp implementation of `edge_metastone.backend.Backend`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from edge_metastone.engine.generate import BatchGenerator
 from edge_metastone.engine.llama import Model, default_threads
 from edge_metastone.errors import InvalidRequestError, MissingHeadError
 from edge_metastone.modelfile import ModelFile, open_model_file
+from edge_metastone.normalization import normalize
 from edge_metastone.scheduler import ModelFacts
 from edge_metastone.scoring import score_tokens
 from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
@@ -60,9 +62,7 @@ class Engine:
         self.n_gpu_layers = n_gpu_layers
         self.n_threads = n_threads or default_threads()
         self.facts = ModelFacts.of(mf)
-        self.template = ChatTemplate(
-            mf.chat_template, bos_token=mf.bos_token, eos_token=mf.eos_token
-        )
+        self.template = ChatTemplate(mf.chat_template, variables=mf.template_variables)
         self.rule = step_rule(mf, self.model)
         self._generator = BatchGenerator(
             self.model, mf.head, self.rule, n_threads=n_threads, parity=parity
@@ -159,7 +159,12 @@ class Engine:
         control: GenerationControl | None = None,
         candidate_offset: int = 0,
     ) -> Iterator[Event]:
-        """Stream events for k candidates generated as one batch."""
+        """Stream events for k candidates generated as one batch. Stop strings are matched in the
+        tokenizer's normal form, the form the model reads and writes."""
+        if settings.stop and self.model.normalizer is not None:
+            keep = self.model.control_texts
+            stop = tuple(normalize(s, self.model.normalizer, keep) for s in settings.stop)
+            settings = dataclasses.replace(settings, stop=stop)
         return self._generator.generate(
             prompt_ids, k, sampling, settings, control=control, candidate_offset=candidate_offset
         )

@@ -20,7 +20,9 @@ from edge_metastone.errors import (
     EdgeMetastoneError,
     InvalidRequestError,
 )
+from edge_metastone.keys import TOKENIZER_NORMALIZER
 from edge_metastone.limits import MAX_THREADS, PREFILL_BATCH, default_threads
+from edge_metastone.normalization import NORMAL_FORMS, NormalForm, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,27 @@ class Model:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
         self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
         self.eot_id = llama_cpp.llama_vocab_eot(self.vocab)
+        self.normalizer: NormalForm | None = self._normalizer()
+
+    def _normalizer(self) -> NormalForm | None:
+        """The tokenizer's normal form recorded by the converter (None in files without one)."""
+        value = self.meta_str(TOKENIZER_NORMALIZER)
+        if value is not None and value not in NORMAL_FORMS:
+            raise BadModelFileError(
+                f"{self.path}: {TOKENIZER_NORMALIZER} {value!r} is not supported"
+            )
+        return value  # type: ignore[return-value]
+
+    def meta_str(self, key: str) -> str | None:
+        """One metadata value of the file as llama.cpp read it (None when absent)."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.raw[:n].decode("utf-8", errors="replace")
 
     @property
     def ptr(self) -> Any:
@@ -78,7 +101,10 @@ class Model:
     def tokenize(
         self, text: str, *, add_special: bool = False, parse_special: bool = True
     ) -> list[int]:
-        """Text -> token ids with the model's own tokenizer."""
+        """Text -> token ids with the model's own tokenizer, the text first normalized as the
+        tokenizer's own normalizer does (llama.cpp does not); added-token spellings stay as they are."""
+        if self.normalizer is not None:
+            text = normalize(text, self.normalizer, self.control_texts)
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError as e:
