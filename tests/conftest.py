@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.make_qwen_vocab import build_qwen_vocab_metastone
 from fixtures.make_tiny_metastone import build_tiny_metastone
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +64,22 @@ class GgufCache:
 def tiny_gguf(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> GgufCache:
     """`tiny_gguf("q8_0")` -> path of the converted fixture."""
     return GgufCache(tiny_hf, tmp_path_factory.mktemp("gguf"))
+
+
+@pytest.fixture(scope="session")
+def qwen_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen's real vocabulary (151,936 ids, NFC, Qwen2.5's chat template), tiny random weights."""
+    return build_qwen_vocab_metastone(tmp_path_factory.mktemp("qwen") / "hf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_gguf(qwen_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real-vocabulary checkpoint converted to F32 once per session."""
+    from converters.convert import convert
+
+    path = tmp_path_factory.mktemp("qwen-gguf") / "qwen-vocab-f32.gguf"
+    convert(qwen_hf, path, "f32")
+    return path
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
