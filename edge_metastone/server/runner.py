@@ -46,6 +46,9 @@ class DrainingServer(uvicorn.Server):
             await super().shutdown(sockets)
         finally:
             drain.cancel()
+        if self.force_exit:  # uvicorn skips the app's shutdown then; ours cancels and joins
+            self.service.stop()
+            await self.lifespan.shutdown()
 
     async def _cancel_after_grace(self) -> None:
         loop = asyncio.get_running_loop()

@@ -214,14 +214,15 @@ class GenerationService:
         budget = options.latency_budget
         if budget is not None:  # the budget counts from arrival: plan with what is left
             left = budget - (time.monotonic() - job.arrival)
-            if left <= 0:
+            if left <= 0 and job.ahead:
                 err = unavailable(
                     f"the latency budget ({budget} s) ran out while the request was queued",
                     self._mean_service_s,
                     code="budget_exceeded_in_queue",
                 )
                 return "error", err
-            options = dataclasses.replace(options, latency_budget=left)
+            # not queued: the Reasoner says whether any effort fits (a 400 when none does)
+            options = dataclasses.replace(options, latency_budget=max(left, 1e-9))
         try:
             result: ReasonResult = self.reasoner.reason(job.prompt, options, on_event=job.on_event)
         except _Cancelled:

@@ -33,6 +33,7 @@ def sse(obj: Any) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+FLUSH_S = 0.02  # progress chunks at most every 20 ms: one chunk carries many tokens
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -138,4 +139,5 @@ class EventStream(Response):
                     if err.status != 499:  # nobody is left to read it otherwise
                         yield sse(err.body())
                     return
+            await asyncio.sleep(FLUSH_S)
             items = await self.job.channel.get()
