@@ -318,3 +318,16 @@ def test_calibration_key_sees_a_rewritten_model_file(onnx_dirs, tmp_path):
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert d.stat().st_mtime_ns == dir_mtime  # the directory's own stamp did not move
     assert calibration_key(d, 2, "onnxruntime") != before
+
+
+def test_batch_runs_and_resumes_on_a_directory(onnx_dirs, tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "a", "prompt": "What is 2+2?", "answer": "4"}\n')
+    out = tmp_path / "out.jsonl"
+    args = ["batch", str(data), "-o", str(out), "--model", str(onnx_dirs["int4"])]
+    args += ["--effort", "low", "--max-new-tokens", "8", "--no-progress"]
+    for _ in range(2):  # the second run resumes: the model directory's identity is stable
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["a"] and records[0]["k"] == 2

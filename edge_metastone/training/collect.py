@@ -223,13 +223,20 @@ class SampleCache:
 
 
 def model_identity(path: Path) -> dict[str, Any]:
-    """The model file as the cache knows it: name, size and a hash of its first and last MiB."""
-    size = path.stat().st_size
+    """The model file as the cache knows it: name, size and a hash of its first and last MiB
+    (of each file, for a model directory such as an ONNX model)."""
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    size = 0
     h = hashlib.sha1()
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
+    for file in files:
+        n = file.stat().st_size
+        size += n
+        if path.is_dir():
+            h.update(f"{file.name}:{n}".encode())
+        with file.open("rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, n - (1 << 20)))
+            h.update(f.read(1 << 20))
     return {"name": path.name, "size": size, "sha1_ends": h.hexdigest()}
 
 
