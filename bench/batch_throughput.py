@@ -130,3 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{paired:.3f} median of the rounds' ratios, "
         f"{sum(cpu['loop']) / sum(cpu['batch']):.3f} by CPU time (target >= 0.95)"
     )
+
+
+if __name__ == "__main__":
+    main()
