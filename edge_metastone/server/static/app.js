@@ -170,6 +170,7 @@ async function run(ev) {
   $("answer-box").hidden = true;
   $("scheduler").textContent = "";
   status("waiting for the model…", "waiting");
+  document.body.dataset.chunks = 0;  // progress chunks received (the page's tests read it)
   const r = new Run();
   try {
     const resp = await fetch("/v1/chat/completions", {
@@ -202,7 +203,10 @@ async function run(ev) {
             continue;
           }
           const m = obj.metastone;
-          if (m?.events?.length) r.events(m.events);
+          if (m?.events?.length) {
+            document.body.dataset.chunks = Number(document.body.dataset.chunks || 0) + 1;
+            r.events(m.events);
+          }
           if (m?.result) r.result(m.result);
         }
       }
