@@ -47,6 +47,7 @@ from converters.hf_checkpoint import (
     read_head,
     read_tokenizer_facts,
 )
+from converters.vocab import normal_form, read_special_tokens
 from edge_metastone import keys
 from edge_metastone.errors import BadCheckpointError
 
@@ -412,6 +413,11 @@ def _metadata(
         keys.THINK_START_ID: facts.think_start_id,
         keys.THINK_END_ID: facts.think_end_id,
         **_special_facts(hf_dir, cfg.vocab_size),
+        # the chat template's variables and the tokenizer's normal form, as in a GGUF
+        keys.TOKENIZER_SPECIAL_TOKENS: read_special_tokens(hf_dir),
+        keys.TOKENIZER_NORMALIZER: normal_form(
+            json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer")
+        ),
     }
     if head is not None:
         meta |= {

@@ -418,16 +418,22 @@ def _special_tokens(m: _Meta) -> dict[str, str] | None:
         value = json.loads(m.str(key))
     except ValueError:
         raise m.bad(key, "is not valid JSON") from None
+    problem = special_tokens_problem(value)
+    if problem is not None:
+        raise m.bad(key, problem)
+    return value
+
+
+def special_tokens_problem(value: object) -> str | None:
+    """What is wrong with a named-special-tokens object (None: nothing); shared with ONNX dirs."""
     if not isinstance(value, dict):
-        raise m.bad(key, "must be a JSON object")
+        return "must be a JSON object"
     for name, text in value.items():
         if name not in SPECIAL_TOKEN_NAMES:
-            raise m.bad(key, f"names {name!r}, not one of {', '.join(SPECIAL_TOKEN_NAMES)}")
+            return f"names {name!r}, not one of {', '.join(SPECIAL_TOKEN_NAMES)}"
         if not isinstance(text, str) or len(text) > _MAX_SPECIAL_TOKEN_CHARS:
-            raise m.bad(
-                key, f"gives {name} a value that is not a string of at most 1024 characters"
-            )
-    return value
+            return f"gives {name} a value that is not a string of at most 1024 characters"
+    return None
 
 
 def _is_string(m: _Meta, key: str) -> bool:

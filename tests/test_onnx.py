@@ -331,3 +331,32 @@ def test_batch_runs_and_resumes_on_a_directory(onnx_dirs, tmp_path):
         assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["a"] and records[0]["k"] == 2
+
+
+def test_real_vocabulary_directory_renders_and_stops_as_the_gguf(qwen_hf, qwen_gguf, tmp_path):
+    """Qwen's real tokenizer: the ONNX directory's chat encoding (the tokenizer's own special
+    tokens as template variables: no bos_token) equals the GGUF engine's, and a decomposed stop
+    string matches in the tokenizer's normal form there too."""
+    from edge_metastone.engine.engine import Engine
+
+    path = export_onnx(qwen_hf, tmp_path / "qwen-onnx", "f32").path
+    meta = json.loads((path / "metastone.json").read_text())
+    assert meta["metastone.tokenizer.normalizer"] == "NFC"
+    assert "bos_token" not in meta["metastone.tokenizer.special_tokens"]
+    conversations = [
+        [{"role": "user", "content": "Is cafe\u0301 the same as café? Think."}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "한국어 \u1100\u1161 and <think> as text"},
+        ],
+    ]
+    with OnnxBackend(path) as onnx, Engine(qwen_gguf) as gguf:
+        assert onnx.template._special == gguf.template._special
+        for msgs in conversations:
+            assert onnx.encode_chat(msgs) == gguf.encode_chat(msgs)
+        ids = onnx.encode_chat(conversations[0])[1]
+        (cafe,) = onnx.tokenize(" café")  # one token in Qwen's vocabulary
+        sampling = SamplingSettings(temperature=0.0, logit_bias=((cafe, 100.0),))
+        settings = GenerationSettings(max_new_tokens=6, score_steps=False, stop=("cafe\u0301",))
+        (cand,) = generate_all(onnx, ids, 1, sampling, settings)
+        assert cand.finish_reason is FinishReason.STOP and cand.text == ""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from edge_metastone.errors import (
     MissingHeadError,
 )
 from edge_metastone.limits import PREFILL_BATCH
+from edge_metastone.normalization import normalize
 from edge_metastone.onnx_backend.generate import OnnxGenerator, sigmoid
 from edge_metastone.onnx_backend.modeldir import HfTokenizer, read_model_dir
 from edge_metastone.onnx_backend.session import KVCache, Session
@@ -41,9 +43,7 @@ class OnnxBackend:
         self.md = read_model_dir(Path(path))
         md = self.md
         self.tok = HfTokenizer(md.path, md.vocab_size)
-        self.template = ChatTemplate(
-            md.chat_template, bos_token=md.bos_token, eos_token=md.eos_token
-        )
+        self.template = ChatTemplate(md.chat_template, variables=md.template_variables)
         self.rule = StepRule.of(md.step_token_ids, md.think_start_id, md.think_end_id)
         self.session = Session(md, n_threads=n_threads, provider=provider)
         self._generator = OnnxGenerator(self.session, md, self.tok, self.rule)
@@ -145,7 +145,12 @@ class OnnxBackend:
         control: GenerationControl | None = None,
         candidate_offset: int = 0,
     ) -> Iterator[Event]:
-        """Stream events for k candidates generated as one batch."""
+        """Stream events for k candidates generated as one batch. Stop strings are matched in the
+        tokenizer's normal form, the form the model reads and writes (as the llama.cpp backend)."""
+        if settings.stop and self.md.normalizer is not None:
+            form = self.md.normalizer
+            stop = tuple(normalize(s, form, self.tok.control_texts) for s in settings.stop)
+            settings = dataclasses.replace(settings, stop=stop)
         return self._generator.generate(
             prompt_ids, k, sampling, settings, control=control, candidate_offset=candidate_offset
         )

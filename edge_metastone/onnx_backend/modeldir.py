@@ -13,6 +13,8 @@ from typing import Any
 
 from edge_metastone import keys
 from edge_metastone.errors import BadModelFileError
+from edge_metastone.modelfile import special_tokens_problem
+from edge_metastone.normalization import NORMAL_FORMS
 
 MODEL_FILE = "model.onnx"
 META_FILE = "metastone.json"
@@ -47,6 +49,15 @@ class OnnxModelDir:
     feature_layer: int
     default_strategy: str | None
     n_bytes: int
+    special_tokens: dict[str, str] | None = None  # the tokenizer's named special tokens
+    normalizer: str | None = None  # the tokenizer's Unicode normal form (stop strings get it)
+
+    @property
+    def template_variables(self) -> dict[str, str]:
+        """The chat template's token variables, as `ModelFile.template_variables`."""
+        if self.special_tokens is not None:
+            return dict(self.special_tokens)
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token}
 
     @property
     def head_dim(self) -> int:
@@ -156,7 +167,26 @@ def read_model_dir(path: Path) -> OnnxModelDir:
         feature_layer=feature_layer,
         default_strategy=strategy,
         n_bytes=n_bytes,
+        special_tokens=_special_tokens(meta, where),
+        normalizer=_normalizer(meta, where),
     )
+
+
+def _special_tokens(meta: dict[str, Any], where: str) -> dict[str, str] | None:
+    value = meta.get(keys.TOKENIZER_SPECIAL_TOKENS)
+    if value is None:
+        return None
+    problem = special_tokens_problem(value)
+    if problem is not None:
+        raise BadModelFileError(f"{where}: {keys.TOKENIZER_SPECIAL_TOKENS} {problem}")
+    return value
+
+
+def _normalizer(meta: dict[str, Any], where: str) -> str | None:
+    value = meta.get(keys.TOKENIZER_NORMALIZER)
+    if value is not None and value not in NORMAL_FORMS:
+        raise BadModelFileError(f"{where}: {keys.TOKENIZER_NORMALIZER} {value!r} is not supported")
+    return value
 
 
 # GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest are shifted to 256+.
