@@ -289,6 +289,13 @@ def test_untrusted_directories_get_one_line_errors(onnx_dirs, tmp_path):
     proc = run_cli("reason", "--model", str(tmp_path / "layers"), "hi")
     assert proc.returncode != 0 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "does not match" in proc.stderr, proc.stderr
+    data = tmp_path / "problems.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    proc = run_cli(
+        "train-sprm", "--model", str(src), "--data", str(data), "-o", str(tmp_path / "o")
+    )
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "needs a GGUF model" in proc.stderr, proc.stderr
 
 
 def test_convert_command_writes_a_directory(tiny_hf, tmp_path):

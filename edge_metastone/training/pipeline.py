@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_metastone import keys
-from edge_metastone.backend import open_backend
+from edge_metastone.backend import model_kind, open_backend
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.modelfile import (
     SIDECAR_SUFFIX,
@@ -61,6 +61,11 @@ def train_sprm(
         head_path is not None and out_path.resolve() == Path(head_path).resolve()
     ):
         raise EdgeMetastoneError(f"{out_path}: the output must not be an input file")
+    if model_kind(model_path) != "gguf":
+        raise EdgeMetastoneError(
+            f"{model_path}: train-sprm needs a GGUF model (it writes a GGUF copy or a sidecar "
+            "head); convert the checkpoint with `edge-metastone convert HF_DIR -o FILE.gguf`"
+        )
     problems = read_problems(data_path)
     mf = open_model_file(model_path, head_path)
     init: SprmHead | None = mf.head if warm_start else None
