@@ -130,13 +130,13 @@ def format_summary(s: dict) -> str:
     lines = [
         f"{s['output']}: {s['records']} records ({s['errors']} errors); "
         f"summary in {s['summary_file']}",
-        f"  {'effort':<8}{'records':>8}{'errors':>8}{'accuracy':>10}{'tokens':>10}"
+        f"  {'effort':<8}{'records':>8}{'errors':>8}{'accuracy (of)':>16}{'tokens':>10}"
         f"{'time_s':>10}{'tokens/s':>10}",
     ]
     for mode, m in s["modes"].items():
         acc = f"{_f(m['accuracy'])} ({m['with_answer']})" if m["with_answer"] else "n/a"
         lines.append(
-            f"  {mode:<8}{m['records']:>8}{m['errors']:>8}{acc:>10}{m['tokens']:>10}"
+            f"  {mode:<8}{m['records']:>8}{m['errors']:>8}{acc:>16}{m['tokens']:>10}"
             f"{m['time_s']:>10.1f}{_f(m['tokens_per_s'], '.0f'):>10}"
         )
     resumed = f", resumed after {run['resumed_after']}" if run["resumed_after"] else ""
