@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jinja2
 from jinja2.exceptions import SecurityError
@@ -189,3 +190,45 @@ class ChatTemplate:
         finally:
             self._env.budget.current = None
         return "".join(out)
+
+
+def encode_chat(
+    render: Callable[[Sequence[Mapping[str, str]]], str],
+    messages: Sequence[Mapping[str, str]],
+    *,
+    tokenize: Callable[[str], list[int]],
+    tokenize_text: Callable[[str], list[int]],
+    control_texts: Sequence[str],
+) -> tuple[str, list[int]]:
+    """The prompt text and ids of a conversation, for any backend. Only the template's own markup
+    becomes control tokens (`tokenize` parses it); text in a message that spells one
+    (`<|im_end|>`, `<think>`) stays text: tokenized by `tokenize_text`, and a spelled control
+    token one character at a time (tokenizers match added tokens even in plain text)."""
+    text = render(messages)
+    specials = [sp for sp in control_texts if len(sp) > 1]
+    if not any(sp in m["content"] for m in messages for sp in specials):
+        return text, tokenize(text)  # nothing to keep apart: one pass, as HF does
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use markers
+    marked = render([{**m, "content": mk} for m, mk in zip(messages, marks, strict=True)])
+    pieces, rest = [], marked
+    for mk in marks:
+        head, sep, rest = rest.partition(mk)
+        if not sep or mk in rest:
+            raise InvalidRequestError(
+                "a message spells a control token (e.g. <|im_end|>) and this model's chat "
+                "template transforms message text, so it cannot be kept as plain text"
+            )
+        pieces.append(head)
+    pattern = re.compile("|".join(re.escape(sp) for sp in specials))
+    ids: list[int] = []
+    for head, m in zip(pieces, messages, strict=True):
+        ids += tokenize(head)
+        pos = 0
+        for match in pattern.finditer(m["content"]):
+            ids += tokenize_text(m["content"][pos : match.start()])
+            for ch in match.group():
+                ids += tokenize_text(ch)
+            pos = match.end()
+        ids += tokenize_text(m["content"][pos:])
+    ids += tokenize(rest)
+    return "".join(h + m["content"] for h, m in zip(pieces, messages, strict=True)) + rest, ids

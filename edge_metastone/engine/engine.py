@@ -4,16 +4,16 @@ llama.cpp implementation of `edge_metastone.backend.Backend`)."""
 from __future__ import annotations
 
 import dataclasses
-import re
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import llama_cpp
 
-from edge_metastone.chat import ChatTemplate
+from edge_metastone.chat import ChatTemplate, encode_chat
 from edge_metastone.engine.generate import BatchGenerator
 from edge_metastone.engine.llama import Model, default_threads
-from edge_metastone.errors import InvalidRequestError, MissingHeadError
+from edge_metastone.errors import MissingHeadError
 from edge_metastone.modelfile import ModelFile, open_model_file
 from edge_metastone.normalization import normalize
 from edge_metastone.scheduler import ModelFacts
@@ -114,40 +114,13 @@ class Engine:
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
         """The prompt text and ids for a conversation. Only the template's own markup becomes
         control tokens: text in a message that spells one (`<|im_end|>`, `<think>`) stays text."""
-        text = self.render(messages)
-        specials = [sp for sp in self.model.control_texts if len(sp) > 1]
-        if not any(sp in m["content"] for m in messages for sp in specials):
-            return text, self.model.tokenize(text)  # nothing to keep apart: one pass, as HF does
-        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use markers
-        marked = self.render([{**m, "content": mk} for m, mk in zip(messages, marks, strict=True)])
-        pieces, rest = [], marked
-        for mk in marks:
-            head, sep, rest = rest.partition(mk)
-            if not sep or mk in rest:
-                raise InvalidRequestError(
-                    "a message spells a control token (e.g. <|im_end|>) and this model's chat "
-                    "template transforms message text, so it cannot be kept as plain text"
-                )
-            pieces.append(head)
-        ids: list[int] = []
-        for head, m in zip(pieces, messages, strict=True):
-            ids += self.model.tokenize(head)
-            ids += self._text_ids(m["content"], specials)
-        ids += self.model.tokenize(rest)
-        return "".join(h + m["content"] for h, m in zip(pieces, messages, strict=True)) + rest, ids
-
-    def _text_ids(self, text: str, specials: Sequence[str]) -> list[int]:
-        """`text` as plain text: llama.cpp matches added (user-defined) tokens such as `<think>`
-        even without special parsing, so their spellings are tokenized one character at a time."""
-        ids: list[int] = []
-        pattern = re.compile("|".join(re.escape(sp) for sp in specials))
-        pos = 0
-        for match in pattern.finditer(text):
-            ids += self.model.tokenize(text[pos : match.start()], parse_special=False)
-            for ch in match.group():
-                ids += self.model.tokenize(ch, parse_special=False)
-            pos = match.end()
-        return ids + self.model.tokenize(text[pos:], parse_special=False)
+        return encode_chat(
+            self.render,
+            messages,
+            tokenize=self.model.tokenize,
+            tokenize_text=functools.partial(self.model.tokenize, parse_special=False),
+            control_texts=self.model.control_texts,
+        )
 
     def generate(
         self,

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from edge_metastone.chat import ChatTemplate
+from edge_metastone.chat import ChatTemplate, encode_chat
 from edge_metastone.errors import (
     ContextExceededError,
     EdgeMetastoneError,
-    InvalidRequestError,
     MissingHeadError,
 )
 from edge_metastone.limits import PREFILL_BATCH
@@ -104,36 +102,15 @@ class OnnxBackend:
         return self.tok.decode(list(token_ids))
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
-        """The prompt text and ids; message text that spells a control token stays text (the
-        same method as the llama.cpp backend's `Engine.encode_chat`)."""
-        text = self.render(messages)
-        specials = [sp for sp in self.tok.control_texts if len(sp) > 1]
-        if not any(sp in m["content"] for m in messages for sp in specials):
-            return text, self.tok.encode(text)
-        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use markers
-        marked = self.render([{**m, "content": mk} for m, mk in zip(messages, marks, strict=True)])
-        pieces, rest = [], marked
-        for mk in marks:
-            head, sep, rest = rest.partition(mk)
-            if not sep or mk in rest:
-                raise InvalidRequestError(
-                    "a message spells a control token (e.g. <|im_end|>) and this model's chat "
-                    "template transforms message text, so it cannot be kept as plain text"
-                )
-            pieces.append(head)
-        ids: list[int] = []
-        pattern = re.compile("|".join(re.escape(sp) for sp in specials))
-        for head, m in zip(pieces, messages, strict=True):
-            ids += self.tok.encode(head)
-            pos = 0
-            for match in pattern.finditer(m["content"]):
-                ids += self.tok.encode(m["content"][pos : match.start()])
-                for ch in match.group():  # one character at a time: never an added token
-                    ids += self.tok.encode(ch)
-                pos = match.end()
-            ids += self.tok.encode(m["content"][pos:])
-        ids += self.tok.encode(rest)
-        return "".join(h + m["content"] for h, m in zip(pieces, messages, strict=True)) + rest, ids
+        """The prompt text and ids; message text that spells a control token stays text (as the
+        llama.cpp backend's)."""
+        return encode_chat(
+            self.render,
+            messages,
+            tokenize=self.tok.encode,
+            tokenize_text=self.tok.encode,
+            control_texts=self.tok.control_texts,
+        )
 
     def generate(
         self,
