@@ -173,6 +173,23 @@ def test_duplicate_ids_are_refused_up_front(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_unusable_paths_and_flags_are_one_line_errors(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", 1)
+    for args, what in (
+        ((str(inp), "-o", str(tmp_path / "no" / "out.jsonl")), "cannot write"),
+        ((str(tmp_path), "-o", str(tmp_path / "out.jsonl")), "cannot read"),
+        ((str(inp), "-o", str(inp)), "must not be the input"),
+        (
+            (str(inp), "-o", str(tmp_path / "o.jsonl"), "--effort", "low", "--sweep", "low"),
+            "not both",
+        ),
+        ((str(inp), "-o", str(tmp_path / "o.jsonl"), "--workers", "2"), "give --ray"),
+    ):
+        proc = run_cli("batch", *args)
+        assert proc.returncode == 1 and what in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
 def test_a_rerun_with_other_options_is_refused(tmp_path):
     inp = write_input(tmp_path / "in.jsonl", 3)
     out = tmp_path / "out.jsonl"

@@ -167,7 +167,10 @@ class ResultLog:
     def __init__(self, path: Path, identity: dict[str, Any]) -> None:
         self.path = path
         self.options_path = sidecar(path, "options.json")
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            raise EdgeMetastoneError(f"{path}: cannot write ({e.strerror})") from None
         try:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

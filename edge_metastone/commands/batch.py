@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise EdgeMetastoneError("give --effort or --sweep, not both")
     if args.workers < 0:
         raise EdgeMetastoneError("--workers must be >= 0")
+    if args.workers and args.ray is None:
+        raise EdgeMetastoneError("--workers counts Ray workers: give --ray too")
     modes = parse_modes(args.sweep) if args.sweep else (Effort(args.effort or "medium"),)
     _check_extras(args)
     # a sweep scores every selector on the same candidates: log-probabilities are needed
