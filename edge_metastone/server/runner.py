@@ -14,6 +14,8 @@ import uvicorn
 
 from edge_metastone.server.service import GenerationService
 
+FLUSH_S = 1.0  # on a forced exit, time for cancelled requests to send their 503
+
 
 class DrainingServer(uvicorn.Server):
     """On the first Ctrl-C/SIGTERM: stop accepting, give requests in flight (running and queued)
@@ -48,6 +50,10 @@ class DrainingServer(uvicorn.Server):
             drain.cancel()
         if self.force_exit:  # uvicorn skips the app's shutdown then; ours cancels and joins
             self.service.stop()
+            loop = asyncio.get_running_loop()
+            end = loop.time() + FLUSH_S
+            while self.server_state.tasks and loop.time() < end:  # cancelled requests say so
+                await asyncio.sleep(0.02)
             await self.lifespan.shutdown()
 
     async def _cancel_after_grace(self) -> None:
