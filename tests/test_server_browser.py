@@ -56,13 +56,15 @@ def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.goto(server.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('SPRM')")
+            page.wait_for_function(
+                "document.getElementById('model').textContent.includes('SPRM')", timeout=60_000
+            )
             page.fill("#prompt", PROMPT)
             page.select_option("#effort", "medium")
             page.fill("#temperature", "1.0")
             page.fill("#seed", "1")
             page.click("#run")
-            page.wait_for_selector("#status[data-state=done]", timeout=60_000)
+            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
             shot = tmp_path / "server_page.png"
             page.screenshot(path=str(shot), full_page=True)
 
@@ -90,7 +92,7 @@ def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
             page.select_option("#effort", "auto")
             page.fill("#budget", "30")
             page.click("#run")
-            page.wait_for_selector("#status[data-state=done]", timeout=60_000)
+            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
             assert "auto chose" in page.inner_text("#scheduler")
             page.screenshot(path=str(tmp_path / "server_page_auto.png"), full_page=True)
         finally:
