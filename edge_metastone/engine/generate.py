@@ -7,27 +7,20 @@ loop: sample each live sequence from its row -> score a step boundary from the f
 
 from __future__ import annotations
 
-import bisect
-import codecs
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import llama_cpp
 import numpy as np
 
+from edge_metastone.candidates import CandidateRun, CandidateStream, token_logprob
 from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
 from edge_metastone.engine.sampling import Sampler
-from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, InvalidRequestError
+from edge_metastone.errors import ContextExceededError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
-from edge_metastone.sprm import SprmHead, StepRule, trajectory_score
-from edge_metastone.textstream import ThinkState as _ThinkState
-from edge_metastone.textstream import safe_end
-from edge_metastone.textstream import stop_match as _stop_match
+from edge_metastone.sprm import SprmHead, StepRule
 from edge_metastone.types import (  # re-exported: the engine's public types live in types.py
     Candidate,
     Event,
@@ -58,29 +51,30 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)  # compared by identity: it holds numpy arrays
-class _Seq:
-    index: int
-    seq_id: int
-    sampler: Sampler
-    prev: int  # last token of the sequence (prompt's last, then generated)
-    pos: int  # position of `prev`
-    feature: np.ndarray | None  # feature of `prev`
-    tokens: list[int] = field(default_factory=list)
-    utf8: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
-    )
-    text: str = ""
-    ends: list[int] = field(default_factory=list)  # len(text) after each token
-    streamed: int = 0  # characters of text already sent in TokenEvents
-    scores_by_pos: dict[int, float] = field(default_factory=dict)
-    features_by_pos: dict[int, np.ndarray] = field(default_factory=dict)
-    online: list[float] = field(default_factory=list)
-    think: _ThinkState = field(default_factory=lambda: _ThinkState())
-    answer_tokens: int = 0
-    logprob_sum: float = 0.0
-    row: int = -1
-    reason: FinishReason | None = None
+class _Seq(CandidateStream):
+    """A candidate in llama.cpp sequence `seq_id`; its next logits are in batch row `row`."""
+
+    __slots__ = ("head", "row", "sampler", "seq_id")
+
+    def __init__(
+        self,
+        index: int,
+        run: CandidateRun,
+        feature: np.ndarray | None,
+        seq_id: int,
+        sampler: Sampler,
+        row: int,
+        head: SprmHead | None,
+    ) -> None:
+        super().__init__(index, run, feature)
+        self.seq_id = seq_id
+        self.sampler = sampler
+        self.row = row
+        self.head = head
+
+    def step_score(self) -> float:
+        """The head's score on `prev`'s feature."""
+        return float(self.head.scores(self.feature[None, :])[0])
 
 
 class BatchGenerator:
@@ -160,9 +154,16 @@ class BatchGenerator:
             prompt_feats, last_feature, last_row = self._prefill(ctx, batch, prompt, capture)
             prompt_scores = self._score_prompt(prompt_feats) if scoring else {}
             tm.prefill_s += time.perf_counter() - t0
-            prompt_think = _ThinkState()
-            for i, t in enumerate(prompt):
-                prompt_think.note(self.rule, t, i)
+            run = CandidateRun(
+                prompt,
+                self.rule,
+                settings,
+                scoring,
+                tm,
+                self.model.n_embd,
+                prompt_scores,
+                prompt_feats,
+            )
             seqs = []
             for s in range(k):
                 if s:
@@ -170,28 +171,22 @@ class BatchGenerator:
                 sampler = Sampler(sampling, candidate_offset + s, self.model.n_vocab)
                 if sampling.repeat_penalty != 1.0:
                     sampler.accept_all(prompt)
-                seq = _Seq(
-                    candidate_offset + s, s, sampler, prompt[-1], len(prompt) - 1, last_feature
+                seqs.append(
+                    _Seq(candidate_offset + s, run, last_feature, s, sampler, last_row, self.head)
                 )
-                seq.scores_by_pos.update(prompt_scores)
-                if keep:
-                    seq.features_by_pos.update(prompt_feats)
-                seq.row = last_row
-                seq.think = dataclasses.replace(prompt_think)
-                seqs.append(seq)
             live = seqs
             try:
                 while live:
                     batch.clear()
-                    still: list[_Seq] = []
                     for seq in live:
-                        yield from self._advance(seq, ctx, settings, control, still, tm, scoring)
+                        tok = self._next_token(seq, ctx, control)
+                        if tok is not None:
+                            yield from seq.accept(tok, self.model.token_to_bytes(tok))
                     for seq in live:
-                        if seq not in still:
-                            result = self._finish(seq, prompt, scoring, settings)
-                            yield FinishEvent(seq.index, result, result.text[seq.streamed :])
+                        if seq.reason is not None:
+                            yield seq.finish()
                             llama_cpp.llama_memory_seq_rm(ctx.memory, seq.seq_id, -1, -1)
-                    live = still
+                    live = [seq for seq in live if seq.reason is None]
                     if not live:
                         break
                     for seq in live:
@@ -238,116 +233,17 @@ class BatchGenerator:
         values = self.head.scores(np.stack([feats[i] for i in order]))
         return {i: float(v) for i, v in zip(order, values, strict=True)}
 
-    def _advance(
-        self,
-        seq: _Seq,
-        ctx: Context,
-        settings: GenerationSettings,
-        control: GenerationControl,
-        still: list[_Seq],
-        tm: Timings,
-        scoring: bool,
-    ) -> Iterator[Event]:
-        """Sample one token for `seq`, score a boundary, and decide whether it goes on."""
-        if control.halted or seq.index in control.pruned:
-            seq.reason = FinishReason.HALTED if control.halted else FinishReason.PRUNED
-            return
+    def _next_token(self, seq: _Seq, ctx: Context, control: GenerationControl) -> int | None:
+        """Sample `seq`'s next token; None when it finished instead (halted, pruned, end of turn)."""
+        if seq.halted(control):
+            return None
+        tm = seq.run.timings
         t0 = time.perf_counter()
         tok = seq.sampler.sample(ctx.ptr, seq.row)
-        if settings.logprobs:
-            logits = ctx.logits(seq.row).astype(np.float64)
-            m = logits.max()
-            seq.logprob_sum += float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
+        if seq.run.settings.logprobs:
+            seq.logprob_sum += token_logprob(ctx.logits(seq.row), tok)
         tm.sample_s += time.perf_counter() - t0
         if self.model.is_eog(tok):
             seq.reason = FinishReason.EOS
-            return
-        pos = seq.pos + 1
-        boundary = seq.feature is not None and self.rule.is_step_boundary(seq.prev, tok)
-        if boundary and settings.keep_features:
-            seq.features_by_pos[seq.pos] = seq.feature.copy()  # a row of a [k, C] decode
-        if boundary and scoring:
-            t0 = time.perf_counter()
-            score = float(self.head.scores(seq.feature[None, :])[0])
-            if not math.isfinite(score):
-                raise EdgeMetastoneError(
-                    f"the model produced a non-finite step score at token {seq.pos} "
-                    "(its weights or head are broken)"
-                )
-            tm.score_s += time.perf_counter() - t0
-            seq.scores_by_pos[seq.pos] = score
-            start = seq.think.start_pos if seq.think.starts == 1 else 0
-            if seq.pos >= start + 1 and seq.think.end_pos < 0:
-                seq.online.append(score)
-                yield StepEvent(
-                    seq.index, seq.pos, score, len(seq.online), trajectory_score(seq.online)
-                )
-        seq.think.note(self.rule, tok, pos)
-        seq.tokens.append(tok)
-        tm.generated_tokens += 1
-        piece = seq.utf8.decode(self.model.token_to_bytes(tok))
-        seq.text += piece
-        seq.ends.append(len(seq.text))
-        seq.prev, seq.pos = tok, pos
-        if 0 <= seq.think.end_pos < pos:
-            seq.answer_tokens += 1
-        cut = _stop_match(seq.text, len(piece), settings.stop)
-        if cut is not None:
-            # keep the tokens that end before the stop string: text == their decoding, and no
-            # character of the stop string was streamed (it was held back below)
-            n = bisect.bisect_right(seq.ends, cut)
-            del seq.tokens[n:], seq.ends[n:]
-            seq.text = seq.text[: seq.ends[-1] if n else 0]
-            seq.reason = FinishReason.STOP
-            yield TokenEvent(seq.index, tok, "")
-            return
-        safe = _safe_end(seq, settings.stop)
-        yield TokenEvent(seq.index, tok, seq.text[seq.streamed : safe])
-        seq.streamed = max(seq.streamed, safe)
-        over_answer = (
-            settings.max_answer_tokens is not None
-            and seq.answer_tokens >= settings.max_answer_tokens
-        )
-        if len(seq.tokens) >= settings.max_new_tokens or (seq.think.end_pos >= 0 and over_answer):
-            seq.reason = FinishReason.LENGTH
-            return
-        still.append(seq)
-
-    def _finish(
-        self, seq: _Seq, prompt: list[int], scoring: bool, settings: GenerationSettings
-    ) -> Candidate:
-        if seq.reason is None:
-            seq.reason = FinishReason.LENGTH
-        if seq.reason is not FinishReason.STOP:
-            seq.text += seq.utf8.decode(b"", final=True)
-            if seq.ends:
-                seq.ends[-1] = len(seq.text)
-        positions: list[int] = []
-        steps: list[float] = []
-        score: float | None = None
-        features: np.ndarray | None = None
-        if scoring or settings.keep_features:
-            positions = self.rule.scored_positions(prompt + seq.tokens)
-        if scoring:
-            steps = [seq.scores_by_pos[p] for p in positions]
-            score = trajectory_score(steps)
-        if settings.keep_features:
-            rows = [seq.features_by_pos[p] for p in positions]
-            features = np.stack(rows) if rows else np.empty((0, self.model.n_embd), np.float32)
-        n = len(seq.tokens)
-        return Candidate(
-            index=seq.index,
-            token_ids=list(seq.tokens),
-            text=seq.text,
-            step_positions=positions,
-            step_scores=steps,
-            score=score,
-            finish_reason=seq.reason,
-            mean_logprob=(seq.logprob_sum / n if n else 0.0) if settings.logprobs else None,
-            step_features=features,
-        )
-
-
-def _safe_end(seq: _Seq, stops: Sequence[str]) -> int:
-    """How much text may be streamed (see `textstream.safe_end`)."""
-    return safe_end(seq.text, seq.ends, stops)
+            return None
+        return tok

@@ -10,34 +10,25 @@ loop: sample each live row from its logits -> score a step boundary from the ste
 
 from __future__ import annotations
 
-import bisect
-import codecs
-import dataclasses
-import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, InvalidRequestError
+from edge_metastone.candidates import CandidateRun, CandidateStream, token_logprob
+from edge_metastone.errors import ContextExceededError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.onnx_backend.modeldir import HfTokenizer, OnnxModelDir
 from edge_metastone.onnx_backend.sampling import NumpySampler
 from edge_metastone.onnx_backend.session import KVCache, Session
-from edge_metastone.sprm import StepRule, trajectory_score
-from edge_metastone.textstream import ThinkState, safe_end, stop_match
+from edge_metastone.sprm import StepRule
 from edge_metastone.types import (
-    Candidate,
     Event,
-    FinishEvent,
     FinishReason,
     GenerationControl,
     GenerationSettings,
     SamplingSettings,
-    StepEvent,
-    Timings,
-    TokenEvent,
 )
 
 
@@ -48,29 +39,28 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
         return np.exp(-np.logaddexp(0.0, -z))
 
 
-@dataclass(eq=False)  # compared by identity: it holds numpy arrays
-class _Seq:
-    index: int
-    sampler: NumpySampler
-    prev: int
-    pos: int
-    logits: np.ndarray  # [V] of `prev`
-    step_logit: float | None  # the head's logit on `prev`'s feature
-    feature: np.ndarray | None  # `prev`'s feature (keep_features)
-    tokens: list[int] = field(default_factory=list)
-    utf8: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
-    )
-    text: str = ""
-    ends: list[int] = field(default_factory=list)
-    streamed: int = 0
-    scores_by_pos: dict[int, float] = field(default_factory=dict)
-    features_by_pos: dict[int, np.ndarray] = field(default_factory=dict)
-    online: list[float] = field(default_factory=list)
-    think: ThinkState = field(default_factory=ThinkState)
-    answer_tokens: int = 0
-    logprob_sum: float = 0.0
-    reason: FinishReason | None = None
+class _Seq(CandidateStream):
+    """A candidate in one row of the batch; `logits` [V] and `step_logit` are `prev`'s."""
+
+    __slots__ = ("logits", "sampler", "step_logit")
+
+    def __init__(
+        self,
+        index: int,
+        run: CandidateRun,
+        feature: np.ndarray | None,
+        sampler: NumpySampler,
+        logits: np.ndarray,
+        step_logit: float | None,
+    ) -> None:
+        super().__init__(index, run, feature)
+        self.sampler = sampler
+        self.logits = logits
+        self.step_logit = step_logit  # the head's logit on `prev`'s feature
+
+    def step_score(self) -> float | None:
+        """sigmoid of the graph's step logit on `prev`."""
+        return None if self.step_logit is None else float(sigmoid(self.step_logit))
 
 
 @dataclass
@@ -161,39 +151,41 @@ class OnnxGenerator:
                 prompt_scores = dict(zip(order, (float(v) for v in values), strict=True))
             cache = pre.cache.repeat(k)
             tm.prefill_s += time.perf_counter() - t0
-            think = ThinkState()
-            for i, t in enumerate(prompt):
-                think.note(self.rule, t, i)
+            run = CandidateRun(
+                prompt,
+                self.rule,
+                settings,
+                scoring,
+                tm,
+                self.md.hidden_size,
+                prompt_scores,
+                {p: f for p, f in pre.features.items() if p in wanted},
+            )
             last = len(prompt) - 1
             seqs = []
             for s in range(k):
                 if sampling.repeat_penalty != 1.0:
                     samplers[s].accept_all(prompt)
-                seq = _Seq(
-                    candidate_offset + s,
-                    samplers[s],
-                    prompt[-1],
-                    last,
-                    pre.logits,
-                    pre.step_logits.get(last),
-                    pre.features.get(last),
-                )
-                seq.scores_by_pos.update(prompt_scores)
-                if keep:
-                    seq.features_by_pos.update(
-                        {p: f for p, f in pre.features.items() if p in wanted}
+                seqs.append(
+                    _Seq(
+                        candidate_offset + s,
+                        run,
+                        pre.features.get(last),
+                        samplers[s],
+                        pre.logits,
+                        pre.step_logits.get(last),
                     )
-                seq.think = dataclasses.replace(think)
-                seqs.append(seq)
+                )
             live = seqs
             while live:
-                still: list[_Seq] = []
                 for seq in live:
-                    yield from self._advance(seq, settings, control, still, tm, scoring)
+                    tok = self._next_token(seq, control)
+                    if tok is not None:
+                        yield from seq.accept(tok, self.tok.token_bytes(tok))
                 for seq in live:
-                    if seq not in still:
-                        result = self._finish(seq, prompt, scoring, settings)
-                        yield FinishEvent(seq.index, result, result.text[seq.streamed :])
+                    if seq.reason is not None:
+                        yield seq.finish()
+                still = [seq for seq in live if seq.reason is None]
                 if not still:
                     break
                 if len(still) != len(live):
@@ -215,108 +207,17 @@ class OnnxGenerator:
         finally:
             tm.total_s += time.perf_counter() - t_start
 
-    def _advance(
-        self,
-        seq: _Seq,
-        settings: GenerationSettings,
-        control: GenerationControl,
-        still: list[_Seq],
-        tm: Timings,
-        scoring: bool,
-    ) -> Iterator[Event]:
-        """Sample one token for `seq`, score a boundary, and decide whether it goes on."""
-        if control.halted or seq.index in control.pruned:
-            seq.reason = FinishReason.HALTED if control.halted else FinishReason.PRUNED
-            return
+    def _next_token(self, seq: _Seq, control: GenerationControl) -> int | None:
+        """Sample `seq`'s next token; None when it finished instead (halted, pruned, end of turn)."""
+        if seq.halted(control):
+            return None
+        tm = seq.run.timings
         t0 = time.perf_counter()
         tok = seq.sampler.sample(seq.logits)
-        if settings.logprobs:
-            logits = seq.logits.astype(np.float64)
-            m = logits.max()
-            seq.logprob_sum += float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
+        if seq.run.settings.logprobs:
+            seq.logprob_sum += token_logprob(seq.logits, tok)
         tm.sample_s += time.perf_counter() - t0
         if tok in self.eog:
             seq.reason = FinishReason.EOS
-            return
-        pos = seq.pos + 1
-        boundary = self.rule.is_step_boundary(seq.prev, tok)
-        if boundary and settings.keep_features and seq.feature is not None:
-            seq.features_by_pos[seq.pos] = seq.feature.copy()  # a row of a [k, 1, C] output
-        if boundary and scoring and seq.step_logit is not None:
-            t0 = time.perf_counter()
-            score = float(sigmoid(seq.step_logit))
-            if not math.isfinite(score):
-                raise EdgeMetastoneError(
-                    f"the model produced a non-finite step score at token {seq.pos} "
-                    "(its weights or head are broken)"
-                )
-            tm.score_s += time.perf_counter() - t0
-            seq.scores_by_pos[seq.pos] = score
-            if seq.think.in_window(seq.pos):
-                seq.online.append(score)
-                yield StepEvent(
-                    seq.index, seq.pos, score, len(seq.online), trajectory_score(seq.online)
-                )
-        seq.think.note(self.rule, tok, pos)
-        seq.tokens.append(tok)
-        tm.generated_tokens += 1
-        piece = seq.utf8.decode(self.tok.token_bytes(tok))
-        seq.text += piece
-        seq.ends.append(len(seq.text))
-        seq.prev, seq.pos = tok, pos
-        if 0 <= seq.think.end_pos < pos:
-            seq.answer_tokens += 1
-        cut = stop_match(seq.text, len(piece), settings.stop)
-        if cut is not None:
-            # keep the tokens that end before the stop string (as the llama.cpp generator)
-            n = bisect.bisect_right(seq.ends, cut)
-            del seq.tokens[n:], seq.ends[n:]
-            seq.text = seq.text[: seq.ends[-1] if n else 0]
-            seq.reason = FinishReason.STOP
-            yield TokenEvent(seq.index, tok, "")
-            return
-        safe = safe_end(seq.text, seq.ends, settings.stop)
-        yield TokenEvent(seq.index, tok, seq.text[seq.streamed : safe])
-        seq.streamed = max(seq.streamed, safe)
-        over_answer = (
-            settings.max_answer_tokens is not None
-            and seq.answer_tokens >= settings.max_answer_tokens
-        )
-        if len(seq.tokens) >= settings.max_new_tokens or (seq.think.end_pos >= 0 and over_answer):
-            seq.reason = FinishReason.LENGTH
-            return
-        still.append(seq)
-
-    def _finish(
-        self, seq: _Seq, prompt: list[int], scoring: bool, settings: GenerationSettings
-    ) -> Candidate:
-        if seq.reason is None:
-            seq.reason = FinishReason.LENGTH
-        if seq.reason is not FinishReason.STOP:
-            seq.text += seq.utf8.decode(b"", final=True)
-            if seq.ends:
-                seq.ends[-1] = len(seq.text)
-        positions: list[int] = []
-        steps: list[float] = []
-        score: float | None = None
-        features: np.ndarray | None = None
-        if scoring or settings.keep_features:
-            positions = self.rule.scored_positions(prompt + seq.tokens)
-        if scoring:
-            steps = [seq.scores_by_pos[p] for p in positions]
-            score = trajectory_score(steps)
-        if settings.keep_features:
-            rows = [seq.features_by_pos[p] for p in positions]
-            features = np.stack(rows) if rows else np.empty((0, self.md.hidden_size), np.float32)
-        n = len(seq.tokens)
-        return Candidate(
-            index=seq.index,
-            token_ids=list(seq.tokens),
-            text=seq.text,
-            step_positions=positions,
-            step_scores=steps,
-            score=score,
-            finish_reason=seq.reason,
-            mean_logprob=(seq.logprob_sum / n if n else 0.0) if settings.logprobs else None,
-            step_features=features,
-        )
+            return None
+        return tok

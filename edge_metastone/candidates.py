@@ -1,0 +1,209 @@
+"""One candidate's bookkeeping as its tokens arrive, the same on every runtime: step scores and
+StepEvents, the think window, incremental UTF-8 text, stop strings, streaming holdback, length
+limits and the finished `Candidate`. A backend's generator keeps only what its runtime does
+(sampling, logits, decode calls, its KV cache or batch, feature capture) and subclasses
+`CandidateStream` with that state and its `step_score`."""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_metastone.errors import EdgeMetastoneError
+from edge_metastone.sprm import StepRule, trajectory_score
+from edge_metastone.textstream import ThinkState, safe_end, stop_match
+from edge_metastone.types import (
+    Candidate,
+    Event,
+    FinishEvent,
+    FinishReason,
+    GenerationControl,
+    GenerationSettings,
+    StepEvent,
+    Timings,
+    TokenEvent,
+)
+
+
+def token_logprob(logits: np.ndarray, tok: int) -> float:
+    """log softmax(logits)[tok] for logits [V], in float64."""
+    logits = logits.astype(np.float64)
+    m = logits.max()
+    return float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
+
+
+@dataclass
+class CandidateRun:
+    """What the candidates of one generate() call share: the prompt, its step scores and features,
+    the settings and the call's timings."""
+
+    prompt: list[int]
+    rule: StepRule
+    settings: GenerationSettings
+    scoring: bool  # score steps in-stream: settings.score_steps and the model has a head
+    timings: Timings
+    feature_width: int  # C of a step feature (the shape of an empty step_features)
+    prompt_scores: dict[int, float]  # the prompt's step boundaries -> score (scoring)
+    prompt_features: dict[int, np.ndarray]  # the prompt's step boundaries -> feature
+    think: ThinkState = field(init=False)  # the window as the prompt leaves it
+    steps: bool = field(init=False)  # step boundaries matter: scoring or keep_features
+
+    def __post_init__(self) -> None:
+        self.think = ThinkState()
+        for i, t in enumerate(self.prompt):
+            self.think.note(self.rule, t, i)
+        self.steps = self.scoring or self.settings.keep_features
+
+
+class CandidateStream:
+    """One candidate from the prompt's last token on: feed it each sampled token with `accept`
+    until `reason` is set, then take its `finish` event."""
+
+    __slots__ = (
+        "answer_tokens",
+        "ends",
+        "feature",
+        "features_by_pos",
+        "index",
+        "logprob_sum",
+        "online",
+        "pos",
+        "prev",
+        "reason",
+        "run",
+        "scores_by_pos",
+        "streamed",
+        "text",
+        "think",
+        "tokens",
+        "utf8",
+    )
+
+    def __init__(self, index: int, run: CandidateRun, feature: np.ndarray | None) -> None:
+        self.index = index
+        self.run = run
+        self.prev = run.prompt[-1]  # last token of the sequence (prompt's last, then generated)
+        self.pos = len(run.prompt) - 1  # position of `prev`
+        self.feature = feature  # feature of `prev` (None when the runtime captures none)
+        self.tokens: list[int] = []
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.ends: list[int] = []  # len(text) after each token
+        self.streamed = 0  # characters of text already sent in TokenEvents
+        self.scores_by_pos = dict(run.prompt_scores)
+        self.features_by_pos = dict(run.prompt_features) if run.settings.keep_features else {}
+        self.online: list[float] = []
+        self.think = dataclasses.replace(run.think)
+        self.answer_tokens = 0
+        self.logprob_sum = 0.0
+        self.reason: FinishReason | None = None
+
+    def step_score(self) -> float | None:
+        """The head's score of the step that `prev` ends; None when the runtime has none."""
+        raise NotImplementedError
+
+    def halted(self, control: GenerationControl) -> bool:
+        """Finish as halted or pruned when `control` says so; True when it did."""
+        if control.halted or self.index in control.pruned:
+            self.reason = FinishReason.HALTED if control.halted else FinishReason.PRUNED
+            return True
+        return False
+
+    def accept(self, tok: int, data: bytes) -> Iterator[Event]:
+        """Take the sampled token `tok` (not end-of-generation), whose bytes are `data`: score the
+        step it closes, extend the text, stream what is safe; sets `reason` when it is the last."""
+        run = self.run
+        settings = run.settings
+        pos = self.pos + 1
+        if run.steps and run.rule.is_step_boundary(self.prev, tok):
+            if settings.keep_features and self.feature is not None:
+                self.features_by_pos[self.pos] = self.feature.copy()  # a row of a batch output
+            if run.scoring and (score := self._scored()) is not None:
+                self.scores_by_pos[self.pos] = score
+                if self.think.in_window(self.pos):
+                    self.online.append(score)
+                    yield StepEvent(
+                        self.index, self.pos, score, len(self.online), trajectory_score(self.online)
+                    )
+        self.think.note(run.rule, tok, pos)
+        self.tokens.append(tok)
+        run.timings.generated_tokens += 1
+        piece = self.utf8.decode(data)
+        self.text += piece
+        self.ends.append(len(self.text))
+        self.prev, self.pos = tok, pos
+        if 0 <= self.think.end_pos < pos:
+            self.answer_tokens += 1
+        cut = stop_match(self.text, len(piece), settings.stop)
+        if cut is not None:
+            # keep the tokens that end before the stop string: text == their decoding, and no
+            # character of the stop string was streamed (it was held back below)
+            n = bisect.bisect_right(self.ends, cut)
+            del self.tokens[n:], self.ends[n:]
+            self.text = self.text[: self.ends[-1] if n else 0]
+            self.reason = FinishReason.STOP
+            yield TokenEvent(self.index, tok, "")
+            return
+        safe = safe_end(self.text, self.ends, settings.stop)
+        yield TokenEvent(self.index, tok, self.text[self.streamed : safe])
+        self.streamed = max(self.streamed, safe)
+        over_answer = (
+            settings.max_answer_tokens is not None
+            and self.answer_tokens >= settings.max_answer_tokens
+        )
+        if len(self.tokens) >= settings.max_new_tokens or (self.think.end_pos >= 0 and over_answer):
+            self.reason = FinishReason.LENGTH
+
+    def _scored(self) -> float | None:
+        t0 = time.perf_counter()
+        score = self.step_score()
+        if score is not None and not math.isfinite(score):
+            raise EdgeMetastoneError(
+                f"the model produced a non-finite step score at token {self.pos} "
+                "(its weights or head are broken)"
+            )
+        self.run.timings.score_s += time.perf_counter() - t0
+        return score
+
+    def finish(self) -> FinishEvent:
+        """The finished candidate, with the text not streamed yet."""
+        run = self.run
+        settings = run.settings
+        if self.reason is None:
+            self.reason = FinishReason.LENGTH
+        if self.reason is not FinishReason.STOP:
+            self.text += self.utf8.decode(b"", final=True)
+            if self.ends:
+                self.ends[-1] = len(self.text)
+        positions: list[int] = []
+        steps: list[float] = []
+        score: float | None = None
+        features: np.ndarray | None = None
+        if run.steps:
+            positions = run.rule.scored_positions(run.prompt + self.tokens)
+        if run.scoring:
+            steps = [self.scores_by_pos[p] for p in positions]
+            score = trajectory_score(steps)
+        if settings.keep_features:
+            rows = [self.features_by_pos[p] for p in positions]
+            features = np.stack(rows) if rows else np.empty((0, run.feature_width), np.float32)
+        n = len(self.tokens)
+        candidate = Candidate(
+            index=self.index,
+            token_ids=list(self.tokens),
+            text=self.text,
+            step_positions=positions,
+            step_scores=steps,
+            score=score,
+            finish_reason=self.reason,
+            mean_logprob=(self.logprob_sum / n if n else 0.0) if settings.logprobs else None,
+            step_features=features,
+        )
+        return FinishEvent(self.index, candidate, candidate.text[self.streamed :])
