@@ -20,6 +20,7 @@ from edge_metastone.errors import BudgetError, EdgeMetastoneError, InvalidReques
 from edge_metastone.limits import MAX_THREADS, default_threads
 from edge_metastone.models import default_model_path
 from edge_metastone.scheduler import (
+    FIXED_EFFORTS,
     MIB,
     Budget,
     Calibration,
@@ -65,6 +66,7 @@ class ReasonOptions:
     temperature: float | None = None  # None: the reasoner's sampling (MetaStone's 0.6)
     top_p: float | None = None  # None: the reasoner's sampling (0.95)
     stop: tuple[str, ...] = ()  # stop strings: a candidate ends before the first one it writes
+    max_k: int | None = None  # the most candidates this request may run (auto picks within it)
 
     def __post_init__(self) -> None:
         try:
@@ -81,6 +83,15 @@ class ReasonOptions:
             raise InvalidRequestError("max_new_tokens must be >= 1")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise InvalidRequestError("seed must be an integer >= 0")
+        if self.max_k is not None and (
+            not isinstance(self.max_k, int) or isinstance(self.max_k, bool) or self.max_k < 1
+        ):
+            raise InvalidRequestError("max_k must be an integer >= 1")
+        if self.max_k is not None and self.effort is not Effort.AUTO and self.effort.k > self.max_k:
+            raise InvalidRequestError(
+                f"effort {self.effort.value} generates k={self.effort.k} candidates, above "
+                f"max_k={self.max_k}"
+            )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -301,7 +312,10 @@ class Reasoner:
             cal = self._calibration
             pred = predict(self.facts, cal, req, o.effort.k) if cal else None
             return Plan(o.effort, o.effort.k, pred, f"{o.effort.value} requested (k={o.effort.k})")
-        return choose(o.effort, self.facts, self.calibration(), req, budget)
+        efforts = [e for e in FIXED_EFFORTS if o.max_k is None or e.k <= o.max_k]
+        if not efforts:
+            raise InvalidRequestError(f"max_k={o.max_k} allows no effort mode (low needs k=2)")
+        return choose(o.effort, self.facts, self.calibration(), req, budget, efforts=efforts)
 
     def reason_stream(
         self, prompt: Prompt, options: ReasonOptions | None = None, **fields: Any

@@ -201,6 +201,19 @@ def test_request_sampling_reaches_the_engine(reasoner):
     assert text.startswith(c.text) and len(c.text) <= text.index(stop)
 
 
+def test_max_k_caps_what_auto_may_choose(reasoner):
+    from edge_metastone.errors import InvalidRequestError
+
+    big = {"effort": "auto", "latency_budget": 2.0, "max_new_tokens": 60}
+    assert reasoner.plan(30, **big).effort.value == "high"  # as in test_auto_effort_uses_budgets
+    assert reasoner.plan(30, **big, max_k=8).effort.value == "medium"
+    assert reasoner.plan(30, **big, max_k=2).effort.value == "low"
+    with pytest.raises(InvalidRequestError, match="max_k"):
+        reasoner.plan(30, **big, max_k=1)
+    with pytest.raises(InvalidRequestError, match="above max_k=8"):
+        reasoner.reason("hi", effort="high", max_k=8)
+
+
 def test_reason_rejects_unknown_fields(reasoner):
     from edge_metastone.errors import InvalidRequestError
 

@@ -136,12 +136,6 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             param="stop",
         )
     effort = Effort(req.effort) if req.effort else default_effort(limits.max_k)
-    if effort is Effort.AUTO and limits.max_k < Effort.HIGH.k:
-        raise bad_request(
-            f"effort auto may choose high (k={Effort.HIGH.k}), above this server's limit of "
-            f"k={limits.max_k}; ask for low or medium",
-            param="effort",
-        )
     if effort is not Effort.AUTO and effort.k > limits.max_k:
         raise bad_request(
             f"effort {effort.value} generates k={effort.k} candidates, above this server's "
@@ -161,6 +155,7 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             temperature=req.temperature,
             top_p=req.top_p,
             stop=stop,
+            max_k=limits.max_k,  # auto chooses among the efforts within the server's limit
         )
     except InvalidRequestError as e:
         raise bad_request(str(e)) from None
