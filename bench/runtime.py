@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--only", default="a,b1,c,d", help="which comparisons (a, b1, c, d)")
     ap.add_argument(
         "--hf-dir", type=Path, default=None, help="HF checkpoint of the same model (b2)"
     )
@@ -106,15 +107,22 @@ def main() -> None:
     def unscored() -> list:
         return engine.generate_all(prompt, k, sampling, off)
 
-    ta, tb, r = side_by_side(fused, unscored, args.rounds)
-    print(f"(a) scoring on / off           {ta:7.2f} s / {tb:7.2f} s = {r:.3f}   (target <= 1.03)")
+    parts = set(args.only.split(","))
+    if "a" in parts:
+        ta, tb, r = side_by_side(fused, unscored, args.rounds)
+        print(
+            f"(a) scoring on / off           {ta:7.2f} s / {tb:7.2f} s = {r:.3f}   (target <= 1.03)"
+        )
 
     def rescore() -> None:
         for c in engine.generate_all(prompt, k, sampling, off):
             score_tokens(mf, engine.model, prompt + c.token_ids, parity=False)
 
-    ta, tb, r = side_by_side(fused, rescore, args.rounds)
-    print(f"(b1) fused / gen+llama rescore {ta:7.2f} s / {tb:7.2f} s = {r:.3f}   (target <= 0.80)")
+    if "b1" in parts:
+        ta, tb, r = side_by_side(fused, rescore, args.rounds)
+        print(
+            f"(b1) fused / gen+llama rescore {ta:7.2f} s / {tb:7.2f} s = {r:.3f}   (target <= 0.80)"
+        )
     if args.hf_dir is not None:
         hf_rescore = _hf_rescorer(args.hf_dir, mf.n_layers)
 
@@ -131,8 +139,14 @@ def main() -> None:
         for i in range(k):
             engine.generate_all(prompt, 1, sampling, on, candidate_offset=i)
 
-    ta, tb, r = side_by_side(sequential, fused, args.rounds)
-    print(f"(c) batched throughput gain    {ta:7.2f} s / {tb:7.2f} s = {r:.2f}x  (target >= 1.5)")
+    if "c" in parts:
+        ta, tb, r = side_by_side(sequential, fused, args.rounds)
+        print(
+            f"(c) batched throughput gain    {ta:7.2f} s / {tb:7.2f} s = {r:.2f}x  (target >= 1.5)"
+        )
+    if "d" not in parts:
+        engine.close()
+        return
 
     import llama_cpp
 
