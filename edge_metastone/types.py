@@ -63,6 +63,9 @@ class GenerationSettings:
     score_steps: bool = True
     logprobs: bool = False
     keep_features: bool = False  # return each scored position's layer-(L-2) feature (training)
+    # one KV stream per candidate (llama.cpp's kv_unified=False): a step attends over each
+    # candidate's own cells instead of every candidate's, at the cost of k copies of the prompt
+    kv_streams: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -156,6 +159,7 @@ class Timings:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
+    kv_streams: int = 0  # 1 when the generation ran with one KV stream per candidate
 
     def as_dict(self) -> dict[str, float]:
         """JSON-ready, with derived rates."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -287,3 +288,40 @@ def test_native_capture_reports_overflow(tiny_gguf):
             list(ctx.prefill(batch, list(range(300, 316))))
             with pytest.raises(EdgeMetastoneError, match="overflowed"):
                 cap.take()
+
+
+def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids):
+    """kv_streams (one KV stream per candidate): candidates equal separate runs and online step
+    scores equal the one-pass scorer's, also after candidates in the middle end (the live
+    sequence ids then have gaps, and llama.cpp splits each decode into several ubatches)."""
+    gen = GenerationSettings(max_new_tokens=60, kv_streams=True)
+    sampling = sampled(seed=21)
+    control = GenerationControl()
+    made = dict.fromkeys(range(5), 0)
+    cands = []
+    for ev in engine.generate(prompt_ids, 5, sampling, gen, control=control):
+        if isinstance(ev, TokenEvent):
+            made[ev.candidate] += 1
+            if (ev.candidate, made[ev.candidate]) in ((1, 5), (3, 20)):
+                control.prune(ev.candidate)  # live ids become 0,2,3,4 then 0,2,4
+        elif isinstance(ev, FinishEvent):
+            cands.append(ev.result)
+    assert control.timings.kv_streams == 1
+    assert sorted(c.n_tokens for c in cands) == [5, 20, 60, 60, 60]
+    n_steps = 0
+    for c in cands:
+        alone = engine.generate_all(
+            prompt_ids,
+            1,
+            sampling,
+            dataclasses.replace(gen, kv_streams=False),
+            candidate_offset=c.index,
+        )[0]
+        assert alone.token_ids[: c.n_tokens] == c.token_ids, f"candidate {c.index} differs"
+        ref = score_tokens(engine.model_file, engine.model, prompt_ids + c.token_ids)
+        assert c.step_positions == ref.positions
+        if ref.step_scores:
+            diff = float(np.abs(np.subtract(c.step_scores, ref.step_scores)).max())
+            assert diff < PARITY_TOL, f"candidate {c.index}: max |step diff| {diff:.2e}"
+        n_steps += len(c.step_scores)
+    assert n_steps > 0

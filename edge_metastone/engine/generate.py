@@ -111,6 +111,8 @@ class BatchGenerator:
                 f"prompt ({n} tokens) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
                 f"model's context of {self.model.n_ctx_train} tokens"
             )
+        if settings.kv_streams:  # each stream holds its own prompt and tokens (256-cell padded)
+            return k * (-(-(n + settings.max_new_tokens) // 256) * 256)
         return n + k * settings.max_new_tokens
 
     def generate(
@@ -139,8 +141,14 @@ class BatchGenerator:
             else None
         )
         ctx_settings = ContextSettings(
-            n_ctx=n_ctx, n_batch=n_batch, n_seq_max=k, n_threads=self.n_threads, parity=self.parity
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_seq_max=k,
+            n_threads=self.n_threads,
+            parity=self.parity,
+            kv_unified=not settings.kv_streams,
         )
+        tm.kv_streams = int(settings.kv_streams)
         with (
             Context(
                 self.model,

@@ -188,6 +188,7 @@ class ContextSettings:
     n_seq_max: int = 1
     n_threads: int = 0  # 0: default_threads()
     parity: bool = False
+    kv_unified: bool = True  # False: one KV stream per sequence (n_ctx is split among them)
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1 or self.n_seq_max < 1:
@@ -216,7 +217,10 @@ class Context:
         p.n_seq_max = settings.n_seq_max
         threads = settings.n_threads or default_threads()
         p.n_threads = p.n_threads_batch = threads
-        p.kv_unified = True  # one KV buffer: captured rows then follow batch order
+        # unified: one KV buffer, one ubatch per decode. Streams: llama.cpp splits a decode into
+        # ubatches of consecutive sequence ids (split_equal), so captured rows follow batch order
+        # only while the batch lists its sequences in increasing id order (the engine does).
+        p.kv_unified = settings.kv_unified
         p.no_perf = True
         if settings.parity:
             p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
