@@ -29,6 +29,7 @@ def forward_features(
     parity: bool = True,
     n_threads: int = 0,
     want_logits: bool = False,
+    kv_type: str = "f16",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One llama.cpp forward over `token_ids`: features of `l_out-{layer}` [T, C] (and logits [T, V])."""
     n = len(token_ids)
@@ -40,7 +41,9 @@ def forward_features(
         )
     n_batch = min(n, PREFILL_BATCH)
     capture = FeatureCapture(layer, model.n_embd, capacity=n_batch)
-    settings = ContextSettings(n_ctx=n, n_batch=n_batch, n_threads=n_threads, parity=parity)
+    settings = ContextSettings(
+        n_ctx=n, n_batch=n_batch, n_threads=n_threads, parity=parity, kv_type=kv_type
+    )
     logits = np.empty((n, model.n_vocab), np.float32) if want_logits else None
     with (
         Context(model, settings, cb_eval=capture.callback, cb_user_data=capture.user_data) as ctx,
@@ -59,7 +62,12 @@ def forward_features(
 
 
 def score_tokens(
-    mf: ModelFile, model: Model, token_ids: list[int], *, parity: bool = True
+    mf: ModelFile,
+    model: Model,
+    token_ids: list[int],
+    *,
+    parity: bool = True,
+    kv_type: str = "f16",
 ) -> ScoreResult:
     """Score a token sequence: features at the scored positions through the head."""
     if mf.head is None:
@@ -68,7 +76,9 @@ def score_tokens(
     positions = rule.scored_positions(token_ids)
     if not positions:
         return ScoreResult([], [], 0.0, len(token_ids), list(token_ids))
-    features, _ = forward_features(model, token_ids, mf.head.feature_layer, parity=parity)
+    features, _ = forward_features(
+        model, token_ids, mf.head.feature_layer, parity=parity, kv_type=kv_type
+    )
     steps = [float(s) for s in mf.head.scores(features[positions])]
     if not all(math.isfinite(s) for s in steps):
         raise EdgeMetastoneError(

@@ -53,6 +53,14 @@ class SamplingSettings:
         return int(np.random.SeedSequence([self.seed, candidate]).generate_state(1)[0])
 
 
+class KVType(str, enum.Enum):
+    """The KV cache's element type (llama.cpp's type_k / type_v)."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"  # llama.cpp needs flash attention for a quantized V cache (set with it)
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Limits and stops of one generation. `max_answer_tokens` caps tokens after `</think>`."""
@@ -66,10 +74,17 @@ class GenerationSettings:
     # one KV stream per candidate (llama.cpp's kv_unified=False): a step attends over each
     # candidate's own cells instead of every candidate's, at the cost of k copies of the prompt
     kv_streams: bool = False
+    kv_type: KVType = KVType.F16  # q8_0 / q4_0 halve / quarter the KV cache's memory
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be >= 1")
+        try:
+            object.__setattr__(self, "kv_type", KVType(self.kv_type))
+        except ValueError:
+            raise InvalidRequestError(
+                f"kv_type must be one of f16, q8_0, q4_0 (got {self.kv_type!r})"
+            ) from None
         if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
             raise InvalidRequestError("max_answer_tokens must be >= 0")
         if any(not s for s in self.stop):

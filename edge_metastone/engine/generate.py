@@ -147,6 +147,7 @@ class BatchGenerator:
             n_threads=self.n_threads,
             parity=self.parity,
             kv_unified=not settings.kv_streams,
+            kv_type=settings.kv_type.value,
         )
         tm.kv_streams = int(settings.kv_streams)
         with (

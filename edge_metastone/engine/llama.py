@@ -179,6 +179,13 @@ class Model:
         self.close()
 
 
+_KV_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+
+
 @dataclass(frozen=True)
 class ContextSettings:
     """How a llama.cpp context is made. `parity` selects flash attention off and an F32 KV cache."""
@@ -189,12 +196,17 @@ class ContextSettings:
     n_threads: int = 0  # 0: default_threads()
     parity: bool = False
     kv_unified: bool = True  # False: one KV stream per sequence (n_ctx is split among them)
+    kv_type: str = "f16"  # f16, q8_0 or q4_0 (parity mode is F32)
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1 or self.n_seq_max < 1:
             raise ValueError("n_ctx, n_batch and n_seq_max must be positive")
         if not 0 <= self.n_threads <= MAX_THREADS:
             raise InvalidRequestError(f"threads must be between 0 (automatic) and {MAX_THREADS}")
+        if self.kv_type not in _KV_TYPES:
+            raise InvalidRequestError(f"unknown KV cache type {self.kv_type!r}")
+        if self.parity and self.kv_type != "f16":
+            raise InvalidRequestError("parity mode keeps the KV cache in F32: no kv_type with it")
 
 
 class Context:
@@ -225,6 +237,9 @@ class Context:
         if settings.parity:
             p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
             p.type_k = p.type_v = llama_cpp.GGML_TYPE_F32
+        elif settings.kv_type != "f16":
+            p.type_k = p.type_v = _KV_TYPES[settings.kv_type]
+            p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V needs it
         if cb_eval is not None:
             p.cb_eval = cb_eval
             p.cb_eval_user_data = cb_user_data
