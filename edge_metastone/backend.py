@@ -129,9 +129,12 @@ def generate_all(
     settings: GenerationSettings,
     *,
     control: GenerationControl | None = None,
+    candidate_offset: int = 0,
 ) -> list[Candidate]:
     """Run a generation to its end; the candidates in index order."""
-    events = backend.generate(prompt_ids, k, sampling, settings, control=control)
+    events = backend.generate(
+        prompt_ids, k, sampling, settings, control=control, candidate_offset=candidate_offset
+    )
     done = [e.result for e in events if isinstance(e, FinishEvent)]
     return sorted(done, key=lambda c: c.index)
 

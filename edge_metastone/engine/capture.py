@@ -12,6 +12,7 @@ Without it (no compiler at install time) the same logic runs in Python.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 
 import llama_cpp
@@ -65,6 +66,18 @@ def native_available() -> bool:
     return _native_module is not None
 
 
+def _address(fn: object) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+@functools.cache
+def _native_callback() -> object:
+    """`em_capture_cb` as llama.cpp's callback type (loaded once per process)."""
+    so = ctypes.CDLL(_native_module.__file__)
+    return llama_cpp.ggml_backend_sched_eval_callback(_address(so.em_capture_cb))
+
+
+@functools.cache
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ggml_get_name.restype = ctypes.c_char_p
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
@@ -107,16 +120,11 @@ class FeatureCapture:
     def _init_native(self, capacity: int) -> None:
         if len(self.name) >= 64:
             raise EdgeMetastoneError(f"tensor name {self.name!r} is too long")
-        so = ctypes.CDLL(_native_module.__file__)
-
-        def address(fn: object) -> int:
-            return ctypes.cast(fn, ctypes.c_void_p).value
-
         self._buf = np.empty((capacity, self.n_embd), np.float32)
         self._state = _CaptureState(
-            address(self._lib.ggml_get_name),
-            address(self._lib.ggml_backend_tensor_get),
-            address(self._lib.ggml_is_contiguous),
+            _address(self._lib.ggml_get_name),
+            _address(self._lib.ggml_backend_tensor_get),
+            _address(self._lib.ggml_is_contiguous),
             self._buf.ctypes.data,
             self.n_embd,
             capacity,
@@ -125,7 +133,7 @@ class FeatureCapture:
             self.name,
         )
         self.user_data = ctypes.addressof(self._state)
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(address(so.em_capture_cb))
+        self.callback = _native_callback()
 
     def _on_eval(self, tensor: int, ask: bool, _user_data: int) -> bool:
         # Never raise across the C boundary: remember the problem and report it in take().

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from edge_metastone.backend import generate_all
 from edge_metastone.chat import ChatTemplate, encode_chat
 from edge_metastone.engine.generate import BatchGenerator
 from edge_metastone.engine.llama import Model, default_threads
@@ -22,7 +23,6 @@ from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
 from edge_metastone.types import (
     Candidate,
     Event,
-    FinishEvent,
     GenerationControl,
     GenerationSettings,
     SamplingSettings,
@@ -151,15 +151,10 @@ class Engine:
         *,
         candidate_offset: int = 0,
     ) -> list[Candidate]:
-        """Run to the end; candidates in index order."""
-        done = [
-            e.result
-            for e in self.generate(
-                prompt_ids, k, sampling, settings, candidate_offset=candidate_offset
-            )
-            if isinstance(e, FinishEvent)
-        ]
-        return sorted(done, key=lambda c: c.index)
+        """Run to the end; candidates in index order (`backend.generate_all` on this engine)."""
+        return generate_all(
+            self, prompt_ids, k, sampling, settings, candidate_offset=candidate_offset
+        )
 
     def score_tokens(self, token_ids: Sequence[int], *, parity: bool = True) -> ScoreResult:
         """One forward over the full sequence, features at the scored positions through the head
