@@ -31,7 +31,7 @@ PROMPT = [
 
 def run(engine: Engine, prompt: list[int], k: int, n: int, streams: bool, sampling) -> dict:
     """One generation; decode-step times from candidate 0's token stamps."""
-    settings = GenerationSettings(max_new_tokens=n, kv_streams=streams)
+    settings = GenerationSettings(max_new_tokens=n, kv_layout="streams" if streams else "unified")
     stamps = []
     t0 = time.perf_counter()
     for ev in engine.generate(prompt, k, sampling, settings):

@@ -21,6 +21,8 @@ from edge_metastone.types import (
     FinishEvent,
     GenerationControl,
     GenerationSettings,
+    KVLayout,
+    KVType,
     SamplingSettings,
     ScoreResult,
 )
@@ -76,6 +78,16 @@ class Backend(Protocol):
     @property
     def eog_ids(self) -> tuple[int, ...]:
         """Token ids that end a turn."""
+        ...
+
+    @property
+    def kv_layouts(self) -> tuple[KVLayout, ...]:
+        """The KV layouts `generate` can run (`GenerationSettings.kv_layout`), besides AUTO."""
+        ...
+
+    @property
+    def kv_types(self) -> tuple[KVType, ...]:
+        """The `GenerationSettings.kv_type` values it accepts; F16 is its native cache."""
         ...
 
     def render(self, messages: Sequence[Mapping[str, str]]) -> str:

@@ -61,6 +61,29 @@ class KVType(str, enum.Enum):
     Q4_0 = "q4_0"  # llama.cpp needs flash attention for a quantized V cache (set with it)
 
 
+class KVLayout(str, enum.Enum):
+    """How k candidates' KV cells are laid out.
+
+    UNIFIED: one buffer; the shared prompt is stored once, but every candidate's step attends over
+    every used cell (masked), so a step costs ~k x (prompt + k x length). STREAMS: one llama.cpp
+    stream per candidate (kv_unified=False); each holds its own copy of the prompt and a step
+    attends over its own cells only, ~k x (prompt + length). AUTO: `resolve_layout`.
+    """
+
+    AUTO = "auto"
+    UNIFIED = "unified"
+    STREAMS = "streams"
+
+
+def resolve_layout(layout: KVLayout, k: int) -> KVLayout:
+    """The layout AUTO runs: streams for k >= 2 (never slower: bench/long_reasoning.py), unified for
+    one candidate (the same work, without the 256-cell stream padding). Streams cost memory, k
+    copies of the prompt: under a memory budget the scheduler names the layout itself."""
+    if layout is not KVLayout.AUTO:
+        return layout
+    return KVLayout.STREAMS if k >= 2 else KVLayout.UNIFIED
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Limits and stops of one generation. `max_answer_tokens` caps tokens after `</think>`."""
@@ -71,9 +94,7 @@ class GenerationSettings:
     score_steps: bool = True
     logprobs: bool = False
     keep_features: bool = False  # return each scored position's layer-(L-2) feature (training)
-    # one KV stream per candidate (llama.cpp's kv_unified=False): a step attends over each
-    # candidate's own cells instead of every candidate's, at the cost of k copies of the prompt
-    kv_streams: bool = False
+    kv_layout: KVLayout = KVLayout.AUTO  # see KVLayout; the one that ran is in the timings
     kv_type: KVType = KVType.F16  # q8_0 / q4_0 halve / quarter the KV cache's memory
 
     def __post_init__(self) -> None:
@@ -84,6 +105,12 @@ class GenerationSettings:
         except ValueError:
             raise InvalidRequestError(
                 f"kv_type must be one of f16, q8_0, q4_0 (got {self.kv_type!r})"
+            ) from None
+        try:
+            object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
+        except ValueError:
+            raise InvalidRequestError(
+                f"kv_layout must be one of auto, unified, streams (got {self.kv_layout!r})"
             ) from None
         if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
             raise InvalidRequestError("max_answer_tokens must be >= 0")
@@ -174,9 +201,10 @@ class Timings:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
-    kv_streams: int = 0  # 1 when the generation ran with one KV stream per candidate
+    kv_layout: str = ""  # the KV layout that ran: unified or streams (KVLayout)
+    kv_type: str = ""  # the KV cache's element type: f16, q8_0, q4_0 (f32 in parity mode)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | str]:
         """JSON-ready, with derived rates."""
         d = dict(self.__dict__)
         d["decode_tokens_per_s"] = self.generated_tokens / self.decode_s if self.decode_s else 0.0

@@ -17,10 +17,13 @@ from edge_metastone.types import (
     FinishReason,
     GenerationControl,
     GenerationSettings,
+    KVLayout,
+    KVType,
     SamplingSettings,
     ScoreResult,
     StepEvent,
     TokenEvent,
+    resolve_layout,
 )
 
 EOS = 0
@@ -75,6 +78,7 @@ class FakeBackend:
         self.round_s = round_s  # a decode step's duration
         self.generated = 0
         self.calls = 0
+        self.settings_seen: list[GenerationSettings] = []
         self.live_generations = 0  # > 0 while a generation runs (close() must never see that)
         self.closed = False
         self._path = Path(path)
@@ -109,6 +113,9 @@ class FakeBackend:
     def feature_layer(self) -> int:
         return FACTS.n_layers - 2
 
+    kv_layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
+    kv_types = (KVType.F16, KVType.Q8_0)
+
     @property
     def eog_ids(self) -> tuple[int, ...]:
         return (EOS,)
@@ -142,8 +149,11 @@ class FakeBackend:
         assert not self.closed, "generate() on a closed backend"
         control = control or GenerationControl()
         self.calls += 1
+        self.settings_seen.append(settings)
         self.live_generations += 1
         t0 = time.perf_counter()
+        control.timings.kv_layout = resolve_layout(settings.kv_layout, k).value
+        control.timings.kv_type = settings.kv_type.value
         try:
             yield from self._run(list(prompt_ids), k, settings, control, candidate_offset)
         finally:

@@ -290,31 +290,37 @@ def test_native_capture_reports_overflow(tiny_gguf):
                 cap.take()
 
 
-def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids):
-    """kv_streams (one KV stream per candidate): candidates equal separate runs and online step
-    scores equal the one-pass scorer's, also after candidates in the middle end (the live
-    sequence ids then have gaps, and llama.cpp splits each decode into several ubatches)."""
-    gen = GenerationSettings(max_new_tokens=60, kv_streams=True)
+@pytest.mark.parametrize("max_gap", [0, 4])
+def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids, monkeypatch, max_gap):
+    """One KV stream per candidate: candidates equal separate runs and online step scores equal
+    the one-pass scorer's, also after candidates in the middle end. The live sequence ids then have
+    gaps: short ones are filled with placeholders (max_gap 4), longer ones (and all, with max_gap
+    0) make llama.cpp split each decode into several ubatches."""
+    from edge_metastone.engine import generate
+
+    monkeypatch.setattr(generate, "MAX_FILLED_GAP", max_gap)
+    gen = GenerationSettings(max_new_tokens=60, kv_layout="streams")
     sampling = sampled(seed=21)
     control = GenerationControl()
-    made = dict.fromkeys(range(5), 0)
+    made = dict.fromkeys(range(8), 0)
+    ends = {1: 5, 3: 20, 2: 30, 4: 30, 5: 30}  # live 0,2,4-7 -> 0,2,4-7 -> 0,6,7 (a gap of 5)
     cands = []
-    for ev in engine.generate(prompt_ids, 5, sampling, gen, control=control):
+    for ev in engine.generate(prompt_ids, 8, sampling, gen, control=control):
         if isinstance(ev, TokenEvent):
             made[ev.candidate] += 1
-            if (ev.candidate, made[ev.candidate]) in ((1, 5), (3, 20)):
-                control.prune(ev.candidate)  # live ids become 0,2,3,4 then 0,2,4
+            if ends.get(ev.candidate) == made[ev.candidate]:
+                control.prune(ev.candidate)
         elif isinstance(ev, FinishEvent):
             cands.append(ev.result)
-    assert control.timings.kv_streams == 1
-    assert sorted(c.n_tokens for c in cands) == [5, 20, 60, 60, 60]
+    assert control.timings.kv_layout == "streams"
+    assert sorted(c.n_tokens for c in cands) == [5, 20, 30, 30, 30, 60, 60, 60]
     n_steps = 0
     for c in cands:
         alone = engine.generate_all(
             prompt_ids,
             1,
             sampling,
-            dataclasses.replace(gen, kv_streams=False),
+            dataclasses.replace(gen, kv_layout="unified"),
             candidate_offset=c.index,
         )[0]
         assert alone.token_ids[: c.n_tokens] == c.token_ids, f"candidate {c.index} differs"
@@ -325,6 +331,18 @@ def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids):
             assert diff < PARITY_TOL, f"candidate {c.index}: max |step diff| {diff:.2e}"
         n_steps += len(c.step_scores)
     assert n_steps > 0
+
+
+def test_auto_layout_is_named_in_the_timings(engine, prompt_ids):
+    """AUTO runs streams for k >= 2 and unified for one candidate, and the timings say which."""
+    for k, layout in ((1, "unified"), (3, "streams")):
+        control = GenerationControl()
+        engine.generate_all(
+            prompt_ids, k, sampled(seed=1), GenerationSettings(max_new_tokens=4), control=control
+        )
+        assert (control.timings.kv_layout, control.timings.kv_type) == (layout, "f32")
+    with pytest.raises(InvalidRequestError, match="kv_layout"):
+        GenerationSettings(kv_layout="paged")
 
 
 def test_quantized_kv_cache(tiny_gguf, prompt_ids):

@@ -25,6 +25,8 @@ from edge_metastone.types import (
     Event,
     GenerationControl,
     GenerationSettings,
+    KVLayout,
+    KVType,
     SamplingSettings,
     ScoreResult,
 )
@@ -93,6 +95,9 @@ class Engine:
         """Token ids that end a turn."""
         return self.model.eog_ids
 
+    kv_layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
+    kv_types = (KVType.F16, KVType.Q8_0, KVType.Q4_0)
+
     @property
     def feature_layer(self) -> int:
         """The layer whose output the head reads (the head's, else L-2)."""
@@ -149,11 +154,18 @@ class Engine:
         sampling: SamplingSettings,
         settings: GenerationSettings,
         *,
+        control: GenerationControl | None = None,
         candidate_offset: int = 0,
     ) -> list[Candidate]:
         """Run to the end; candidates in index order (`backend.generate_all` on this engine)."""
         return generate_all(
-            self, prompt_ids, k, sampling, settings, candidate_offset=candidate_offset
+            self,
+            prompt_ids,
+            k,
+            sampling,
+            settings,
+            control=control,
+            candidate_offset=candidate_offset,
         )
 
     def score_tokens(self, token_ids: Sequence[int], *, parity: bool = True) -> ScoreResult:

@@ -28,10 +28,12 @@ from edge_metastone.types import (  # re-exported: the engine's public types liv
     FinishReason,
     GenerationControl,
     GenerationSettings,
+    KVLayout,
     SamplingSettings,
     StepEvent,
     Timings,
     TokenEvent,
+    resolve_layout,
 )
 
 __all__ = [
@@ -77,6 +79,29 @@ class _Seq(CandidateStream):
         return float(self.head.scores(self.feature[None, :])[0])
 
 
+# A gap in the live sequence ids (a candidate that ended between two live ones) makes llama.cpp
+# split a decode into one graph per run of consecutive ids (llama_kv_cache::init_batch ->
+# split_equal), and each graph reads every weight again. A placeholder token for the ended
+# sequence (at position 0 of its emptied stream, no output) keeps the run whole, for about one
+# batch row's cost. Rows are cheap and graphs are not (200M Q4_0, 2 threads: ~0.8 ms per extra row,
+# ~4 ms per extra graph), so gaps of up to this many ids are filled and longer ones left to split.
+MAX_FILLED_GAP = 4
+_FILLER_TOKEN = 0
+
+
+def _add_streams(batch: Batch, ctx: Context, live: list[_Seq]) -> None:
+    """Add the live sequences' tokens in increasing id order (captured rows then follow batch
+    order), with placeholders in short gaps between them."""
+    prev = None
+    for seq in live:
+        if prev is not None and 0 < seq.seq_id - prev - 1 <= MAX_FILLED_GAP:
+            for gap in range(prev + 1, seq.seq_id):
+                llama_cpp.llama_memory_seq_rm(ctx.memory, gap, -1, -1)
+                batch.add(_FILLER_TOKEN, 0, (gap,), False)
+        seq.row = batch.add(seq.prev, seq.pos, (seq.seq_id,), True)
+        prev = seq.seq_id
+
+
 class BatchGenerator:
     """Runs one multi-candidate generation over an open `Model`; see `generate`."""
 
@@ -111,7 +136,8 @@ class BatchGenerator:
                 f"prompt ({n} tokens) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
                 f"model's context of {self.model.n_ctx_train} tokens"
             )
-        if settings.kv_streams:  # each stream holds its own prompt and tokens (256-cell padded)
+        if resolve_layout(settings.kv_layout, k) is KVLayout.STREAMS:
+            # each stream holds its own prompt and tokens; llama.cpp pads a stream to 256 cells
             return k * (-(-(n + settings.max_new_tokens) // 256) * 256)
         return n + k * settings.max_new_tokens
 
@@ -140,16 +166,18 @@ class BatchGenerator:
             if scoring or keep
             else None
         )
+        streams = resolve_layout(settings.kv_layout, k) is KVLayout.STREAMS
         ctx_settings = ContextSettings(
             n_ctx=n_ctx,
             n_batch=n_batch,
             n_seq_max=k,
             n_threads=self.n_threads,
             parity=self.parity,
-            kv_unified=not settings.kv_streams,
+            kv_unified=not streams,
             kv_type=settings.kv_type.value,
         )
-        tm.kv_streams = int(settings.kv_streams)
+        tm.kv_layout = (KVLayout.STREAMS if streams else KVLayout.UNIFIED).value
+        tm.kv_type = "f32" if self.parity else settings.kv_type.value
         with (
             Context(
                 self.model,
@@ -198,8 +226,11 @@ class BatchGenerator:
                     live = [seq for seq in live if seq.reason is None]
                     if not live:
                         break
-                    for seq in live:
-                        seq.row = batch.add(seq.prev, seq.pos, (seq.seq_id,), True)
+                    if streams:
+                        _add_streams(batch, ctx, live)
+                    else:
+                        for seq in live:
+                            seq.row = batch.add(seq.prev, seq.pos, (seq.seq_id,), True)
                     t0 = time.perf_counter()
                     ctx.decode(batch)
                     if capture is not None:

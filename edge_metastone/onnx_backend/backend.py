@@ -27,6 +27,8 @@ from edge_metastone.types import (
     Event,
     GenerationControl,
     GenerationSettings,
+    KVLayout,
+    KVType,
     SamplingSettings,
     ScoreResult,
 )
@@ -83,6 +85,9 @@ class OnnxBackend:
     def feature_layer(self) -> int:
         """The layer whose output the head reads (L-2)."""
         return self.md.feature_layer
+
+    kv_layouts = (KVLayout.STREAMS,)  # one float cache per candidate row
+    kv_types = (KVType.F16,)  # no quantized cache
 
     @property
     def eog_ids(self) -> tuple[int, ...]:

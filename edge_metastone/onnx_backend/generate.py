@@ -28,6 +28,8 @@ from edge_metastone.types import (
     FinishReason,
     GenerationControl,
     GenerationSettings,
+    KVLayout,
+    KVType,
     SamplingSettings,
 )
 
@@ -127,10 +129,15 @@ class OnnxGenerator:
             )
         if any(not 0 <= t < self.md.vocab_size for t in prompt):
             raise InvalidRequestError("the prompt has token ids outside the vocabulary")
+        if settings.kv_type is not KVType.F16 or settings.kv_layout is KVLayout.UNIFIED:
+            raise InvalidRequestError(
+                "the ONNX backend keeps one float cache per candidate: no kv_type or unified layout"
+            )
         control = control or GenerationControl()
         t_start = time.perf_counter()
         tm = control.timings
         tm.prompt_tokens += len(prompt)
+        tm.kv_layout, tm.kv_type = KVLayout.STREAMS.value, "f32"  # each row attends over its own
         scoring = settings.score_steps and self.md.has_head
         keep = settings.keep_features
         samplers = [
