@@ -10,6 +10,7 @@ import numpy as np
 
 from edge_metastone.backend import Backend
 from edge_metastone.scheduler import (
+    ATTENTION_BATCHES,
     CALIBRATION_BATCHES,
     Calibration,
     calibration_key,
@@ -20,6 +21,8 @@ from edge_metastone.scheduler import (
 from edge_metastone.types import (
     GenerationControl,
     GenerationSettings,
+    KVLayout,
+    KVType,
     SamplingSettings,
     Timings,
     TokenEvent,
@@ -33,11 +36,17 @@ _TEXT = (
 
 
 def _step_durations(
-    backend: Backend, prompt: list[int], b: int, sampling: SamplingSettings, steps: int
+    backend: Backend,
+    prompt: list[int],
+    b: int,
+    sampling: SamplingSettings,
+    steps: int,
+    layout: KVLayout = KVLayout.AUTO,
+    kv_type: KVType = KVType.F16,
 ) -> np.ndarray:
     """Seconds between consecutive decode steps of a b-candidate generation (candidate 0's tokens)."""
     stamps = []
-    settings = GenerationSettings(max_new_tokens=steps + 1)
+    settings = GenerationSettings(max_new_tokens=steps + 1, kv_layout=layout, kv_type=kv_type)
     for ev in backend.generate(prompt, b, sampling, settings):
         if isinstance(ev, TokenEvent) and ev.candidate == 0:
             stamps.append(time.perf_counter())
@@ -50,24 +59,50 @@ def measure(
     sampling: SamplingSettings,
     *,
     steps: int = 40,
-    prefill_tokens: int = 256,
+    long_prompt_tokens: int = 512,
 ) -> Calibration:
-    """Decode step time (sampling included) at batch sizes 1..32 and how it grows as the shared
-    cache fills, prefill speed, and the loaded process's RSS."""
+    """Decode step time (sampling included) at batch sizes 1..32, what each attended and each
+    masked KV cell adds to a step, prefill speed, and the loaded process's RSS.
+
+    - Step time: b candidates over a 32-token prompt, in the layout AUTO runs (streams for b >= 2,
+      where a step's attention hardly grows over a few dozen steps): the intercept of a line fit.
+    - Attended cells: the same b candidates over a `long_prompt_tokens` prompt, which each
+      candidate attends to in full; the median step's difference / (b x the extra cells).
+    - Masked cells: 32 candidates in one unified cache, where each step adds 31 cells every
+      candidate is masked out of; the slope of its step times, less the attended cells' share.
+    - A q8_0 cache's attended cells: the long prompt at b=8 again with q8_0 K/V.
+    """
     ban = tuple((t, -1e9) for t in backend.eog_ids)
     sampling = dataclasses.replace(sampling, seed=0, logit_bias=sampling.logit_bias + ban)
-    prompt = backend.tokenize(_TEXT)[:32]
+    text = backend.tokenize(_TEXT)
+    prompt = text[:32]
+    n_long = min(long_prompt_tokens, backend.facts.n_ctx_train - steps - 2)
+    long_prompt = (text * (n_long // max(len(text), 1) + 1))[:n_long]
+    extra_cells = len(long_prompt) - len(prompt)
     _run(backend, prompt, sampling, 4)
     base_rss = current_rss_bytes()
     step_seconds: dict[int, float] = {}
-    attn: dict[int, float] = {}
+    median: dict[int, float] = {}
     for b in CALIBRATION_BATCHES:
         d = _step_durations(backend, prompt, b, sampling, steps)
-        # step i attends over ~(prompt + b*i) cells: fit duration = a + slope * i
         slope, a = np.polyfit(np.arange(len(d)), d, 1)
         step_seconds[b] = float(max(a, d.min()))
-        attn[b] = float(max(slope, 0.0) / (b * b))  # each step adds b cells for each of b sequences
-    long_prompt = (backend.tokenize(_TEXT) * (prefill_tokens // 16 + 1))[:prefill_tokens]
+        median[b] = float(np.median(d))
+    attn: dict[int, float] = {}
+    for b in ATTENTION_BATCHES:
+        d = _step_durations(backend, long_prompt, b, sampling, steps // 2)
+        attn[b] = max(float(np.median(d)) - median[b], 0.0) / (b * extra_cells)
+    q8 = 1.0
+    if KVType.Q8_0 in backend.kv_types and attn[8] > 0:
+        d = _step_durations(backend, long_prompt, 8, sampling, steps // 2, kv_type=KVType.Q8_0)
+        q8 = max(float(np.median(d)) - median[8], 0.0) / (8 * extra_cells) / attn[8]
+    masked = 0.0
+    if KVLayout.UNIFIED in backend.kv_layouts:
+        b = CALIBRATION_BATCHES[-1]
+        d = _step_durations(backend, prompt, b, sampling, 2 * steps, KVLayout.UNIFIED)
+        slope = float(np.polyfit(np.arange(len(d)), d, 1)[0])
+        # each step adds 1 attended and b-1 masked cells to each of b sequences
+        masked = max(slope - attn[b] * b, 0.0) / (b * (b - 1))
     prefill_s = _run(backend, long_prompt, sampling, 1).prefill_s
     prefill_tps = len(long_prompt) / max(prefill_s, 1e-6)
     cal = Calibration(
@@ -76,11 +111,17 @@ def measure(
         base_rss_bytes=base_rss,
         n_threads=n_threads,
         attn_s_per_seq_cell=attn,
+        masked_s_per_seq_cell=masked,
+        quantized_attn_factor=q8,
         key=_key(backend, n_threads, sampling),
     )
     logger.info(
-        "calibrated: step %s s, prefill %.0f tok/s, base RSS %.0f MiB",
+        "calibrated: step %s s, attended cell %s s, masked cell %.2e s, q8_0 x%.2f, "
+        "prefill %.0f tok/s, base RSS %.0f MiB",
         {b: round(s, 4) for b, s in step_seconds.items()},
+        {b: f"{s:.2e}" for b, s in attn.items()},
+        masked,
+        q8,
         prefill_tps,
         base_rss / 2**20,
     )

@@ -38,7 +38,9 @@ from edge_metastone.types import (
     FinishReason,
     GenerationControl,
     GenerationSettings,
+    KVLayout,
     SamplingSettings,
+    resolve_layout,
 )
 
 logger = logging.getLogger(__name__)
@@ -315,7 +317,16 @@ class Reasoner:
         efforts = [e for e in FIXED_EFFORTS if o.max_k is None or e.k <= o.max_k]
         if not efforts:
             raise InvalidRequestError(f"max_k={o.max_k} allows no effort mode (low needs k=2)")
-        return choose(o.effort, self.facts, self.calibration(), req, budget, efforts=efforts)
+        return choose(
+            o.effort,
+            self.facts,
+            self.calibration(),
+            req,
+            budget,
+            efforts=efforts,
+            layouts=self.backend.kv_layouts,
+            kv_types=self.backend.kv_types,
+        )
 
     def reason_stream(
         self, prompt: Prompt, options: ReasonOptions | None = None, **fields: Any
@@ -388,6 +399,7 @@ class Reasoner:
                 len(ids), dataclasses.replace(o, max_new_tokens=max_new, latency_budget=left)
             )
             t_plan = time.perf_counter() - t1
+            settings = _with_kv(settings, plan)
             control = GenerationControl()  # this request's own handle (and timings)
             cands, early = strategy.run(
                 self.backend,
@@ -447,3 +459,13 @@ class Reasoner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _with_kv(settings: GenerationSettings, plan: Plan) -> GenerationSettings:
+    """The generation settings with the KV layout and type the scheduler planned: the engine's
+    own choice (AUTO, F16) unless a memory budget made the scheduler pick another."""
+    p = plan.prediction
+    if p is None or p.k != plan.k:
+        return settings
+    layout = KVLayout.AUTO if p.layout is resolve_layout(KVLayout.AUTO, p.k) else p.layout
+    return dataclasses.replace(settings, kv_layout=layout, kv_type=p.kv_type)

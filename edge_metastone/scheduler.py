@@ -2,9 +2,15 @@
 choose the highest effort that fits the caller's budgets.
 
 Latency comes from a calibration of the machine with this model (decode step time at batch sizes
-1..32, prefill tokens/s), measured once in a few seconds and cached on disk. Memory comes from the
-model's facts: the process after loading (measured once), plus the KV cache, the logits buffer and
-llama.cpp's compute buffer of the context the request needs.
+1..32, what attention over the KV cache adds, prefill tokens/s), measured once in a few seconds and
+cached on disk. Memory comes from the model's facts: the process after loading (measured once),
+plus the KV cache, the logits buffer and llama.cpp's compute buffer of the context the request
+needs. Both depend on the KV layout and element type the request runs with (`KVLayout`, `KVType`):
+
+- unified: the cache holds pad256(prompt + k x new) cells, and at step s each of the k candidates
+  attends over its own prompt + s cells and is masked out of the other (k-1) x s cells (flash
+  attention skips a masked cell, but the mask still has to be built and read);
+- streams: k streams of pad256(prompt + new) cells each, every candidate attending over its own.
 """
 
 from __future__ import annotations
@@ -25,13 +31,28 @@ from pathlib import Path
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.modelfile import ModelFile
+from edge_metastone.types import KVLayout, KVType, resolve_layout
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
-KV_PAD = 256  # llama.cpp pads the KV cache size to a multiple of this
+ATTENTION_BATCHES = (1, 8, 32)  # batch sizes at which the cost of an attended cell is measured
+KV_PAD = 256  # llama.cpp pads the KV cache size (each stream's) to a multiple of this
 MIB = 2**20
+# bytes per KV element (ggml's block sizes: q8_0 is 34 bytes per 32, q4_0 18 per 32)
+KV_ELEMENT_BYTES = {KVType.F16: 2.0, KVType.Q8_0: 34 / 32, KVType.Q4_0: 18 / 32}
+
+
+def _pad(n: int) -> int:
+    return math.ceil(n / KV_PAD) * KV_PAD
+
+
+def kv_cells(prompt_tokens: int, max_new_tokens: int, k: int, layout: KVLayout) -> int:
+    """KV cells llama.cpp allocates for k candidates in `layout` (as the engine sizes them)."""
+    if resolve_layout(layout, k) is KVLayout.STREAMS:
+        return k * _pad(prompt_tokens + max_new_tokens)
+    return _pad(prompt_tokens + k * max_new_tokens)
 
 
 class Effort(str, enum.Enum):
@@ -88,19 +109,18 @@ class ModelFacts:
             head_bytes=head_bytes,
         )
 
-    def kv_bytes(self, n_ctx: int) -> int:
-        """F16 K and V for `n_ctx` cells (padded as llama.cpp does)."""
-        cells = math.ceil(n_ctx / KV_PAD) * KV_PAD
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 2 * cells
+    def kv_bytes(self, n_ctx: int, kv_type: KVType = KVType.F16) -> int:
+        """K and V of `kv_type` for `n_ctx` cells (padded as llama.cpp does)."""
+        row = self.n_kv_heads * self.head_dim * KV_ELEMENT_BYTES[KVType(kv_type)]
+        return int(2 * self.n_layers * row * _pad(n_ctx))
 
-    def context_bytes(self, n_ctx: int, n_batch: int) -> int:
-        """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer."""
-        kv = self.kv_bytes(n_ctx)
+    def context_bytes(self, n_ctx: int, n_batch: int, kv_type: KVType = KVType.F16) -> int:
+        """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer (generation
+        runs with flash attention, which never holds a score matrix)."""
+        kv = self.kv_bytes(n_ctx, kv_type)
         logits = 4 * self.n_vocab * n_batch
-        # the largest graph is a prefill ubatch: activations, FFN, attention scores, logits
-        cells = math.ceil(n_ctx / KV_PAD) * KV_PAD
+        # the largest graph is a prefill ubatch: activations, FFN, logits
         compute = 4 * n_batch * (self.n_vocab + 3 * self.n_ff + 6 * self.n_embd)
-        compute += 4 * n_batch * self.n_head * cells
         return kv + logits + compute
 
 
@@ -112,10 +132,13 @@ class Calibration:
     prefill_tokens_per_s: float
     base_rss_bytes: int  # the process after loading the model and a first tiny generation
     n_threads: int
-    # batch size -> extra seconds per decode step for each (live sequence x used KV cell): with one
-    # unified KV cache every sequence attends over every used cell, so long contexts and large k
-    # cost more; per-cell cost falls with batch size (the attention becomes a GEMM)
+    # batch size -> extra seconds per decode step for each (live sequence x KV cell it attends to)
     attn_s_per_seq_cell: dict[int, float] = field(default_factory=dict)
+    # extra seconds per decode step for each (sequence x cell it is masked out of): the unified
+    # layout's cost of the other candidates' cells
+    masked_s_per_seq_cell: float = 0.0
+    # attended-cell cost of a q8_0 cache relative to F16 (q4_0 is taken to cost the same)
+    quantized_attn_factor: float = 1.0
     key: str = ""
     measured_at: float = field(default_factory=time.time)
 
@@ -150,6 +173,8 @@ class Calibration:
             attn_s_per_seq_cell={
                 int(b): float(s) for b, s in dict(d.get("attn_s_per_seq_cell") or {}).items()
             },
+            masked_s_per_seq_cell=float(d.get("masked_s_per_seq_cell", 0.0)),
+            quantized_attn_factor=float(d.get("quantized_attn_factor", 1.0)),
             key=str(d.get("key", "")),
             measured_at=float(d.get("measured_at", 0.0)),
         )
@@ -193,11 +218,13 @@ class Budget:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted cost of running k candidates for a request."""
+    """Predicted cost of running k candidates for a request with this KV layout and type."""
 
     k: int
     latency_s: float
     memory_bytes: int
+    layout: KVLayout = KVLayout.UNIFIED
+    kv_type: KVType = KVType.F16
 
 
 @dataclass(frozen=True)
@@ -216,16 +243,33 @@ class Plan:
         return self.effort is None
 
 
-def predict(facts: ModelFacts, cal: Calibration, req: Request, k: int) -> Prediction:
-    """Worst-case latency (every candidate runs to max_new_tokens) and peak memory of k candidates."""
-    n_ctx = req.prompt_tokens + k * req.max_new_tokens
+def predict(
+    facts: ModelFacts,
+    cal: Calibration,
+    req: Request,
+    k: int,
+    layout: KVLayout = KVLayout.AUTO,
+    kv_type: KVType = KVType.F16,
+) -> Prediction:
+    """Worst-case latency (every candidate runs to max_new_tokens) and peak memory of k candidates
+    in `layout` (AUTO: the one the engine picks) with a `kv_type` cache."""
+    layout, kv_type = resolve_layout(KVLayout(layout), k), KVType(kv_type)
     n_batch = max(min(req.prompt_tokens, PREFILL_BATCH), k)
     t, p = req.max_new_tokens, req.prompt_tokens
-    # sum over steps s=1..t of k sequences x (p + k*s) cells
-    cell_steps = k * (t * p + k * t * (t + 1) / 2)
-    latency = p / cal.prefill_tokens_per_s + t * cal.step_time(k) + cal.attn_time(k) * cell_steps
-    memory = cal.base_rss_bytes + facts.context_bytes(n_ctx, n_batch)
-    return Prediction(k, latency, int(memory))
+    # summed over steps s=1..t: k sequences x (p + s) cells each attends to, and (unified) the
+    # (k-1) x s cells of the other candidates each is masked out of
+    attended = k * (t * p + t * (t + 1) / 2)
+    masked = k * (k - 1) * t * (t + 1) / 2 if layout is KVLayout.UNIFIED else 0.0
+    factor = 1.0 if kv_type is KVType.F16 else cal.quantized_attn_factor
+    latency = (
+        p / cal.prefill_tokens_per_s
+        + t * cal.step_time(k)
+        + cal.attn_time(k) * factor * attended
+        + cal.masked_s_per_seq_cell * masked
+    )
+    cells = kv_cells(p, t, k, layout)
+    memory = cal.base_rss_bytes + facts.context_bytes(cells, n_batch, kv_type)
+    return Prediction(k, latency, int(memory), layout, kv_type)
 
 
 def _fits(p: Prediction, budget: Budget) -> bool:
@@ -235,7 +279,50 @@ def _fits(p: Prediction, budget: Budget) -> bool:
 
 
 def _describe(p: Prediction) -> str:
-    return f"k={p.k}: ~{p.latency_s:.1f} s, ~{p.memory_bytes / MIB:.0f} MiB"
+    kv = f", {p.kv_type.value} KV" if p.kv_type is not KVType.F16 else ""
+    return f"k={p.k} ({p.layout.value}{kv}): ~{p.latency_s:.1f} s, ~{p.memory_bytes / MIB:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One k's best way to run within the budget (`fit`), or None; `default` is AUTO with F16."""
+
+    default: Prediction
+    fit: Prediction | None
+
+    def why(self) -> str:
+        """Why the fitting way is not the default one (empty when it is)."""
+        if self.fit is None or self.fit == self.default:
+            return ""
+        return f"; the default {_describe(self.default)} would not fit"
+
+
+def _option(
+    facts: ModelFacts,
+    cal: Calibration,
+    req: Request,
+    k: int,
+    budget: Budget,
+    layouts: Sequence[KVLayout],
+    kv_types: Sequence[KVType],
+) -> _Option:
+    """k candidates as the engine would run them (AUTO layout, F16), else, when that misses the
+    memory budget, the other layout, then a q8_0 cache (step scores move by <= 0.008 on the bench
+    model, bench/kv_quant.py), whichever first fits both budgets."""
+    default = predict(facts, cal, req, k)
+    ways = [default]
+    if budget.memory_bytes is not None and not _fits(default, budget):
+        others = [lay for lay in (KVLayout.STREAMS, KVLayout.UNIFIED) if lay is not default.layout]
+        order = [(default.layout, KVType.F16)] + [(lay, KVType.F16) for lay in others]
+        if KVType.Q8_0 in kv_types:
+            order += [(lay, KVType.Q8_0) for lay, _ in order]
+        ways = [
+            predict(facts, cal, req, k, lay, kv)
+            for lay, kv in order
+            if k >= 2 and (lay is default.layout or lay in layouts)
+        ] or [default]
+    fit = next((w for w in ways if _fits(w, budget)), None)
+    return _Option(default, fit)
 
 
 def choose(
@@ -246,32 +333,48 @@ def choose(
     budget: Budget,
     *,
     efforts: Sequence[Effort] = FIXED_EFFORTS,
+    layouts: Sequence[KVLayout] = (KVLayout.UNIFIED, KVLayout.STREAMS),
+    kv_types: Sequence[KVType] = (KVType.F16, KVType.Q8_0),
 ) -> Plan:
-    """The effort to run: the requested one if it fits, or (auto) the highest that fits both budgets."""
+    """The effort to run: the requested one if it fits, or (auto) the highest that fits both budgets.
+    Each plan names its KV layout and type (see `_option`); `layouts` and `kv_types` are what the
+    backend can run."""
     if req.prompt_tokens + req.max_new_tokens > facts.n_ctx_train:
         raise BudgetError(
             f"prompt ({req.prompt_tokens}) + max_new_tokens ({req.max_new_tokens}) exceeds the "
             f"model's context of {facts.n_ctx_train} tokens"
         )
-    preds = tuple(predict(facts, cal, req, e.k) for e in efforts)
+    opts = [_option(facts, cal, req, e.k, budget, layouts, kv_types) for e in efforts]
+    preds = tuple(o.fit or o.default for o in opts)
     limits = _limits(budget)
     if effort is not Effort.AUTO:
-        p = predict(facts, cal, req, effort.k)
-        if _fits(p, budget):
+        o = _option(facts, cal, req, effort.k, budget, layouts, kv_types)
+        if o.fit is not None:
             return Plan(
-                effort, p.k, p, f"{effort.value} requested; predicted {_describe(p)}{limits}", preds
+                effort,
+                o.fit.k,
+                o.fit,
+                f"{effort.value} requested; predicted {_describe(o.fit)}{limits}{o.why()}",
+                preds,
             )
-        raise BudgetError(f"effort {effort.value} does not fit: predicted {_describe(p)}{limits}")
-    fitting = [(e, p) for e, p in zip(efforts, preds, strict=True) if _fits(p, budget)]
+        raise BudgetError(
+            f"effort {effort.value} does not fit: predicted {_describe(o.default)}{limits}"
+        )
+    fitting = [(e, o) for e, o in zip(efforts, opts, strict=True) if o.fit is not None]
     if fitting:
-        e, p = max(fitting, key=lambda ep: ep[0].k)
-        higher = [q for q in preds if q.k > p.k]
-        why = f"; {_describe(higher[0])} would not fit" if higher else ""
+        e, o = max(fitting, key=lambda eo: eo[0].k)
+        p = o.fit
+        higher = [q for q in opts if q.default.k > p.k]
+        why = f"; {_describe(higher[0].default)} would not fit" if higher else ""
         return Plan(
-            e, p.k, p, f"auto chose {e.value}: predicted {_describe(p)}{limits}{why}", preds
+            e,
+            p.k,
+            p,
+            f"auto chose {e.value}: predicted {_describe(p)}{limits}{o.why()}{why}",
+            preds,
         )
     single = predict(facts, cal, req, 1)
-    lowest = preds[0]
+    lowest = opts[0].default
     if budget.allow_degrade and _fits(single, budget):
         logger.warning("no effort mode fits the budget; running a single candidate")
         return Plan(

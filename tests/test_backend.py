@@ -70,6 +70,27 @@ def test_reasoner_runs_on_a_fake_backend():
     assert fake.closed
 
 
+def test_the_plans_kv_layout_and_type_reach_the_backend():
+    """Without a memory budget the backend chooses (AUTO, F16); with a tight one the scheduler's
+    layout and KV type go into the generation settings and the result says so."""
+    from edge_metastone.scheduler import Request, predict
+    from edge_metastone.types import KVLayout, KVType
+
+    fake = FakeBackend(SCRIPTS)
+    with Reasoner(backend=fake, calibration=CAL, max_new_tokens=2000) as r:
+        res = r.reason("What is 2+2?", effort="medium")
+        assert fake.settings_seen[-1].kv_layout is KVLayout.AUTO
+        assert fake.settings_seen[-1].kv_type is KVType.F16
+        assert res.timings["kv_layout"] == "streams" and res.timings["kv_type"] == "f16"
+        n = len(r.encode("What is 2+2?")[1])
+        q8 = predict(fake.facts, CAL, Request(n, 2000), 8, KVLayout.UNIFIED, KVType.Q8_0)
+        res = r.reason("What is 2+2?", effort="medium", memory_budget=q8.memory_bytes / MIB)
+        assert fake.settings_seen[-1].kv_layout is KVLayout.UNIFIED
+        assert fake.settings_seen[-1].kv_type is KVType.Q8_0
+        assert res.timings["kv_layout"] == "unified" and res.timings["kv_type"] == "q8_0"
+        assert "q8_0 KV" in res.scheduler_reason and "would not fit" in res.scheduler_reason
+
+
 def test_default_strategy_comes_from_the_backend():
     with Reasoner(backend=FakeBackend(SCRIPTS, default_strategy="vote"), calibration=CAL) as r:
         assert r.default_strategy.value == "vote"

@@ -13,6 +13,8 @@ from edge_metastone.scheduler import (
     Budget,
     Calibration,
     Effort,
+    KVLayout,
+    KVType,
     ModelFacts,
     Request,
     choose,
@@ -54,14 +56,32 @@ def test_kv_bytes_exact():
     assert FACTS.kv_bytes(257) == 28672 * 512
 
 
+def test_kv_bytes_of_quantized_types():
+    # q8_0: 34 bytes per 32 elements; q4_0: 18 per 32 (ggml's blocks)
+    assert FACTS.kv_bytes(256, KVType.Q8_0) == 2 * 28 * 256 * 34 // 32 * 256
+    assert FACTS.kv_bytes(256, KVType.Q4_0) == 2 * 28 * 256 * 18 // 32 * 256
+
+
+def test_kv_cells_per_layout():
+    # unified: the prompt once, then k x new; streams: each stream its own prompt, 256-padded
+    assert scheduler.kv_cells(100, 1000, 8, KVLayout.UNIFIED) == 8192
+    assert scheduler.kv_cells(100, 1000, 8, KVLayout.STREAMS) == 8 * 1280
+    assert scheduler.kv_cells(100, 1000, 8, KVLayout.AUTO) == 8 * 1280  # AUTO: streams at k >= 2
+    assert scheduler.kv_cells(100, 1000, 1, KVLayout.AUTO) == 1280
+
+
 def test_prediction_exact():
-    p = predict(FACTS, CAL, REQ, 8)
-    assert p.latency_s == pytest.approx(100 / 400 + 1000 * 0.08)
-    # by hand: 8100 cells pad to 8192; batch 100 (the prompt)
-    kv = 28672 * 8192
-    logits = 4 * 151936 * 100
-    compute = 4 * 100 * (151936 + 3 * 8960 + 6 * 1536) + 4 * 100 * 12 * 8192
-    assert p.memory_bytes == 1200 * MIB + kv + logits + compute == 1_668_481_024
+    for layout, cells in ((KVLayout.AUTO, 8 * 1280), (KVLayout.UNIFIED, 8192)):
+        p = predict(FACTS, CAL, REQ, 8, layout)
+        assert p.latency_s == pytest.approx(100 / 400 + 1000 * 0.08)
+        assert p.layout is (KVLayout.UNIFIED if cells == 8192 else KVLayout.STREAMS)
+        # by hand: batch 100 (the prompt); flash attention holds no score matrix
+        kv = 28672 * cells
+        logits = 4 * 151936 * 100
+        compute = 4 * 100 * (151936 + 3 * 8960 + 6 * 1536)
+        assert p.memory_bytes == 1200 * MIB + kv + logits + compute
+    assert predict(FACTS, CAL, REQ, 8).memory_bytes == 1_687_879_680
+    assert predict(FACTS, CAL, REQ, 8, KVLayout.UNIFIED).memory_bytes == 1_629_159_424
 
 
 def test_auto_picks_highest_fitting_effort_and_says_why():
@@ -138,33 +158,94 @@ def test_calibration_cache_round_trip(tmp_path, monkeypatch):
     assert scheduler.load_cached("abc") is None
 
 
-def test_prediction_counts_attention_over_the_unified_cache():
+def test_prediction_counts_attended_and_masked_cells():
+    """Streams: each of k candidates attends to its prompt + s cells at step s. Unified: the same,
+    plus (k-1) x s cells of the other candidates it is masked out of."""
     import dataclasses
 
-    cal = dataclasses.replace(CAL, attn_s_per_seq_cell={2: 4e-8, 8: 2e-8, 32: 1e-8})
-    extra = 2e-8 * 8 * (1000 * 100 + 8 * 1000 * 1001 / 2)
-    assert predict(FACTS, cal, REQ, 8).latency_s == pytest.approx(100 / 400 + 80 + extra)
+    cal = dataclasses.replace(
+        CAL,
+        attn_s_per_seq_cell={2: 4e-8, 8: 2e-8, 32: 1e-8},
+        masked_s_per_seq_cell=3e-9,
+        quantized_attn_factor=1.5,
+    )
+    attended = 8 * (1000 * 100 + 1000 * 1001 / 2)
+    masked = 8 * 7 * 1000 * 1001 / 2
+    base = 100 / 400 + 80
+    streams = predict(FACTS, cal, REQ, 8, KVLayout.STREAMS)
+    assert streams.latency_s == pytest.approx(base + 2e-8 * attended)
+    unified = predict(FACTS, cal, REQ, 8, KVLayout.UNIFIED)
+    assert unified.latency_s == pytest.approx(base + 2e-8 * attended + 3e-9 * masked)
+    q8 = predict(FACTS, cal, REQ, 8, KVLayout.STREAMS, KVType.Q8_0)
+    assert q8.latency_s == pytest.approx(base + 1.5 * 2e-8 * attended)
+    assert q8.memory_bytes < streams.memory_bytes
     assert cal.attn_time(4) == pytest.approx(3e-8)
     assert cal.attn_time(64) == cal.attn_time(32) == 1e-8
 
 
-@pytest.mark.parametrize(("n_ctx", "n_batch", "n_seq"), [(1000, 100, 4), (5000, 512, 8)])
-def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, n_ctx, n_batch, n_seq):
-    """llama.cpp's own reported buffer sizes are the reference: the KV cache exactly, the output
-    and compute buffers bounded from above (the scheduler must not promise memory it lacks)."""
+def test_tight_memory_picks_the_smaller_layout_then_q8_0_and_says_so():
+    req = Request(prompt_tokens=3000, max_new_tokens=1000)  # a long prompt: streams copy it k times
+    streams = predict(FACTS, CAL, req, 8)
+    unified = predict(FACTS, CAL, req, 8, KVLayout.UNIFIED)
+    q8 = predict(FACTS, CAL, req, 8, KVLayout.UNIFIED, KVType.Q8_0)
+    assert q8.memory_bytes < unified.memory_bytes < streams.memory_bytes
+    plan = choose(Effort.MEDIUM, FACTS, CAL, req, Budget(memory_bytes=streams.memory_bytes))
+    assert (plan.prediction.layout, plan.prediction.kv_type) == (KVLayout.STREAMS, KVType.F16)
+    assert "would not fit" not in plan.reason
+    plan = choose(Effort.MEDIUM, FACTS, CAL, req, Budget(memory_bytes=unified.memory_bytes))
+    assert plan.prediction == unified
+    assert "(unified)" in plan.reason and "the default k=8 (streams)" in plan.reason
+    plan = choose(Effort.AUTO, FACTS, CAL, req, Budget(memory_bytes=q8.memory_bytes))
+    assert plan.k == 8 and plan.prediction == q8  # k=32 does not fit even with q8_0
+    assert "q8_0 KV" in plan.reason and "would not fit" in plan.reason
+    # a backend without a quantized cache or a unified layout is never planned with one
+    with pytest.raises(BudgetError):
+        choose(
+            Effort.MEDIUM,
+            FACTS,
+            CAL,
+            req,
+            Budget(memory_bytes=q8.memory_bytes),
+            layouts=(KVLayout.STREAMS,),
+            kv_types=(KVType.F16,),
+        )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "new", "k", "layout", "kv_type"),
+    [
+        (100, 225, 4, "unified", "f16"),
+        (512, 600, 8, "unified", "f16"),
+        (100, 225, 4, "streams", "f16"),
+        (512, 600, 8, "streams", "q8_0"),
+        (40, 300, 8, "unified", "q4_0"),
+    ],
+)
+def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, prompt, new, k, layout, kv_type):
+    """llama.cpp's own reported buffer sizes are the reference: the KV cache exactly (each layout,
+    each KV type), the output and compute buffers bounded from above (the scheduler must not
+    promise memory it lacks)."""
     import logging
     import re
 
     from edge_metastone.engine.llama import Context, ContextSettings, Model
+    from edge_metastone.limits import PREFILL_BATCH
     from edge_metastone.modelfile import open_model_file
 
     path = tiny_gguf("q8_0")
     facts = ModelFacts.of(open_model_file(path))
     caplog.set_level(logging.INFO, logger="llama_cpp.native")
-    with (
-        Model(path) as m,
-        Context(m, ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq)),
-    ):
+    layout, kv_type = KVLayout(layout), KVType(kv_type)
+    n_ctx = scheduler.kv_cells(prompt, new, k, layout)
+    n_batch = max(min(prompt, PREFILL_BATCH), k)
+    settings = ContextSettings(
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_seq_max=k,
+        kv_unified=layout is KVLayout.UNIFIED,
+        kv_type=kv_type.value,
+    )
+    with Model(path) as m, Context(m, settings):
         pass
     text = caplog.text
 
@@ -174,7 +255,8 @@ def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, n_ctx, n_batc
         return float(found.group(1)) * MIB
 
     kv = mib(r"CPU KV buffer size")
-    assert abs(facts.kv_bytes(n_ctx) - kv) <= 0.005 * MIB, (facts.kv_bytes(n_ctx), kv)
+    # the log rounds to 0.01 MiB
+    assert abs(facts.kv_bytes(n_ctx, kv_type) - kv) <= 0.0051 * MIB, (facts.kv_bytes(n_ctx), kv)
     actual = mib(r"CPU compute buffer size") + mib(r"CPU\s+output buffer size")
-    predicted = facts.context_bytes(n_ctx, n_batch) - facts.kv_bytes(n_ctx)
-    assert actual <= predicted <= 6 * actual, (predicted / MIB, actual / MIB)
+    predicted = facts.context_bytes(n_ctx, n_batch, kv_type) - facts.kv_bytes(n_ctx, kv_type)
+    assert actual <= predicted <= 2 * actual, (predicted / MIB, actual / MIB)

@@ -129,7 +129,7 @@ class OnnxGenerator:
             )
         if any(not 0 <= t < self.md.vocab_size for t in prompt):
             raise InvalidRequestError("the prompt has token ids outside the vocabulary")
-        if settings.kv_type is not KVType.F16 or settings.kv_layout is KVLayout.UNIFIED:
+        if settings.kv_type is not KVType.F16 or (settings.kv_layout is KVLayout.UNIFIED and k > 1):
             raise InvalidRequestError(
                 "the ONNX backend keeps one float cache per candidate: no kv_type or unified layout"
             )
