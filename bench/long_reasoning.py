@@ -119,7 +119,7 @@ def window_ms(
     )
     filler = (prompt * (at // len(prompt) + 2))[len(prompt) : len(prompt) + at]
     fill = prompt + filler
-    head = engine.model_file.head
+    head, rule = engine.model_file.head, engine.rule
     with (
         Context(model, settings, cb_eval=cap.callback, cb_user_data=cap.user_data) as ctx,
         Batch(settings.n_batch, 1) as batch,
@@ -147,9 +147,12 @@ def window_ms(
                 rows = [batch.add(toks[s], len(fill) + j, (s,), True) for s in range(k)]
                 ctx.decode(batch)
                 feats = cap.take()
-                toks = [smp.sample(ctx.ptr, r) for smp, r in zip(samplers, rows, strict=True)]
-                if head is not None:
-                    head.scores(feats[:k])
+                new = [smp.sample(ctx.ptr, r) for smp, r in zip(samplers, rows, strict=True)]
+                ends = [s for s in range(k) if rule.is_step_boundary(toks[s], new[s])]
+                if head is not None:  # as the engine: the head scores step ends only
+                    for s in ends:
+                        head.scores(feats[rows[s]][None, :])
+                toks = new
                 times.append(time.perf_counter() - t0)
         finally:
             for smp in samplers:
@@ -175,7 +178,7 @@ def sampled_run(engine, prompt, k, n, layout, kv_type, sampling, steps) -> dict[
 
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from edge_metastone.engine.engine import Engine
 from edge_metastone.types import GenerationSettings, TokenEvent
@@ -185,17 +188,21 @@ with Engine(path, n_threads=threads) as e:
     prompt = e.encode_chat(PROMPT)[1]
     settings = GenerationSettings(max_new_tokens=n, kv_layout=layout, kv_type=kv_type)
     made = 0
-    gen = e.generate(prompt, k, bench_sampling(e, 5.0), settings)
+    gen = e.generate(prompt, k, bench_sampling(e, float(sys.argv[8])), settings)
     for ev in gen:
         made += isinstance(ev, TokenEvent)
         if made >= 16 * k:
             break
     gen.close()
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM: this process image's own peak (ru_maxrss would carry the parent's over fork + exec)
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024}))
 """
 
 
-def peak_rss(model: Path, k: int, n: int, layout: KVLayout, kv_type: KVType, threads: int) -> int:
+def peak_rss(
+    model: Path, k: int, n: int, layout: KVLayout, kv_type: KVType, threads: int, step_bias: float
+) -> int:
     """Peak RSS of a fresh process that runs the engine's k x n generation for 16 steps."""
     out = subprocess.run(
         [
@@ -209,6 +216,7 @@ def peak_rss(model: Path, k: int, n: int, layout: KVLayout, kv_type: KVType, thr
             layout.value,
             kv_type.value,
             str(threads),
+            str(step_bias),
         ],
         capture_output=True,
         text=True,
@@ -234,7 +242,13 @@ def main() -> None:
     ap.add_argument("--sched-k", default="8,32")
     ap.add_argument("--sched-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--step-bias", type=float, default=5.0)
+    ap.add_argument(
+        "--step-bias",
+        type=float,
+        default=0.0,
+        help="logit bias on the step delimiter (5 makes most tokens a step end; real reasoning "
+        "ends a step every 50-100 tokens, which the bench model's own rate, bias 0, is closer to)",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
     threads = args.threads or default_threads()
@@ -295,7 +309,7 @@ def main() -> None:
                     res[layout] = r
                     kv = engine.facts.kv_bytes(kv_cells(len(prompt), n, k, layout)) / MIB
                     peak = (
-                        f" {peak_rss(args.model, k, n, layout, KVType.F16, threads) / MIB:9.0f}"
+                        f" {peak_rss(args.model, k, n, layout, KVType.F16, threads, args.step_bias) / MIB:9.0f}"
                         if args.peak
                         else ""
                     )
@@ -314,7 +328,7 @@ def main() -> None:
 
         engine.close()
         with Reasoner(args.model, n_threads=threads, sampling=sampling) as r:
-            cal = r.calibration()
+            cal = r.calibration(refresh=True)  # measured with this sampling
             facts = r.facts
         engine = Engine(args.model, n_threads=threads)
         n = args.sched_tokens
@@ -336,7 +350,7 @@ def main() -> None:
             for layout, kv in ways:
                 p = predict(facts, cal, Request(len(prompt), n), k, layout, kv)
                 m = sampled_run(engine, prompt, k, n, layout, kv, sampling, args.window)
-                rss = peak_rss(args.model, k, n, layout, kv, threads)
+                rss = peak_rss(args.model, k, n, layout, kv, threads, args.step_bias)
                 print(
                     f"{k:>3} {layout.value:>8} {kv.value:>5} {p.latency_s:8.1f} "
                     f"{m['total_s']:8.1f} {m['total_s'] / p.latency_s:6.2f} "

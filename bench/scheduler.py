@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.scheduler import Calibration
@@ -29,7 +29,8 @@ with Reasoner(model, calibration=Calibration.from_json(cal), max_new_tokens=max_
     ban = tuple((t, -1e9) for t in m.eog_ids)
     r.sampling = SamplingSettings(temperature=0.6, top_p=0.95, top_k=40, logit_bias=ban)
     res = r.reason(PROMPT, effort=effort, seed=0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process image's own peak (ru_maxrss would carry the parent's over fork + exec)
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
 print(json.dumps({"latency_s": res.timings["total_s"] - res.timings["plan_s"], "peak_rss": peak,
                   "predicted": res.predicted, "tokens": sum(c.tokens for c in res.candidates)}))
 """

@@ -39,6 +39,7 @@ from edge_metastone.types import (
     GenerationControl,
     GenerationSettings,
     KVLayout,
+    KVType,
     SamplingSettings,
     resolve_layout,
 )
@@ -69,12 +70,17 @@ class ReasonOptions:
     top_p: float | None = None  # None: the reasoner's sampling (0.95)
     stop: tuple[str, ...] = ()  # stop strings: a candidate ends before the first one it writes
     max_k: int | None = None  # the most candidates this request may run (auto picks within it)
+    # the KV cache's element type (f16, q8_0, q4_0); None: F16, or q8_0 where the scheduler needs
+    # it to fit a memory budget
+    kv_cache: KVType | None = None
 
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "effort", Effort(self.effort))
             if self.strategy is not None:
                 object.__setattr__(self, "strategy", StrategyName(self.strategy))
+            if self.kv_cache is not None:
+                object.__setattr__(self, "kv_cache", KVType(self.kv_cache))
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
         for name, unit in (("latency_budget", "seconds"), ("memory_budget", "MB")):
@@ -178,7 +184,7 @@ class ReasonResult:
     strategy: str
     scheduler_reason: str
     early_stop: bool
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float | str] = field(default_factory=dict)  # + kv_layout, kv_type
     predicted: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -312,8 +318,10 @@ class Reasoner:
         )
         if o.effort is not Effort.AUTO and budget.latency_s is None and budget.memory_bytes is None:
             cal = self._calibration
-            pred = predict(self.facts, cal, req, o.effort.k) if cal else None
+            kv = self._kv_types(o)[0]
+            pred = predict(self.facts, cal, req, o.effort.k, kv_type=kv) if cal else None
             return Plan(o.effort, o.effort.k, pred, f"{o.effort.value} requested (k={o.effort.k})")
+        kv_types = self._kv_types(o)
         efforts = [e for e in FIXED_EFFORTS if o.max_k is None or e.k <= o.max_k]
         if not efforts:
             raise InvalidRequestError(f"max_k={o.max_k} allows no effort mode (low needs k=2)")
@@ -325,8 +333,19 @@ class Reasoner:
             budget,
             efforts=efforts,
             layouts=self.backend.kv_layouts,
-            kv_types=self.backend.kv_types,
+            kv_types=kv_types,
         )
+
+    def _kv_types(self, o: ReasonOptions) -> tuple[KVType, ...]:
+        """The KV types the scheduler may plan with: the request's, else the backend's."""
+        if o.kv_cache is None:
+            return tuple(self.backend.kv_types)
+        if o.kv_cache not in self.backend.kv_types:
+            raise InvalidRequestError(
+                f"this model's runtime has no {o.kv_cache.value} KV cache "
+                f"(it has {', '.join(t.value for t in self.backend.kv_types)})"
+            )
+        return (o.kv_cache,)
 
     def reason_stream(
         self, prompt: Prompt, options: ReasonOptions | None = None, **fields: Any
@@ -382,7 +401,12 @@ class Reasoner:
         name = o.strategy or self.default_strategy
         strategy = make_strategy(name)
         sampling = o.sampling(self.sampling)
-        settings = GenerationSettings(max_new_tokens=max_new, stop=o.stop, logprobs=o.logprobs)
+        settings = GenerationSettings(
+            max_new_tokens=max_new,
+            stop=o.stop,
+            logprobs=o.logprobs,
+            kv_type=o.kv_cache or KVType.F16,
+        )
         deadline = arrival + o.latency_budget if o.latency_budget else None
         hook = self._hook(on_event)
         with self._lock:  # requests queue here; the latency budget counts from arrival

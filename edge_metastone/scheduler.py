@@ -306,15 +306,17 @@ def _option(
     layouts: Sequence[KVLayout],
     kv_types: Sequence[KVType],
 ) -> _Option:
-    """k candidates as the engine would run them (AUTO layout, F16), else, when that misses the
-    memory budget, the other layout, then a q8_0 cache (step scores move by <= 0.008 on the bench
-    model, bench/kv_quant.py), whichever first fits both budgets."""
-    default = predict(facts, cal, req, k)
+    """k candidates as the engine would run them (AUTO layout, the first of `kv_types`: F16 unless
+    the request named one), else, when that misses the memory budget, the other layout, then a
+    q8_0 cache (step scores move by <= 0.008 on the bench model, bench/kv_quant.py), whichever
+    first fits both budgets."""
+    first = KVType(kv_types[0]) if kv_types else KVType.F16
+    default = predict(facts, cal, req, k, kv_type=first)
     ways = [default]
     if budget.memory_bytes is not None and not _fits(default, budget):
         others = [lay for lay in (KVLayout.STREAMS, KVLayout.UNIFIED) if lay is not default.layout]
-        order = [(default.layout, KVType.F16)] + [(lay, KVType.F16) for lay in others]
-        if KVType.Q8_0 in kv_types:
+        order = [(default.layout, first)] + [(lay, first) for lay in others]
+        if first is KVType.F16 and KVType.Q8_0 in kv_types:
             order += [(lay, KVType.Q8_0) for lay, _ in order]
         ways = [
             predict(facts, cal, req, k, lay, kv)
@@ -338,7 +340,7 @@ def choose(
 ) -> Plan:
     """The effort to run: the requested one if it fits, or (auto) the highest that fits both budgets.
     Each plan names its KV layout and type (see `_option`); `layouts` and `kv_types` are what the
-    backend can run."""
+    backend can run (the first type is the default)."""
     if req.prompt_tokens + req.max_new_tokens > facts.n_ctx_train:
         raise BudgetError(
             f"prompt ({req.prompt_tokens}) + max_new_tokens ({req.max_new_tokens}) exceeds the "

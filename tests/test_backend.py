@@ -13,7 +13,7 @@ from fake_backend import FakeBackend, Script
 
 from conftest import REPO, run_cli
 from edge_metastone.backend import Backend, open_backend
-from edge_metastone.errors import BadModelFileError
+from edge_metastone.errors import BadModelFileError, InvalidRequestError
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.scheduler import MIB, Calibration, calibration_key
 from edge_metastone.sprm import trajectory_score
@@ -89,6 +89,12 @@ def test_the_plans_kv_layout_and_type_reach_the_backend():
         assert fake.settings_seen[-1].kv_type is KVType.Q8_0
         assert res.timings["kv_layout"] == "unified" and res.timings["kv_type"] == "q8_0"
         assert "q8_0 KV" in res.scheduler_reason and "would not fit" in res.scheduler_reason
+        # the request may name the KV type itself (the CLI's --kv-cache)
+        res = r.reason("What is 2+2?", effort="low", kv_cache="q8_0")
+        assert fake.settings_seen[-1].kv_type is KVType.Q8_0
+        fake.kv_types = (KVType.F16,)  # a runtime without a quantized cache (ONNX)
+        with pytest.raises(InvalidRequestError, match="no q8_0 KV cache"):
+            r.reason("What is 2+2?", effort="low", kv_cache="q8_0")
 
 
 def test_default_strategy_comes_from_the_backend():

@@ -135,6 +135,15 @@ def test_reason_cli_json(tiny_gguf):
     for c in out["candidates"]:
         assert set(c) >= {"text", "token_ids", "answer", "step_scores", "score", "tokens"}
         assert c["tokens"] == len(c["token_ids"])
+    assert (out["timings"]["kv_layout"], out["timings"]["kv_type"]) == ("streams", "f16")
+
+
+def test_reason_cli_kv_cache(tiny_gguf):
+    """--kv-cache q8_0 runs the real engine with a q8_0 cache, and the timings say so."""
+    args = ["--model", str(tiny_gguf("q8_0")), "--effort", "low", "--max-new-tokens", "12"]
+    out = cli_json("reason", *args, "--kv-cache", "q8_0", "--json", "What is 1+1?")
+    assert (out["timings"]["kv_layout"], out["timings"]["kv_type"]) == ("streams", "q8_0")
+    assert len(out["candidates"]) == 2
 
 
 def test_reason_cli_errors(tiny_gguf):

@@ -61,6 +61,12 @@ def add_reason_options(
         action="store_true",
         help="run a single candidate when no effort mode fits the budgets",
     )
+    p.add_argument(
+        "--kv-cache",
+        choices=["f16", "q8_0", "q4_0"],
+        default=None,
+        help="KV cache element type (default f16, or q8_0 when a --memory-budget needs it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
@@ -85,6 +91,7 @@ def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
         "max_new_tokens": args.max_new_tokens,
         "allow_degrade": args.allow_degrade,
         "raw": args.raw,
+        "kv_cache": args.kv_cache,
     }
     return ReasonOptions(**{**fields, **changes})
 
@@ -143,7 +150,9 @@ def format_result(result) -> str:
         "",
         f"[{result.effort}: k={result.k}, {result.strategy}; chose candidate {result.chosen}; "
         f"{tokens} tokens in {t.get('total_s', 0.0):.2f} s ({rate:.0f} tokens/s decoding), "
-        f"prefill {t.get('prefill_s', 0.0) * 1e3:.0f} ms]",
+        f"prefill {t.get('prefill_s', 0.0) * 1e3:.0f} ms"
+        + (f"; KV {t['kv_layout']} {t.get('kv_type', '')}".rstrip() if t.get("kv_layout") else "")
+        + "]",
         f"[scheduler: {result.scheduler_reason}]",
     ]
     return "\n".join(lines)
