@@ -3,7 +3,7 @@
     python bench/long_reasoning.py /tmp/syn200m-q4_0.gguf                    # everything below
     python bench/long_reasoning.py MODEL --only full --full 1x1536,16x1536    # one section
 
-Sections (`--only full,grid,scheduler`), all with the same prompt, sampling (T=1.0, top-p 0.95,
+Sections (`--only full,grid,gaps,scheduler`), all with the same prompt, sampling (T=1.0, top-p 0.95,
 top-k 40, end-of-turn banned, the step delimiter biased so steps are scored) and threads for both
 layouts:
 
@@ -20,6 +20,8 @@ layouts:
   times interpolated over every step. `--peak` adds each run's peak RSS, from a child process that
   runs the engine itself for a few steps (llama.cpp clears, so touches, the whole KV cache when it
   makes the context).
+- gaps: k=16 with every other candidate pruned at its first token (the live sequence ids then have
+  gaps): unified, streams with every gap split into its own graph, streams with gaps filled.
 - scheduler: the scheduler's predicted latency and peak memory (this machine's calibration) against
   the sampled latency and a child process's peak RSS, for `--sched-k` at `--sched-tokens`, in
   each layout and with a q8_0 cache. Targets: latency within +-30%, memory within +-15%.
@@ -233,7 +235,7 @@ def pairs(spec: str) -> list[tuple[int, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
-    ap.add_argument("--only", default="full,grid,scheduler")
+    ap.add_argument("--only", default="full,grid,gaps,scheduler")
     ap.add_argument("--full", default="1x1536,16x1536", help="KxT runs to generate in full")
     ap.add_argument("--k", default="1,8,32")
     ap.add_argument("--tokens", default="512,1536,4096")
@@ -322,6 +324,33 @@ def main() -> None:
                 if k > 1:
                     ratio = res[KVLayout.STREAMS]["total_s"] / res[KVLayout.UNIFIED]["total_s"]
                     print(f"{'':>19} streams / unified total = {ratio:.2f}x", flush=True)
+
+    if "gaps" in only:
+        from edge_metastone.engine import generate
+        from edge_metastone.types import GenerationControl
+
+        def pruned_run(layout: KVLayout, max_gap: int, n: int = 160) -> float:
+            generate.MAX_FILLED_GAP = max_gap
+            control = GenerationControl()
+            t0 = time.perf_counter()
+            settings = GenerationSettings(max_new_tokens=n, kv_layout=layout)
+            for ev in engine.generate(prompt, 16, sampling, settings, control=control):
+                if isinstance(ev, TokenEvent) and ev.candidate % 2 and ev.candidate < 15:
+                    control.prune(ev.candidate)
+            return time.perf_counter() - t0
+
+        print("\n== gaps: k=16 x 160 tokens, candidates 1,3,..,13 pruned at their first token ==")
+        default_gap = generate.MAX_FILLED_GAP
+        for r in range(2):
+            u = pruned_run(KVLayout.UNIFIED, default_gap)
+            split = pruned_run(KVLayout.STREAMS, 0)
+            filled = pruned_run(KVLayout.STREAMS, default_gap)
+            print(
+                f"round {r}: unified {u:.2f} s, streams split {split:.2f} s, "
+                f"streams filled {filled:.2f} s",
+                flush=True,
+            )
+        generate.MAX_FILLED_GAP = default_gap
 
     if "scheduler" in only:
         from edge_metastone.reasoner import Reasoner

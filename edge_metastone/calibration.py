@@ -1,4 +1,5 @@
-"""Measure this machine with this model (a few seconds, once), for the budget scheduler."""
+"""Measure this machine with this model for the budget scheduler (once, then cached: ~20 s for
+a 200M model on 2 cores, ~90 s for 1B)."""
 
 from __future__ import annotations
 
