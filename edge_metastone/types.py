@@ -100,18 +100,15 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be >= 1")
-        try:
-            object.__setattr__(self, "kv_type", KVType(self.kv_type))
-        except ValueError:
-            raise InvalidRequestError(
-                f"kv_type must be one of f16, q8_0, q4_0 (got {self.kv_type!r})"
-            ) from None
-        try:
-            object.__setattr__(self, "kv_layout", KVLayout(self.kv_layout))
-        except ValueError:
-            raise InvalidRequestError(
-                f"kv_layout must be one of auto, unified, streams (got {self.kv_layout!r})"
-            ) from None
+        for name, kind in (("kv_type", KVType), ("kv_layout", KVLayout)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                allowed = ", ".join(v.value for v in kind)
+                raise InvalidRequestError(
+                    f"{name} must be one of {allowed} (got {value!r})"
+                ) from None
         if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
             raise InvalidRequestError("max_answer_tokens must be >= 0")
         if any(not s for s in self.stop):
