@@ -86,6 +86,14 @@ def test_openai_client_non_streaming_matches_the_python_api(tiny, tiny_gguf):
     assert resp.usage.completion_tokens == sum(c.tokens for c in direct.candidates)
     assert resp.usage.prompt_tokens == direct.timings["prompt_tokens"] > 0
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert (ext["timings"]["kv_layout"], ext["timings"]["kv_type"]) == ("streams", "f16")
+    q8 = c.chat.completions.create(
+        model="tiny-q8_0",
+        messages=USER,
+        max_tokens=8,
+        extra_body={"effort": "low", "kv_cache": "q8_0"},
+    )
+    assert q8.model_extra["metastone"]["timings"]["kv_type"] == "q8_0"
 
 
 def read_stream(stream) -> dict:
@@ -291,6 +299,7 @@ ERRORS = [
         "latency_budget",
     ),
     ({"messages": USER, "memory_budget": "lots"}, 400, "memory_budget"),
+    ({"messages": USER, "kv_cache": "q2_k"}, 400, "kv_cache"),
     ({"messages": USER, "stop": [""]}, 400, "stop"),
     ({"messages": USER, "n": 2}, 400, "n"),
     ({"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),

@@ -25,6 +25,7 @@ MAX_SEED = 2**63 - 1
 
 EffortName = Literal["low", "medium", "high", "auto"]
 StrategyField = Literal["best-of-k", "prune", "vote", "weighted-vote", "logprob"]
+KVCacheField = Literal["f16", "q8_0", "q4_0"]
 
 
 class _Strict(BaseModel):
@@ -79,6 +80,7 @@ class ChatRequest(_Strict):
     latency_budget: float | None = Field(default=None, gt=0)
     memory_budget: float | None = Field(default=None, gt=0)
     allow_degrade: bool = False
+    kv_cache: KVCacheField | None = None  # the KV cache's type (default: f16, q8_0 under budget)
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             top_p=req.top_p,
             stop=stop,
             max_k=limits.max_k,  # auto chooses among the efforts within the server's limit
+            kv_cache=req.kv_cache,
         )
     except InvalidRequestError as e:
         raise bad_request(str(e)) from None
