@@ -38,10 +38,8 @@ from edge_metastone.types import (
     FinishReason,
     GenerationControl,
     GenerationSettings,
-    KVLayout,
     KVType,
     SamplingSettings,
-    resolve_layout,
 )
 
 logger = logging.getLogger(__name__)
@@ -486,10 +484,8 @@ class Reasoner:
 
 
 def _with_kv(settings: GenerationSettings, plan: Plan) -> GenerationSettings:
-    """The generation settings with the KV layout and type the scheduler planned: the engine's
-    own choice (AUTO, F16) unless a memory budget made the scheduler pick another."""
+    """The generation settings with the KV layout and type the scheduler planned (and predicted)."""
     p = plan.prediction
     if p is None or p.k != plan.k:
         return settings
-    layout = KVLayout.AUTO if p.layout is resolve_layout(KVLayout.AUTO, p.k) else p.layout
-    return dataclasses.replace(settings, kv_layout=layout, kv_type=p.kv_type)
+    return dataclasses.replace(settings, kv_layout=p.layout, kv_type=p.kv_type)

@@ -31,14 +31,13 @@ from pathlib import Path
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.modelfile import ModelFile
-from edge_metastone.types import KVLayout, KVType, resolve_layout
+from edge_metastone.types import KV_PAD, KVLayout, KVType, kv_cells, resolve_layout
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_VERSION = 4
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
 ATTENTION_BATCHES = (1, 8, 32)  # batch sizes at which the cost of an attended cell is measured
-KV_PAD = 256  # llama.cpp pads the KV cache size (each stream's) to a multiple of this
 MIB = 2**20
 # bytes per KV element (ggml's block sizes: q8_0 is 34 bytes per 32, q4_0 18 per 32)
 KV_ELEMENT_BYTES = {KVType.F16: 2.0, KVType.Q8_0: 34 / 32, KVType.Q4_0: 18 / 32}
@@ -46,13 +45,6 @@ KV_ELEMENT_BYTES = {KVType.F16: 2.0, KVType.Q8_0: 34 / 32, KVType.Q4_0: 18 / 32}
 
 def _pad(n: int) -> int:
     return math.ceil(n / KV_PAD) * KV_PAD
-
-
-def kv_cells(prompt_tokens: int, max_new_tokens: int, k: int, layout: KVLayout) -> int:
-    """KV cells llama.cpp allocates for k candidates in `layout` (as the engine sizes them)."""
-    if resolve_layout(layout, k) is KVLayout.STREAMS:
-        return k * _pad(prompt_tokens + max_new_tokens)
-    return _pad(prompt_tokens + k * max_new_tokens)
 
 
 class Effort(str, enum.Enum):
@@ -253,7 +245,8 @@ def predict(
 ) -> Prediction:
     """Worst-case latency (every candidate runs to max_new_tokens) and peak memory of k candidates
     in `layout` (AUTO: the one the engine picks) with a `kv_type` cache."""
-    layout, kv_type = resolve_layout(KVLayout(layout), k), KVType(kv_type)
+    t, p = req.max_new_tokens, req.prompt_tokens
+    layout, kv_type = resolve_layout(KVLayout(layout), k, p, t), KVType(kv_type)
     n_batch = max(min(req.prompt_tokens, PREFILL_BATCH), k)
     t, p = req.max_new_tokens, req.prompt_tokens
     # summed over steps s=1..t: k sequences x (p + s) cells each attends to, and (unified) the
@@ -312,6 +305,8 @@ def _option(
     first fits both budgets."""
     first = KVType(kv_types[0]) if kv_types else KVType.F16
     default = predict(facts, cal, req, k, kv_type=first)
+    if k >= 2 and layouts and default.layout not in layouts:  # e.g. ONNX: one cache per row
+        default = predict(facts, cal, req, k, layouts[0], first)
     ways = [default]
     if budget.memory_bytes is not None and not _fits(default, budget):
         others = [lay for lay in (KVLayout.STREAMS, KVLayout.UNIFIED) if lay is not default.layout]

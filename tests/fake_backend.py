@@ -152,7 +152,9 @@ class FakeBackend:
         self.settings_seen.append(settings)
         self.live_generations += 1
         t0 = time.perf_counter()
-        control.timings.kv_layout = resolve_layout(settings.kv_layout, k).value
+        control.timings.kv_layout = resolve_layout(
+            settings.kv_layout, k, len(prompt_ids), settings.max_new_tokens
+        ).value
         control.timings.kv_type = settings.kv_type.value
         try:
             yield from self._run(list(prompt_ids), k, settings, control, candidate_offset)

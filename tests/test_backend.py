@@ -71,15 +71,15 @@ def test_reasoner_runs_on_a_fake_backend():
 
 
 def test_the_plans_kv_layout_and_type_reach_the_backend():
-    """Without a memory budget the backend chooses (AUTO, F16); with a tight one the scheduler's
-    layout and KV type go into the generation settings and the result says so."""
+    """The scheduler's layout and KV type go into the generation settings (without a memory
+    budget: what AUTO runs, F16; with a tight one: what fits), and the result says so."""
     from edge_metastone.scheduler import Request, predict
     from edge_metastone.types import KVLayout, KVType
 
     fake = FakeBackend(SCRIPTS)
     with Reasoner(backend=fake, calibration=CAL, max_new_tokens=2000) as r:
         res = r.reason("What is 2+2?", effort="medium")
-        assert fake.settings_seen[-1].kv_layout is KVLayout.AUTO
+        assert fake.settings_seen[-1].kv_layout is KVLayout.STREAMS  # what AUTO runs here
         assert fake.settings_seen[-1].kv_type is KVType.F16
         assert res.timings["kv_layout"] == "streams" and res.timings["kv_type"] == "f16"
         n = len(r.encode("What is 2+2?")[1])

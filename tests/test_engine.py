@@ -334,11 +334,17 @@ def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids, monkeypatch, ma
 
 
 def test_auto_layout_is_named_in_the_timings(engine, prompt_ids):
-    """AUTO runs streams for k >= 2 and unified for one candidate, and the timings say which."""
-    for k, layout in ((1, "unified"), (3, "streams")):
+    """AUTO runs streams for k >= 2 (unified for one candidate, or a prompt that k streams would
+    copy into more than 1.5x the cells), and the timings say which."""
+    long_prompt = (prompt_ids * 40)[:300]  # 3 x 380 cells in streams vs 540 in one cache
+    for prompt, k, layout in (
+        (prompt_ids, 1, "unified"),
+        (prompt_ids, 3, "streams"),
+        (long_prompt, 3, "unified"),
+    ):
         control = GenerationControl()
         engine.generate_all(
-            prompt_ids, k, sampled(seed=1), GenerationSettings(max_new_tokens=4), control=control
+            prompt, k, sampled(seed=1), GenerationSettings(max_new_tokens=80), control=control
         )
         assert (control.timings.kv_layout, control.timings.kv_type) == (layout, "f32")
     with pytest.raises(InvalidRequestError, match="kv_layout"):

@@ -70,6 +70,22 @@ def test_kv_cells_per_layout():
     assert scheduler.kv_cells(100, 1000, 1, KVLayout.AUTO) == 1280
 
 
+def test_auto_layout_keeps_long_prompts_in_one_cache():
+    """AUTO: streams for k >= 2 unless k copies of the prompt would make the cache more than 1.5x
+    the unified one (before llama.cpp's padding); one candidate runs unified."""
+    from edge_metastone.types import resolve_layout
+
+    assert resolve_layout(KVLayout.AUTO, 1, 100, 1000) is KVLayout.UNIFIED
+    assert resolve_layout(KVLayout.AUTO, 8, 100, 1000) is KVLayout.STREAMS  # 8800 vs 8100 cells
+    assert resolve_layout(KVLayout.AUTO, 8, 500, 1000) is KVLayout.STREAMS  # 12000 vs 8500
+    assert resolve_layout(KVLayout.AUTO, 8, 1000, 1000) is KVLayout.UNIFIED  # 16000 vs 9000
+    assert resolve_layout(KVLayout.AUTO, 8, 39, 256) is KVLayout.STREAMS  # 2360 vs 2087
+    assert resolve_layout(KVLayout.AUTO, 8, 40, 16) is KVLayout.UNIFIED  # 448 vs 168
+    assert resolve_layout(KVLayout.AUTO, 32, 4000, 1024) is KVLayout.UNIFIED  # 4.4x the cells
+    assert resolve_layout(KVLayout.STREAMS, 32, 4000, 1024) is KVLayout.STREAMS  # named: kept
+    assert predict(FACTS, CAL, Request(4000, 1024), 32).layout is KVLayout.UNIFIED
+
+
 def test_prediction_exact():
     for layout, cells in ((KVLayout.AUTO, 8 * 1280), (KVLayout.UNIFIED, 8192)):
         p = predict(FACTS, CAL, REQ, 8, layout)
@@ -184,7 +200,7 @@ def test_prediction_counts_attended_and_masked_cells():
 
 
 def test_tight_memory_picks_the_smaller_layout_then_q8_0_and_says_so():
-    req = Request(prompt_tokens=3000, max_new_tokens=1000)  # a long prompt: streams copy it k times
+    req = Request(prompt_tokens=400, max_new_tokens=1000)  # streams: 8 x 1536 cells, unified 8448
     streams = predict(FACTS, CAL, req, 8)
     unified = predict(FACTS, CAL, req, 8, KVLayout.UNIFIED)
     q8 = predict(FACTS, CAL, req, 8, KVLayout.UNIFIED, KVType.Q8_0)

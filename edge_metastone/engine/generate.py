@@ -33,6 +33,7 @@ from edge_metastone.types import (  # re-exported: the engine's public types liv
     StepEvent,
     Timings,
     TokenEvent,
+    kv_cells,
     resolve_layout,
 )
 
@@ -136,10 +137,7 @@ class BatchGenerator:
                 f"prompt ({n} tokens) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
                 f"model's context of {self.model.n_ctx_train} tokens"
             )
-        if resolve_layout(settings.kv_layout, k) is KVLayout.STREAMS:
-            # each stream holds its own prompt and tokens; llama.cpp pads a stream to 256 cells
-            return k * (-(-(n + settings.max_new_tokens) // 256) * 256)
-        return n + k * settings.max_new_tokens
+        return kv_cells(n, settings.max_new_tokens, k, settings.kv_layout)
 
     def generate(
         self,
@@ -166,7 +164,8 @@ class BatchGenerator:
             if scoring or keep
             else None
         )
-        streams = resolve_layout(settings.kv_layout, k) is KVLayout.STREAMS
+        layout = resolve_layout(settings.kv_layout, k, len(prompt), settings.max_new_tokens)
+        streams = layout is KVLayout.STREAMS
         ctx_settings = ContextSettings(
             n_ctx=n_ctx,
             n_batch=n_batch,
