@@ -65,8 +65,8 @@ def measure(
     """Decode step time (sampling included) at batch sizes 1..32, what each attended and each
     masked KV cell adds to a step, prefill speed, and the loaded process's RSS.
 
-    - Step time: b candidates over a 32-token prompt, in the layout AUTO runs (streams for b >= 2,
-      where a step's attention hardly grows over a few dozen steps): the intercept of a line fit.
+    - Step time: b candidates over a 32-token prompt, one KV stream each (a step's attention
+      hardly grows over a few dozen steps): the intercept of a line fit.
     - Attended cells: the same b candidates over a `long_prompt_tokens` prompt, which each
       candidate attends to in full; the median step's difference / (b x the extra cells).
     - Masked cells: 32 candidates in one unified cache, where each step adds 31 cells every
@@ -82,20 +82,22 @@ def measure(
     extra_cells = len(long_prompt) - len(prompt)
     _run(backend, prompt, sampling, 4)
     base_rss = current_rss_bytes()
+    # one cache per candidate, named (AUTO would keep these short runs' small prompt in one cache)
+    own = KVLayout.STREAMS if KVLayout.STREAMS in backend.kv_layouts else KVLayout.AUTO
     step_seconds: dict[int, float] = {}
     median: dict[int, float] = {}
     for b in CALIBRATION_BATCHES:
-        d = _step_durations(backend, prompt, b, sampling, steps)
+        d = _step_durations(backend, prompt, b, sampling, steps, own)
         slope, a = np.polyfit(np.arange(len(d)), d, 1)
         step_seconds[b] = float(max(a, d.min()))
         median[b] = float(np.median(d))
     attn: dict[int, float] = {}
     for b in ATTENTION_BATCHES:
-        d = _step_durations(backend, long_prompt, b, sampling, steps // 2)
+        d = _step_durations(backend, long_prompt, b, sampling, steps // 2, own)
         attn[b] = max(float(np.median(d)) - median[b], 0.0) / (b * extra_cells)
     q8 = 1.0
     if KVType.Q8_0 in backend.kv_types and attn[8] > 0:
-        d = _step_durations(backend, long_prompt, 8, sampling, steps // 2, kv_type=KVType.Q8_0)
+        d = _step_durations(backend, long_prompt, 8, sampling, steps // 2, own, KVType.Q8_0)
         q8 = max(float(np.median(d)) - median[8], 0.0) / (8 * extra_cells) / attn[8]
     masked = 0.0
     if KVLayout.UNIFIED in backend.kv_layouts:
