@@ -390,7 +390,7 @@ class Reasoner:
 
         Settings come as a `ReasonOptions` or as its fields: `effort`, `latency_budget` (seconds),
         `memory_budget` (MB), `seed`, `strategy`, `max_new_tokens`, `allow_degrade`, `logprobs`,
-        `raw`, `temperature`, `top_p`, `stop`.
+        `raw`, `temperature`, `top_p`, `stop`, `max_k`, `kv_cache`.
         """
         o = _options(options, fields)
         t0 = time.perf_counter()
