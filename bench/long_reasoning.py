@@ -139,7 +139,6 @@ def window_ms(
                     raise RuntimeError(f"could not copy the state into sequence {s}")
             del buf
         samplers = [Sampler(sampling, s, model.n_vocab) for s in range(k)]
-        rows = list(range(k))
         toks = [fill[-1]] * k
         times = []
         try:

@@ -314,12 +314,11 @@ class Reasoner:
             int(o.memory_budget * MIB) if o.memory_budget is not None else None,
             o.allow_degrade,
         )
+        kv_types = self._kv_types(o)
         if o.effort is not Effort.AUTO and budget.latency_s is None and budget.memory_bytes is None:
             cal = self._calibration
-            kv = self._kv_types(o)[0]
-            pred = predict(self.facts, cal, req, o.effort.k, kv_type=kv) if cal else None
+            pred = predict(self.facts, cal, req, o.effort.k, kv_type=kv_types[0]) if cal else None
             return Plan(o.effort, o.effort.k, pred, f"{o.effort.value} requested (k={o.effort.k})")
-        kv_types = self._kv_types(o)
         efforts = [e for e in FIXED_EFFORTS if o.max_k is None or e.k <= o.max_k]
         if not efforts:
             raise InvalidRequestError(f"max_k={o.max_k} allows no effort mode (low needs k=2)")

@@ -3,9 +3,9 @@ choose the highest effort that fits the caller's budgets.
 
 Latency comes from a calibration of the machine with this model (decode step time at batch sizes
 1..32, what attention over the KV cache adds, prefill tokens/s), measured once (~20 s for a 200M
-model on 2 cores) and cached on disk. Memory comes from the model's facts: the process after loading (measured once),
-plus the KV cache, the logits buffer and llama.cpp's compute buffer of the context the request
-needs. Both depend on the KV layout and element type the request runs with (`KVLayout`, `KVType`):
+model on 2 cores) and cached on disk. Memory comes from the model's facts: the process after
+loading (measured once), plus the KV cache, the logits buffer and llama.cpp's compute buffer of
+the context the request needs. Both depend on the KV layout and element type the request runs with (`KVLayout`, `KVType`):
 
 - unified: the cache holds pad256(prompt + k x new) cells, and at step s each of the k candidates
   attends over its own prompt + s cells and is masked out of the other (k-1) x s cells (flash
@@ -31,7 +31,7 @@ from pathlib import Path
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.modelfile import ModelFile
-from edge_metastone.types import KV_PAD, KVLayout, KVType, kv_cells, resolve_layout
+from edge_metastone.types import KVLayout, KVType, kv_cells, pad_cells, resolve_layout
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ ATTENTION_BATCHES = (1, 8, 32)  # batch sizes at which the cost of an attended c
 MIB = 2**20
 # bytes per KV element (ggml's block sizes: q8_0 is 34 bytes per 32, q4_0 18 per 32)
 KV_ELEMENT_BYTES = {KVType.F16: 2.0, KVType.Q8_0: 34 / 32, KVType.Q4_0: 18 / 32}
-
-
-def _pad(n: int) -> int:
-    return math.ceil(n / KV_PAD) * KV_PAD
 
 
 class Effort(str, enum.Enum):
@@ -104,7 +100,7 @@ class ModelFacts:
     def kv_bytes(self, n_ctx: int, kv_type: KVType = KVType.F16) -> int:
         """K and V of `kv_type` for `n_ctx` cells (padded as llama.cpp does)."""
         row = self.n_kv_heads * self.head_dim * KV_ELEMENT_BYTES[KVType(kv_type)]
-        return int(2 * self.n_layers * row * _pad(n_ctx))
+        return int(2 * self.n_layers * row * pad_cells(n_ctx))
 
     def context_bytes(self, n_ctx: int, n_batch: int, kv_type: KVType = KVType.F16) -> int:
         """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer (generation
@@ -247,8 +243,7 @@ def predict(
     in `layout` (AUTO: the one the engine picks) with a `kv_type` cache."""
     t, p = req.max_new_tokens, req.prompt_tokens
     layout, kv_type = resolve_layout(KVLayout(layout), k, p, t), KVType(kv_type)
-    n_batch = max(min(req.prompt_tokens, PREFILL_BATCH), k)
-    t, p = req.max_new_tokens, req.prompt_tokens
+    n_batch = max(min(p, PREFILL_BATCH), k)
     # summed over steps s=1..t: k sequences x (p + s) cells each attends to, and (unified) the
     # (k-1) x s cells of the other candidates each is masked out of
     attended = k * (t * p + t * (t + 1) / 2)
@@ -278,7 +273,8 @@ def _describe(p: Prediction) -> str:
 
 @dataclass(frozen=True)
 class _Option:
-    """One k's best way to run within the budget (`fit`), or None; `default` is AUTO with F16."""
+    """One k's best way to run within the budget (`fit`), or None; `default` is how it runs
+    without a memory budget (see `_option`)."""
 
     default: Prediction
     fit: Prediction | None
@@ -308,16 +304,12 @@ def _option(
     if k >= 2 and layouts and default.layout not in layouts:  # e.g. ONNX: one cache per row
         default = predict(facts, cal, req, k, layouts[0], first)
     ways = [default]
-    if budget.memory_bytes is not None and not _fits(default, budget):
+    if k >= 2 and budget.memory_bytes is not None and not _fits(default, budget):
         others = [lay for lay in (KVLayout.STREAMS, KVLayout.UNIFIED) if lay is not default.layout]
-        order = [(default.layout, first)] + [(lay, first) for lay in others]
+        order = [(default.layout, first)] + [(lay, first) for lay in others if lay in layouts]
         if first is KVType.F16 and KVType.Q8_0 in kv_types:
             order += [(lay, KVType.Q8_0) for lay, _ in order]
-        ways = [
-            predict(facts, cal, req, k, lay, kv)
-            for lay, kv in order
-            if k >= 2 and (lay is default.layout or lay in layouts)
-        ] or [default]
+        ways = [predict(facts, cal, req, k, lay, kv) for lay, kv in order]
     fit = next((w for w in ways if _fits(w, budget)), None)
     return _Option(default, fit)
 
@@ -345,7 +337,9 @@ def choose(
     preds = tuple(o.fit or o.default for o in opts)
     limits = _limits(budget)
     if effort is not Effort.AUTO:
-        o = _option(facts, cal, req, effort.k, budget, layouts, kv_types)
+        o = dict(zip(efforts, opts, strict=True)).get(effort) or _option(
+            facts, cal, req, effort.k, budget, layouts, kv_types
+        )
         if o.fit is not None:
             return Plan(
                 effort,

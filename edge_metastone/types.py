@@ -80,11 +80,16 @@ KV_PAD = 256  # llama.cpp pads a KV cache (each stream of it) to a multiple of t
 STREAMS_MAX_CELLS_RATIO = 1.5
 
 
+def pad_cells(n: int) -> int:
+    """`n` cells rounded up as llama.cpp sizes a KV cache (or one stream of it)."""
+    return -(-n // KV_PAD) * KV_PAD
+
+
 def kv_cells(prompt_tokens: int, max_new_tokens: int, k: int, layout: KVLayout) -> int:
     """KV cells llama.cpp allocates for k candidates in `layout` (as the engine sizes them)."""
     if resolve_layout(layout, k, prompt_tokens, max_new_tokens) is KVLayout.STREAMS:
-        return k * (-(-(prompt_tokens + max_new_tokens) // KV_PAD) * KV_PAD)
-    return -(-(prompt_tokens + k * max_new_tokens) // KV_PAD) * KV_PAD
+        return k * pad_cells(prompt_tokens + max_new_tokens)
+    return pad_cells(prompt_tokens + k * max_new_tokens)
 
 
 def resolve_layout(

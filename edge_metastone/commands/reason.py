@@ -11,6 +11,7 @@ from edge_metastone.commands import print_json
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import Effort
 from edge_metastone.search import StrategyName
+from edge_metastone.types import KVType
 
 if TYPE_CHECKING:
     from edge_metastone.reasoner import ReasonOptions
@@ -63,7 +64,7 @@ def add_reason_options(
     )
     p.add_argument(
         "--kv-cache",
-        choices=["f16", "q8_0", "q4_0"],
+        choices=[t.value for t in KVType],
         default=None,
         help="KV cache element type (default f16, or q8_0 when a --memory-budget needs it)",
     )

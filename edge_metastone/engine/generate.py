@@ -126,7 +126,9 @@ class BatchGenerator:
         """The layer whose output feeds the head: the head's, else L-2 (SPEC §1)."""
         return self.head.feature_layer if self.head is not None else self.model.n_layer - 2
 
-    def _check(self, prompt_ids: Sequence[int], k: int, settings: GenerationSettings) -> int:
+    def _check(
+        self, prompt_ids: Sequence[int], k: int, settings: GenerationSettings, layout: KVLayout
+    ) -> int:
         if k < 1:
             raise InvalidRequestError(f"k must be >= 1 (got {k})")
         if not prompt_ids:
@@ -137,7 +139,7 @@ class BatchGenerator:
                 f"prompt ({n} tokens) + max_new_tokens ({settings.max_new_tokens}) exceeds the "
                 f"model's context of {self.model.n_ctx_train} tokens"
             )
-        return kv_cells(n, settings.max_new_tokens, k, settings.kv_layout)
+        return kv_cells(n, settings.max_new_tokens, k, layout)
 
     def generate(
         self,
@@ -150,7 +152,8 @@ class BatchGenerator:
         candidate_offset: int = 0,
     ) -> Iterator[Event]:
         """Yield token, step and finish events for k candidates; candidate i samples with seed (seed, offset+i)."""
-        n_ctx = self._check(prompt_ids, k, settings)
+        layout = resolve_layout(settings.kv_layout, k, len(prompt_ids), settings.max_new_tokens)
+        n_ctx = self._check(prompt_ids, k, settings, layout)
         prompt = list(prompt_ids)
         control = control or GenerationControl()
         t_start = time.perf_counter()
@@ -164,7 +167,6 @@ class BatchGenerator:
             if scoring or keep
             else None
         )
-        layout = resolve_layout(settings.kv_layout, k, len(prompt), settings.max_new_tokens)
         streams = layout is KVLayout.STREAMS
         ctx_settings = ContextSettings(
             n_ctx=n_ctx,
@@ -175,7 +177,7 @@ class BatchGenerator:
             kv_unified=not streams,
             kv_type=settings.kv_type.value,
         )
-        tm.kv_layout = (KVLayout.STREAMS if streams else KVLayout.UNIFIED).value
+        tm.kv_layout = layout.value
         tm.kv_type = "f32" if self.parity else settings.kv_type.value
         with (
             Context(
