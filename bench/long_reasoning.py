@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--sched-k", default="8,32")
     ap.add_argument("--sched-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--weight-buffers", default=None, help="auto (default), extra, repack, plain")
     ap.add_argument(
         "--step-bias",
         type=float,
@@ -253,13 +254,14 @@ def main() -> None:
     args = ap.parse_args()
     only = set(args.only.split(","))
     threads = args.threads or default_threads()
-    engine = Engine(args.model, n_threads=threads)
+    engine = Engine(args.model, n_threads=threads, weight_buffers=args.weight_buffers)
     prompt = engine.encode_chat(PROMPT)[1]
     sampling = bench_sampling(engine, args.step_bias)
     print(
         f"model {args.model.name}, {threads} threads, prompt {len(prompt)} tokens, "
         "T=1.0 top-p 0.95 top-k 40, end-of-turn banned, scoring on, F16 KV unless named"
     )
+    print(f"weight buffers: {engine.model.weight_plan.summary()}")
     engine.generate_all(prompt, 2, sampling, GenerationSettings(max_new_tokens=8))  # warm up
     layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
 

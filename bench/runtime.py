@@ -10,7 +10,13 @@
     b2: re-run through Hugging Face transformers float32, as the reference pipeline does
         (needs --hf-dir; model load time excluded)
 (c) batched k=8 throughput / 8 sequential single-candidate generations         target >= 1.5
-(d) k=1 tokens/s / llama-cpp-python's own Llama.generate (same file, threads)  target >= 0.9
+(d) k=1 tokens/s / llama-cpp-python's own Llama.generate (same file, threads)  target >= 1.0
+    d0: the same with scoring off; d1: scoring on                                        (>= 0.97)
+(e) the chosen weight-buffer mode / extra buffer types off (plain), k=1 and k=8 tokens/s
+
+Every side loads the model with the same weight-buffer mode (`--weight-buffers`, default auto, as
+the package chooses on this machine); stock llama-cpp-python gets it through
+`weight_buffers.stock_defaults`. (e) loads a second engine in plain mode.
 
 The model is random, so end-of-turn tokens are banned (every candidate runs the full length), the
 step delimiter is biased up so steps happen, and top-k 40 keeps sampling as cheap as on a peaked
@@ -69,7 +75,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--only", default="a,b1,c,d", help="which comparisons (a, b1, c, d)")
+    ap.add_argument("--only", default="a,b1,c,d", help="which comparisons (a, b1, c, d, e)")
+    ap.add_argument(
+        "--weight-buffers",
+        default=None,
+        help="auto (default), extra, repack or plain: the mode of every side",
+    )
     ap.add_argument(
         "--hf-dir", type=Path, default=None, help="HF checkpoint of the same model (b2)"
     )
@@ -81,8 +92,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     threads = args.threads or default_threads()
-    engine = Engine(args.model, n_threads=threads)
+    engine = Engine(args.model, n_threads=threads, weight_buffers=args.weight_buffers)
     mf = engine.model_file
+    plan = engine.model.weight_plan
     eog = engine.model.eog_ids
     bias = tuple((t, -1e9) for t in eog) + tuple((t, args.step_bias) for t in mf.step_token_ids)
     # top_k 40 keeps sampling as cheap as on a real (peaked) model: a random model's near-uniform
@@ -96,6 +108,7 @@ def main() -> None:
         f"model {args.model.name}: {mf.n_params / 1e6:.0f}M params, {mf.n_bytes / 2**20:.0f} MiB, "
         f"threads {threads}, prompt {len(prompt)} tokens, k={k} x {n} tokens, rounds {args.rounds}"
     )
+    print(f"weight buffers: {plan.summary()}; {plan.repacked} weights in CPU_REPACK")
 
     engine.generate_all(prompt, 2, sampling, GenerationSettings(max_new_tokens=16))  # warm up
     steps = sum(len(c.step_scores) for c in engine.generate_all(prompt, k, sampling, on))
@@ -144,20 +157,25 @@ def main() -> None:
         print(
             f"(c) batched throughput gain    {ta:7.2f} s / {tb:7.2f} s = {r:.2f}x  (target >= 1.5)"
         )
+    if "e" in parts:
+        _compare_modes(args.model, engine, prompt, sampling, on, threads, k, n, args.rounds)
     if "d" not in parts:
         engine.close()
         return
 
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        str(args.model),
-        n_ctx=len(prompt) + n + 16,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-        logits_all=False,
-    )
+    from edge_metastone.engine.weight_buffers import stock_defaults
+
+    with stock_defaults(args.model, plan.mode):  # the engine's weight-buffer mode, no canary
+        llm = llama_cpp.Llama(
+            str(args.model),
+            n_ctx=len(prompt) + n + 16,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+            logits_all=False,
+        )
 
     # Llama.generate does not stop at end-of-turn tokens by itself, so it also runs n tokens.
     def theirs() -> None:
@@ -174,21 +192,55 @@ def main() -> None:
             if i + 1 >= n:
                 break
 
-    def ours() -> None:
-        engine.generate_all(prompt, 1, sampling, on)
+    # the same file, weight buffers, threads, prompt, token count and sampler settings
+    print(
+        f"(d) both sides: {args.model.name}, weights {plan.mode.value}, {threads} threads, "
+        f"prompt {len(prompt)} tokens, {n} tokens, T={sampling.temperature} top-p "
+        f"{sampling.top_p} top-k {sampling.top_k} min-p {sampling.min_p}, no repeat penalty"
+    )
+    for label, settings, target in (("d0", off, "1.0"), ("d1", on, "0.97")):
 
-    # the same file, threads, prompt, token count and sampler settings on both sides
-    print(
-        f"(d) both sides: {args.model.name}, {threads} threads, prompt {len(prompt)} tokens, "
-        f"{n} tokens, T={sampling.temperature} top-p {sampling.top_p} top-k {sampling.top_k} "
-        f"min-p {sampling.min_p}, no repeat penalty"
-    )
-    ta, tb, r = side_by_side(ours, theirs, args.rounds)
-    print(
-        f"(d) k=1 tokens/s ours / Llama  {n / ta:7.1f} t/s / {n / tb:7.1f} t/s = {1 / r:.3f}   (target >= 0.9)"
-    )
+        def ours(settings: GenerationSettings = settings) -> None:
+            engine.generate_all(prompt, 1, sampling, settings)
+
+        ta, tb, r = side_by_side(ours, theirs, args.rounds)
+        what = "scoring on " if settings.score_steps else "scoring off"
+        print(
+            f"({label}) k=1 {what} ours / Llama {n / ta:7.1f} t/s / {n / tb:7.1f} t/s = "
+            f"{1 / r:.3f}   (target >= {target})"
+        )
     llm.close()
     engine.close()
+
+
+def _compare_modes(
+    path: Path,
+    engine: Engine,
+    prompt: list[int],
+    sampling: SamplingSettings,
+    settings: GenerationSettings,
+    threads: int,
+    k: int,
+    n: int,
+    rounds: int,
+) -> None:
+    """(e): the engine's weight-buffer mode against extra buffer types off, k=1 and k=k."""
+    plain = Engine(path, n_threads=threads, weight_buffers="plain")
+    mode = engine.model.weight_plan.mode.value
+    for kk in (1, k):
+
+        def chosen(kk: int = kk) -> None:
+            engine.generate_all(prompt, kk, sampling, settings)
+
+        def off(kk: int = kk) -> None:
+            plain.generate_all(prompt, kk, sampling, settings)
+
+        ta, tb, r = side_by_side(chosen, off, rounds)
+        print(
+            f"(e) k={kk:<2} {mode} / plain     {kk * n / ta:7.1f} t/s / {kk * n / tb:7.1f} t/s = "
+            f"{1 / r:.3f}x"
+        )
+    plain.close()
 
 
 def _hf_rescorer(hf_dir: Path, n_layers: int) -> Callable[[list[int]], float]:

@@ -178,6 +178,7 @@ def open_backend(
     n_threads: int = 0,
     n_gpu_layers: int = 0,
     parity: bool = False,
+    weight_buffers: str | None = None,
 ) -> Backend:
     """Open `model` on the runtime it needs: a GGUF file on llama.cpp, an ONNX model directory on
     onnxruntime."""
@@ -198,5 +199,10 @@ def open_backend(
     from edge_metastone.engine.engine import Engine  # loads llama.cpp
 
     return Engine(
-        path, head_path=head, n_threads=n_threads, n_gpu_layers=n_gpu_layers, parity=parity
+        path,
+        head_path=head,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        parity=parity,
+        weight_buffers=weight_buffers,
     )

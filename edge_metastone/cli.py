@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from edge_metastone.commands import batch, convert, inspect, reason, score, serve, train_sprm
+from edge_metastone.commands import (
+    WEIGHT_BUFFERS_ENV,
+    batch,
+    convert,
+    doctor,
+    inspect,
+    reason,
+    score,
+    serve,
+    train_sprm,
+)
 from edge_metastone.errors import EdgeMetastoneError
 
-COMMANDS = (convert, inspect, score, reason, batch, train_sprm, serve)
+COMMANDS = (convert, inspect, score, reason, batch, train_sprm, serve, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("llama_cpp.native").setLevel(logging.CRITICAL)
     elif args.verbose == 1:
         logging.getLogger("llama_cpp.native").setLevel(logging.ERROR)
+    if getattr(args, "weight_buffers", None):  # every load in this process and its children
+        os.environ[WEIGHT_BUFFERS_ENV] = args.weight_buffers
     try:
         return int(args.run(args) or 0)
     except EdgeMetastoneError as e:

@@ -222,7 +222,9 @@ class Reasoner:
     """A reflective model opened for test-time scaling (default: the embedded model).
 
     The model runs on the backend its path calls for (a GGUF file on llama.cpp, an ONNX directory
-    on onnxruntime), or on a `backend` already opened (e.g. a fake one in tests).
+    on onnxruntime), or on a `backend` already opened (e.g. a fake one in tests). `weight_buffers`
+    (auto, extra, repack, plain; default $EDGE_METASTONE_WEIGHT_BUFFERS or auto) says where
+    llama.cpp keeps a GGUF's weights (`edge_metastone.engine.weight_buffers`).
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class Reasoner:
         sampling: SamplingSettings = DEFAULT_SAMPLING,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         calibration: Calibration | None = None,
+        weight_buffers: str | None = None,
     ) -> None:
         if not 0 <= n_threads <= MAX_THREADS:
             raise InvalidRequestError(f"threads must be between 0 (automatic) and {MAX_THREADS}")
@@ -247,7 +250,11 @@ class Reasoner:
         else:
             path = Path(model) if model is not None else default_model_path()
             self.backend = open_backend(
-                path, head=head, n_threads=self.n_threads, n_gpu_layers=n_gpu_layers
+                path,
+                head=head,
+                n_threads=self.n_threads,
+                n_gpu_layers=n_gpu_layers,
+                weight_buffers=weight_buffers,
             )
         self.model_path = self.backend.path
         self.facts: ModelFacts = self.backend.facts

@@ -31,6 +31,7 @@ from pathlib import Path
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.modelfile import ModelFile
+from edge_metastone.paths import cache_dir
 from edge_metastone.types import KVLayout, KVType, kv_cells, pad_cells, resolve_layout
 
 logger = logging.getLogger(__name__)
@@ -406,11 +407,6 @@ def current_rss_bytes() -> int:
 
     scale = 1 if platform.system() == "Darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def cache_dir() -> Path:
-    """Where calibrations are cached ($EDGE_METASTONE_CACHE or ~/.cache/edge-metastone)."""
-    return Path(os.environ.get("EDGE_METASTONE_CACHE", Path.home() / ".cache" / "edge-metastone"))
 
 
 def calibration_key(model_path: Path, n_threads: int, runtime: str, extra: str = "") -> str:

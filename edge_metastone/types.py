@@ -231,6 +231,8 @@ class Timings:
     decode_steps: int = 0
     kv_layout: str = ""  # the KV layout that ran: unified or streams (KVLayout)
     kv_type: str = ""  # the KV cache's element type: f16, q8_0, q4_0 (f32 in parity mode)
+    weight_buffers: str = ""  # llama.cpp: where the weights live (extra, repack, plain)
+    weight_buffers_reason: str = ""  # ... and why (the request, and what the build offers)
 
     def as_dict(self) -> dict[str, float | str]:
         """JSON-ready, with derived rates."""

@@ -37,6 +37,7 @@ class BatchJob:
     head: Path | None = None
     threads: int = 0
     gpu_layers: int = 0
+    weight_buffers: str | None = None  # None: $EDGE_METASTONE_WEIGHT_BUFFERS or auto, per worker
     full: bool = False  # every candidate's text, token ids and step scores, and the prompt text
     ray_address: str | None = None  # None: run here; "" or an address: on Ray
     ray_workers: int = 0  # 0: the cluster's CPUs / threads per worker
@@ -84,7 +85,13 @@ def reasoner_for(job: BatchJob, n_threads: int | None = None) -> Reasoner:
     from edge_metastone.reasoner import Reasoner
 
     threads = job.threads if n_threads is None else n_threads
-    return Reasoner(job.model, head=job.head, n_threads=threads, n_gpu_layers=job.gpu_layers)
+    return Reasoner(
+        job.model,
+        head=job.head,
+        n_threads=threads,
+        n_gpu_layers=job.gpu_layers,
+        weight_buffers=job.weight_buffers,
+    )
 
 
 def _result_record(res: ReasonResult, item: Item, full: bool) -> dict[str, Any]:

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from edge_metastone.commands import print_json
+from edge_metastone.commands import WEIGHT_BUFFERS_ENV, print_json
 from edge_metastone.commands.reason import add_reason_options, reason_options
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import FIXED_EFFORTS, Effort
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         head=args.head,
         threads=args.threads,
         gpu_layers=args.gpu_layers,
+        # a Ray worker on another machine does not see this process's environment
+        weight_buffers=os.environ.get(WEIGHT_BUFFERS_ENV) or None,
         full=args.full,
         ray_address=args.ray,
         ray_workers=args.workers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_metastone.commands import print_json
+from edge_metastone.commands import add_weight_buffers, print_json
 from edge_metastone.modelfile import ModelFile, open_model_file
 
 
@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, metavar="FILE.gguf")
     p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the head")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_weight_buffers(p)
     p.set_defaults(run=run)
 
 
@@ -54,7 +55,11 @@ def describe(mf: ModelFile) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     """Print the description."""
-    d = describe(open_model_file(args.model, args.head))
+    from edge_metastone.engine.weight_buffers import plan_for  # loads llama.cpp
+
+    mf = open_model_file(args.model, args.head)
+    d = describe(mf)
+    d["weight_buffers"] = plan_for(mf.path).plan.to_json()  # how this machine would load it
     if args.json:
         print_json(d, indent=2)
         return 0
@@ -75,4 +80,7 @@ def run(args: argparse.Namespace) -> int:
             f"{head['parameters']} parameters) on layer {head['feature_layer']}, from {head['source']}"
         )
     print(f"  step token ids {d['step_token_ids']}, <think>/</think> ids {d['think_ids']}")
+    wb = d["weight_buffers"]
+    repacked = f", {wb['repacked']} weights in CPU_REPACK" if wb["mode"] == "repack" else ""
+    print(f"  weight buffers here: {wb['mode']}{repacked} ({wb['requested']}: {wb['reason']})")
     return 0

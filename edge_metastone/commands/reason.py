@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_metastone.commands import print_json
+from edge_metastone.commands import add_weight_buffers, print_json
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import Effort
 from edge_metastone.search import StrategyName
@@ -77,6 +77,7 @@ def add_reason_options(
         default=0,
         help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
     )
+    add_weight_buffers(p)
 
 
 def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
@@ -153,6 +154,7 @@ def format_result(result) -> str:
         f"{tokens} tokens in {t.get('total_s', 0.0):.2f} s ({rate:.0f} tokens/s decoding), "
         f"prefill {t.get('prefill_s', 0.0) * 1e3:.0f} ms"
         + (f"; KV {t['kv_layout']} {t.get('kv_type', '')}".rstrip() if t.get("kv_layout") else "")
+        + (f"; weights {t['weight_buffers']}" if t.get("weight_buffers") else "")
         + "]",
         f"[scheduler: {result.scheduler_reason}]",
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_metastone.commands import print_json
+from edge_metastone.commands import add_weight_buffers, print_json
 from edge_metastone.errors import EdgeMetastoneError
 
 
@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
     )
+    add_weight_buffers(p)
     p.set_defaults(run=run)
 
 

@@ -9,6 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
+from edge_metastone.commands import add_weight_buffers
 from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -75,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="on Ctrl-C/SIGTERM, time given to requests in flight before they are cancelled "
         "(default 10; a second Ctrl-C cancels at once)",
     )
+    add_weight_buffers(p)
     p.set_defaults(run=run)
 
 

@@ -57,10 +57,11 @@ class Engine:
         n_threads: int = 0,
         n_gpu_layers: int = 0,
         parity: bool = False,
+        weight_buffers: str | None = None,
     ) -> None:
         self.model_file: ModelFile = open_model_file(model_path, head_path)
         mf = self.model_file
-        self.model = Model(mf.path, n_gpu_layers=n_gpu_layers)
+        self.model = Model(mf.path, n_gpu_layers=n_gpu_layers, weight_buffers=weight_buffers)
         self.n_gpu_layers = n_gpu_layers
         self.n_threads = n_threads or default_threads()
         self.facts = ModelFacts.of(mf)
@@ -78,7 +79,11 @@ class Engine:
     @property
     def runtime(self) -> str:
         """llama.cpp's build and the offload: a calibration is valid for this identity only."""
-        return f"llama.cpp/llama-cpp-python {llama_cpp.__version__} gpu-layers {self.n_gpu_layers}"
+        plan = self.model.weight_plan
+        return (
+            f"llama.cpp/llama-cpp-python {llama_cpp.__version__} gpu-layers {self.n_gpu_layers} "
+            f"weights {plan.mode.value}"
+        )
 
     @property
     def has_head(self) -> bool:

@@ -179,6 +179,9 @@ class BatchGenerator:
         )
         tm.kv_layout = layout.value
         tm.kv_type = "f32" if self.parity else settings.kv_type.value
+        plan = self.model.weight_plan
+        tm.weight_buffers = plan.mode.value
+        tm.weight_buffers_reason = f"{plan.requested.value}: {plan.reason}"
         with (
             Context(
                 self.model,

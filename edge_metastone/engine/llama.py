@@ -14,6 +14,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from edge_metastone.engine.weight_buffers import WeightBuffers, WeightPlan, plan_for
 from edge_metastone.errors import (
     BadModelFileError,
     ContextExceededError,
@@ -53,12 +54,22 @@ def ensure_backend() -> None:
 class Model:
     """A loaded llama.cpp model and its vocabulary."""
 
-    def __init__(self, path: Path | str, *, n_gpu_layers: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        n_gpu_layers: int = 0,
+        weight_buffers: WeightBuffers | str | None = None,
+    ) -> None:
         ensure_backend()
         self.path = Path(path)
+        self._ptr = None
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.use_mmap = True
+        # where the weights live (AMX-safe by default): `weight_buffers`, env, or auto
+        placement = plan_for(self.path, weight_buffers, gpu_layers=n_gpu_layers)
+        placement.apply(params)
+        self.weight_plan: WeightPlan = placement.plan
         self._ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise BadModelFileError(f"{self.path}: llama.cpp could not load this model file")
