@@ -79,6 +79,7 @@ def report(model: Path | None) -> dict[str, Any]:
     plan = plan_for(path).plan
     calib = cache_dir() / "calibration"
     decode = run_child_decode(path, None)
+    canaries = canary_entries()
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -104,7 +105,9 @@ def report(model: Path | None) -> dict[str, Any]:
         "cache": {
             "path": str(cache_dir()),
             "calibrations": sorted(p.stem for p in calib.glob("*.json")) if calib.is_dir() else [],
-            "canaries": canary_entries(),
+            # verdicts for this build; older builds' verdicts are kept but no longer apply
+            "canaries": [c for c in canaries if c.get("build") == build.build],
+            "stale_canaries": sum(c.get("build") != build.build for c in canaries),
         },
         "embedded_model": str(default_model_path()),
         "test_decode": {"model": str(path), "ok": decode.ok, "detail": decode.detail},
@@ -129,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         f"  extra buffers: {', '.join(ll['extra_buffer_types']) or 'none'}",
         f"  devices:       {', '.join(ll['devices'])}; GPU offload "
         + ("possible (--gpu-layers)" if ll["gpu_offload"] else "not built in (CPU only)"),
-        f"weight buffers:  {wb['mode']} ({wb['requested']}: {wb['reason']})",
+        f"weight buffers:  {wb['mode']}"
+        + (f", {wb['repacked']} weights in CPU_REPACK" if wb["mode"] == "repack" else "")
+        + f" ({wb['requested']}: {wb['reason']})",
         "capture:         "
         + ("C callback built" if d["capture_extension"] else "Python callback (no C build)"),
         "onnxruntime:     "
@@ -139,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
             else "not installed (pip install 'edge-metastone[onnx]')"
         ),
         f"cache:           {d['cache']['path']} ({len(d['cache']['calibrations'])} calibrations, "
-        f"{len(d['cache']['canaries'])} canary verdicts)",
+        f"{len(d['cache']['canaries'])} canary verdicts for this build"
+        + (f", {d['cache']['stale_canaries']} for others" if d["cache"]["stale_canaries"] else "")
+        + ")",
     ]
     for c in d["cache"]["canaries"]:
         verdict = "ran" if c.get("ok") else "FAILED"

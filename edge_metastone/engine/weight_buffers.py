@@ -521,7 +521,7 @@ def cached_canary(key: str) -> CanaryResult | None:
 
 
 def _store_canary(
-    key: str, result: CanaryResult, mode: WeightBuffers, types: tuple[str, ...]
+    key: str, result: CanaryResult, mode: WeightBuffers, types: tuple[str, ...], build: str
 ) -> None:
     path = _canary_path(key)
     try:
@@ -532,12 +532,13 @@ def _store_canary(
             "detail": result.detail,
             "mode": mode.value,
             "types": list(types),
+            "build": build,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        record["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, path)
     except OSError as e:
-        logger.warning("could not cache the weight-buffer canary: %s", e)
+        logger.info("could not cache the weight-buffer canary: %s", e)
 
 
 def canary_entries() -> list[dict]:
@@ -579,7 +580,7 @@ def _canary(path: Path, mode: WeightBuffers, report: BuildReport, gpu_layers: in
             )
             crashed = not result.ok and result.detail.startswith("killed by signal")
             if result.ok or crashed:  # a time-out or a refused start decides nothing
-                _store_canary(key, result, mode, types)
+                _store_canary(key, result, mode, types, report.build)
         _verdicts[key] = result
         return result
 
