@@ -12,6 +12,7 @@
 (c) batched k=8 throughput / 8 sequential single-candidate generations         target >= 1.5
 (d) k=1 tokens/s / llama-cpp-python's own Llama.generate (same file, threads)  target >= 1.0
     d0: the same with scoring off; d1: scoring on                                        (>= 0.97)
+    --processes N runs (d) in N fresh processes and reports the median of their ratios
 (e) the chosen weight-buffer mode / extra buffer types off (plain), k=1 and k=8 tokens/s
 
 Every side loads the model with the same weight-buffer mode (`--weight-buffers`, default auto, as
@@ -90,7 +91,17 @@ def main() -> None:
         default=5.0,
         help="logit bias of the step delimiter (5.0: ~1 step per 25 tokens on the 200m preset)",
     )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="(d) only: run it in N fresh processes, one after another, and report the median "
+        "of their ratios (the stock side's decode speed varies from process to process)",
+    )
     args = ap.parse_args()
+    if args.processes > 1:
+        _d_over_processes(args)
+        return
     threads = args.threads or default_threads()
     engine = Engine(args.model, n_threads=threads, weight_buffers=args.weight_buffers)
     mf = engine.model_file
@@ -211,6 +222,34 @@ def main() -> None:
         )
     llm.close()
     engine.close()
+
+
+def _d_over_processes(args: argparse.Namespace) -> None:
+    """(d) in `args.processes` child processes, run one at a time (never side by side: llama.cpp's
+    threads busy-wait); each child's ratios, then their medians."""
+    import re
+    import subprocess
+
+    cmd = [sys.executable, __file__, str(args.model), "--only", "d", "--rounds", str(args.rounds)]
+    cmd += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
+    if args.weight_buffers:
+        cmd += ["--weight-buffers", args.weight_buffers]
+    ratios: dict[str, list[float]] = {"d0": [], "d1": []}
+    for i in range(args.processes):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if i == 0 and line.startswith(("model", "weight buffers", "(d) both")):
+                print(line)
+            m = re.match(r"\((d[01])\).* = ([0-9.]+)", line)
+            if m:
+                ratios[m.group(1)].append(float(m.group(2)))
+                print(f"process {i + 1}: {line}")
+    for label, target in (("d0", "1.0"), ("d1", "0.97")):
+        vals = ratios[label]
+        print(
+            f"({label}) median over {len(vals)} processes {statistics.median(vals):.3f} "
+            f"(min {min(vals):.3f}, max {max(vals):.3f})   (target >= {target})"
+        )
 
 
 def _compare_modes(
