@@ -266,6 +266,11 @@ def _compare_modes(
     """(e): the engine's weight-buffer mode against extra buffer types off, k=1 and k=k."""
     plain = Engine(path, n_threads=threads, weight_buffers="plain")
     mode = engine.model.weight_plan.mode.value
+    print(
+        f"(e) both sides: {path.name}, {threads} threads, prompt {len(prompt)} tokens, {n} tokens "
+        f"per candidate, scoring {'on' if settings.score_steps else 'off'}, the same sampling; "
+        f"weights {mode} / plain"
+    )
     for kk in (1, k):
 
         def chosen(kk: int = kk) -> None:

@@ -19,10 +19,12 @@ __all__ = [
     "QUANTIZABLE_TYPES",
     "GGMLLibrary",
     "GGMLType",
+    "TensorHead",
     "block_size",
     "dequantize",
     "ggml_library",
     "is_quantized",
+    "library_path",
     "quantize",
     "requires_imatrix",
     "row_size",
@@ -114,6 +116,26 @@ def _search_dirs() -> list[Path]:
     return dirs
 
 
+def library_path(stem: str) -> Path | None:
+    """The first ggml shared library named `stem` ("ggml-base", "ggml") next to llama_cpp."""
+    for d in _search_dirs():
+        for name in _lib_names(stem):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+class TensorHead(ctypes.Structure):
+    """The leading fields of `struct ggml_tensor` (ggml.h): type, buffer, ne[4], nb[4]."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+    ]
+
+
 class GGMLLibrary:
     """Owns the loaded libggml-base handle and its typed function prototypes."""
 
@@ -130,16 +152,11 @@ class GGMLLibrary:
     @classmethod
     def find(cls) -> GGMLLibrary:
         """Locate and load libggml-base next to the installed llama_cpp package."""
+        # libggml-base, or the single libggml older wheels linked everything into
+        path = library_path("ggml-base") or library_path("ggml")
+        if path is not None:
+            return cls(path)
         dirs = _search_dirs()
-        for d in dirs:
-            for name in _lib_names("ggml-base"):
-                if (d / name).is_file():
-                    return cls(d / name)
-        # Older wheels linked everything into a single libggml.
-        for d in dirs:
-            for name in _lib_names("ggml"):
-                if (d / name).is_file():
-                    return cls(d / name)
         searched = ", ".join(str(d) for d in dirs) or "llama_cpp is not installed"
         raise RuntimeError(f"libggml not found next to llama_cpp: searched {searched}")
 

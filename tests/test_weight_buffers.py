@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from conftest import cli_json, run_cli
-from edge_metastone.commands import WEIGHT_BUFFER_MODES
 from edge_metastone.engine import weight_buffers as wb
 from edge_metastone.engine.weight_buffers import (
     BuildReport,
@@ -74,7 +73,15 @@ def test_mode_from_argument_environment_and_default(monkeypatch):
     monkeypatch.setenv(wb.ENV_VAR, "amx-please")
     with pytest.raises(InvalidRequestError, match=wb.ENV_VAR):
         requested_mode()
-    assert set(WEIGHT_BUFFER_MODES) == {m.value for m in WeightBuffers}
+    from edge_metastone.cli import build_parser
+
+    for mode in WeightBuffers:  # every command that loads a GGUF offers every mode
+        for command in ("reason", "doctor", "inspect"):
+            argv = [command, "--weight-buffers", mode.value] + (
+                ["M.gguf"] if command == "inspect" else []
+            )
+            args = build_parser().parse_args(argv)
+            assert args.weight_buffers == mode.value
 
 
 def test_this_machine_never_gets_a_known_bad_buffer_type_by_default(tiny_gguf, monkeypatch):

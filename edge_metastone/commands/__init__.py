@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-# `--weight-buffers`: the CLI sets this variable, so every model this process (and its children)
-# loads follows it (edge_metastone.engine.weight_buffers reads it; importing that loads llama.cpp)
-WEIGHT_BUFFERS_ENV = "EDGE_METASTONE_WEIGHT_BUFFERS"
-WEIGHT_BUFFER_MODES = ("auto", "extra", "repack", "plain")
+# importing it loads no llama.cpp (that happens on the first model load)
+from edge_metastone.engine.weight_buffers import ENV_VAR as WEIGHT_BUFFERS_ENV
+from edge_metastone.engine.weight_buffers import WeightBuffers
 
 
 def add_weight_buffers(p: argparse.ArgumentParser) -> None:
     """The `--weight-buffers` option of every command that loads a GGUF."""
     p.add_argument(
         "--weight-buffers",
-        choices=WEIGHT_BUFFER_MODES,
+        choices=[m.value for m in WeightBuffers],
         default=None,
         help="where llama.cpp keeps the weights: auto (default; never AMX), extra (llama.cpp's "
         "default), repack (CPU_REPACK only), plain (no extra buffer types); "

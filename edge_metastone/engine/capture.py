@@ -19,7 +19,7 @@ import llama_cpp
 import numpy as np
 
 from edge_metastone.errors import EdgeMetastoneError
-from quant_kernels.ggml import ggml_library
+from quant_kernels.ggml import TensorHead, ggml_library
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +29,6 @@ except ImportError:  # built without a C compiler: the Python callback does the 
     _native_module = None
 
 _GGML_TYPE_F32 = 0
-
-
-class _TensorHead(ctypes.Structure):
-    """The leading fields of `struct ggml_tensor` (ggml.h): type, buffer, ne[4], nb[4]."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-    ]
 
 
 class _CaptureState(ctypes.Structure):
@@ -143,7 +132,7 @@ class FeatureCapture:
                 return name == self.name
             if name != self.name:
                 return True
-            head = _TensorHead.from_address(tensor)
+            head = TensorHead.from_address(tensor)
             if head.type != _GGML_TYPE_F32 or head.ne[0] != self.n_embd:
                 self._error = f"{self.name.decode()} is type {head.type} with ne0={head.ne[0]}"
                 return True

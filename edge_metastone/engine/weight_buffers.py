@@ -36,7 +36,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -97,10 +97,6 @@ class BuildReport:
     devices: tuple[str, ...] = ()  # every ggml device: "CPU", "CUDA0", ...
     build: str = ""  # identity of the llama.cpp build (version and library stamps)
 
-    def to_json(self) -> dict:
-        """JSON-ready."""
-        return asdict(self)
-
 
 class _Ggml:
     """Typed prototypes of the ggml registry/backend functions the mode decision needs."""
@@ -108,21 +104,15 @@ class _Ggml:
     def __init__(self) -> None:
         import llama_cpp  # noqa: F401  (loads libllama, and with it libggml*)
 
-        from quant_kernels.ggml import _lib_names, _search_dirs, ggml_library
+        from quant_kernels.ggml import TensorHead, ggml_library, library_path
 
-        self.base = ggml_library().lib
-        self.reg = None
-        for d in _search_dirs():
-            for name in _lib_names("ggml"):
-                if (d / name).is_file():
-                    self.reg = ctypes.CDLL(str(d / name))
-                    self.lib_dir = d
-                    break
-            if self.reg is not None:
-                break
-        if self.reg is None:  # one library build: the registry lives in libggml-base's file
-            self.reg = self.base
-            self.lib_dir = Path(ggml_library().path).parent
+        self.head = TensorHead
+        base = ggml_library()
+        self.base = base.lib
+        # the registry lives in libggml; in a one-library build, in libggml-base's file
+        reg_path = library_path("ggml")
+        self.reg = ctypes.CDLL(str(reg_path)) if reg_path is not None else self.base
+        self.lib_dir = Path(base.path).parent
         vp, cp, sz, i64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64
         for lib, name, res, args in [
             (self.reg, "ggml_backend_dev_count", sz, []),
@@ -203,7 +193,7 @@ class _Ggml:
             out = []
             for i in range(self.base.gguf_get_n_tensors(gg)):
                 name = self.base.gguf_get_tensor_name(gg, i)
-                head = _TensorHead.from_address(self.base.ggml_get_tensor(meta, name))
+                head = self.head.from_address(self.base.ggml_get_tensor(meta, name))
                 shape = tuple(int(n) for n in head.ne)
                 out.append((name.decode(), int(self.base.gguf_get_tensor_type(gg, i)), shape))
             return tuple(out)
@@ -222,7 +212,7 @@ class _Ggml:
             w = self.base.ggml_new_tensor_2d(ctx, ggml_type, ne0, ne1)
             x = self.base.ggml_new_tensor_2d(ctx, 0, ne0, 512)  # F32 activations, 512 rows
             op = self.base.ggml_mul_mat(ctx, w, x)
-            head = _TensorHead.from_address(w)
+            head = self.head.from_address(w)
             buf = self.base.ggml_backend_buft_alloc_buffer(buft, 0)
             head.buffer = buf
             try:
@@ -248,12 +238,6 @@ class _Feature(ctypes.Structure):
     """struct ggml_backend_feature (ggml-backend.h)."""
 
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
-
-
-class _TensorHead(ctypes.Structure):
-    """The leading fields of struct ggml_tensor (ggml.h): type, buffer, ne[4]."""
-
-    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
 
 
 class _GgufParams(ctypes.Structure):
@@ -435,7 +419,6 @@ class CanaryResult:
 
     ok: bool
     detail: str  # "decoded 40 tokens in 0.4 s", "killed by signal 11 (SIGSEGV)", ...
-    cached: bool = False
 
 
 def weight_types(path: Path | str) -> tuple[str, ...]:
@@ -515,7 +498,7 @@ def cached_canary(key: str) -> CanaryResult | None:
     """A stored canary verdict, if any."""
     try:
         d = json.loads(_canary_path(key).read_text())
-        return CanaryResult(bool(d["ok"]), str(d["detail"]), cached=True)
+        return CanaryResult(bool(d["ok"]), str(d["detail"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
