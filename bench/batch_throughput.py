@@ -33,8 +33,11 @@ sys.path.insert(0, str(REPO))
 
 from task import problems  # noqa: E402
 
-from edge_metastone.batch import BatchJob, record_seed, run_batch  # noqa: E402
-from edge_metastone.reasoner import Reasoner, ReasonOptions  # noqa: E402
+from edge_metastone.batch.job import BatchJob  # noqa: E402
+from edge_metastone.batch.jobfile import record_seed  # noqa: E402
+from edge_metastone.batch.runner import run_batch  # noqa: E402
+from edge_metastone.options import ReasonOptions  # noqa: E402
+from edge_metastone.reasoner import Reasoner  # noqa: E402
 
 IN_REASON = [0.0]  # seconds spent inside Reasoner.reason, both sides
 

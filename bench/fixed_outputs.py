@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import socket
@@ -142,18 +143,24 @@ def server_section(prompt: str) -> list[Any]:
         proc.wait()
 
 
+def _first(*names: str) -> Any:
+    """The first of these modules that exists."""
+    for name in names[:-1]:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    return importlib.import_module(names[-1])
+
+
 def tiny_section(work: Path, prompts: list[str]) -> dict[str, list[Any]]:
     """A tiny random checkpoint on both runtimes: reason, and both KV layouts through generate."""
     from edge_metastone import Reasoner
 
-    try:
-        from edge_metastone.backend import open_backend
-    except ImportError:
-        from edge_metastone.runtime import open_backend  # after the redesign
-    try:
-        from edge_metastone.types import GenerationSettings, SamplingSettings
-    except ImportError:
-        from edge_metastone.settings import GenerationSettings, SamplingSettings
+    # the same run on both sides of the redesign, whose modules moved
+    open_backend = _first("edge_metastone.runtime", "edge_metastone.backend").open_backend
+    types = _first("edge_metastone.types")
+    GenerationSettings, SamplingSettings = types.GenerationSettings, types.SamplingSettings
 
     hf = work / "tiny-hf"
     if not (hf / "config.json").is_file():

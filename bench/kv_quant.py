@@ -19,8 +19,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_metastone.engine.engine import Engine
+from edge_metastone.engine.scoring import score_tokens
 from edge_metastone.limits import default_threads
-from edge_metastone.scoring import score_tokens
 from edge_metastone.types import GenerationSettings, SamplingSettings
 
 KV_TYPES = ("q8_0", "q4_0")

@@ -50,8 +50,9 @@ from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.engine import Engine
 from edge_metastone.engine.llama import Batch, Context, ContextSettings
 from edge_metastone.engine.sampling import Sampler
+from edge_metastone.kvpolicy import kv_cells
 from edge_metastone.limits import PREFILL_BATCH, default_threads
-from edge_metastone.scheduler import MIB, Request, kv_cells, predict
+from edge_metastone.scheduler import MIB, Request, predict
 from edge_metastone.types import (
     GenerationSettings,
     KVLayout,
@@ -327,11 +328,11 @@ def main() -> None:
                     print(f"{'':>19} streams / unified total = {ratio:.2f}x", flush=True)
 
     if "gaps" in only:
-        from edge_metastone.engine import generate
+        from edge_metastone.engine import steps as llama_steps
         from edge_metastone.types import GenerationControl
 
         def pruned_run(layout: KVLayout, max_gap: int, n: int = 160) -> float:
-            generate.MAX_FILLED_GAP = max_gap
+            llama_steps.MAX_FILLED_GAP = max_gap
             control = GenerationControl()
             t0 = time.perf_counter()
             settings = GenerationSettings(max_new_tokens=n, kv_layout=layout)
@@ -341,7 +342,7 @@ def main() -> None:
             return time.perf_counter() - t0
 
         print("\n== gaps: k=16 x 160 tokens, candidates 1,3,..,13 pruned at their first token ==")
-        default_gap = generate.MAX_FILLED_GAP
+        default_gap = llama_steps.MAX_FILLED_GAP
         for r in range(2):
             u = pruned_run(KVLayout.UNIFIED, default_gap)
             split = pruned_run(KVLayout.STREAMS, 0)
@@ -351,7 +352,7 @@ def main() -> None:
                 f"streams filled {filled:.2f} s",
                 flush=True,
             )
-        generate.MAX_FILLED_GAP = default_gap
+        llama_steps.MAX_FILLED_GAP = default_gap
 
     if "scheduler" in only:
         from edge_metastone.reasoner import Reasoner

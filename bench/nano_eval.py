@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from task import problems  # noqa: E402
 
-from edge_metastone.reasoner import Reasoner, ReasonOptions  # noqa: E402
+from edge_metastone.options import ReasonOptions  # noqa: E402
+from edge_metastone.reasoner import Reasoner  # noqa: E402
 from edge_metastone.training.metrics import (  # noqa: E402
     auc_report,
     samples_from_result,

@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_metastone.backend import generate_all, open_backend
+from edge_metastone.backend import generate_all
+from edge_metastone.runtime import open_backend
 from edge_metastone.types import GenerationSettings, SamplingSettings
 
 

@@ -37,10 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import GenerationSettings
-from edge_metastone.engine.llama import default_threads
-from edge_metastone.engine.sampling import SamplingSettings
-from edge_metastone.scoring import score_tokens
+from edge_metastone.engine.scoring import score_tokens
+from edge_metastone.limits import default_threads
+from edge_metastone.types import GenerationSettings, SamplingSettings
 
 PROMPT = [
     {"role": "user", "content": "Find the sum of all positive divisors of 360. Think step by step."}

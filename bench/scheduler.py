@@ -45,9 +45,9 @@ def main() -> None:
     ap.add_argument("--refresh", action="store_true", help="re-measure the calibration")
     args = ap.parse_args()
 
-    from edge_metastone.engine.sampling import SamplingSettings
     from edge_metastone.reasoner import Reasoner
     from edge_metastone.scheduler import MIB
+    from edge_metastone.types import SamplingSettings
 
     # top_k 40: a random model is near-uniform, so top-p alone would sort the whole vocabulary
     # every token (real models are peaked and llama.cpp then sorts only the top 256)

@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from edge_metastone.limits import default_threads  # noqa: E402
 from edge_metastone.models import default_model_path  # noqa: E402
-from edge_metastone.reasoner import DEFAULT_SAMPLING, Reasoner, ReasonOptions  # noqa: E402
+from edge_metastone.options import DEFAULT_SAMPLING, ReasonOptions  # noqa: E402
+from edge_metastone.reasoner import Reasoner  # noqa: E402
 
 
 def problems(n: int) -> list[tuple[str, int]]:

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from converters.gguf_out import ArrayGGUFWriter, add_sprm_head, add_step_facts, atomic_output
+from converters.gguf_out import add_sprm_head, add_step_facts
 from converters.hf_checkpoint import (
     Qwen2Config,
     SafetensorsCheckpoint,
@@ -22,7 +22,8 @@ from converters.hf_checkpoint import (
 from converters.quant_mix import OutType, TypeMix
 from converters.vocab import read_vocabulary
 from edge_metastone.errors import BadCheckpointError
-from quant_kernels import quantize
+from edge_metastone.gguf_io import ArrayGGUFWriter, atomic_output
+from quant_kernels.ggml import quantize
 
 logger = logging.getLogger(__name__)
 

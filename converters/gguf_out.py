@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from converters.hf_checkpoint import SprmHeadWeights, TokenizerFacts
-from edge_metastone.gguf_io import ArrayGGUFWriter, add_head_keys, add_step_keys, atomic_output
-
-__all__ = ["ArrayGGUFWriter", "add_sprm_head", "add_step_facts", "atomic_output"]
+from edge_metastone.gguf_io import ArrayGGUFWriter, add_head_keys, add_step_keys
 
 
 def add_sprm_head(

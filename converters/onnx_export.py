@@ -90,7 +90,8 @@ class OnnxExportResult:
 
 
 class _Graph:
-    """A tiny builder over onnx.helper: nodes, initializers and unique names."""
+    """A tiny builder over onnx.helper: nodes, initializers, graph inputs and outputs and unique
+    names."""
 
     def __init__(self) -> None:
         from onnx import helper
@@ -98,6 +99,8 @@ class _Graph:
         self.h = helper
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
+        self.inputs: list[Any] = []
+        self.outputs: list[Any] = []
         self._n = 0
 
     def const(self, name: str, value: np.ndarray) -> str:
@@ -160,19 +163,19 @@ class _Weights:
         return self(name) if name in self.names else None
 
 
-def build_graph(cfg: Qwen2Config, weights: _Weights, head: SprmHeadWeights | None) -> Any:
-    """The float32 decoder-with-past graph (a ModelProto) with the SPRM outputs."""
-    from onnx import TensorProto, helper
-
+def _check_rope(cfg: Qwen2Config) -> None:
+    """Refuse rope scaling: the graph computes plain RoPE only."""
     if cfg.rope_scaling:
         raise BadCheckpointError(
             f"rope scaling {cfg.rope_scaling.get('rope_type', cfg.rope_scaling.get('type'))!r} "
             "is not supported by the ONNX export (convert to GGUF instead)"
         )
+
+
+def _add_constants(g: _Graph, cfg: Qwen2Config) -> None:
+    """The shared shape, axis and scalar constants and RoPE's inverse frequencies."""
     c, n_h, n_kv = cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads
-    hd, rep, n_layers = c // n_h, n_h // n_kv, cfg.n_layers
-    feature_layer = n_layers - 2
-    g = _Graph()
+    hd, rep = c // n_h, n_h // n_kv
     for name, vals in {
         "axes_last": [-1],
         "axes_0": [0],
@@ -201,7 +204,12 @@ def build_graph(cfg: Qwen2Config, weights: _Weights, head: SprmHeadWeights | Non
     )
     g.const("inv_freq", inv_freq.astype(np.float32)[None, :])  # [1, hd/2]
 
-    # positions P..P+S-1, P = past length (every row of the batch is at the same position)
+
+def _positions(g: _Graph) -> tuple[str, str, str]:
+    """RoPE's cos and sin [S, hd] at positions P..P+S-1 (P = past length, every row of the batch
+    is at the same position) and the causal mask [S, T]."""
+    from onnx import TensorProto
+
     s_len = g.op(
         "Squeeze", [g.op("Slice", [g.op("Shape", ["input_ids"]), "one1", "two1"]), "zero1"]
     )
@@ -217,107 +225,143 @@ def build_graph(cfg: Qwen2Config, weights: _Weights, head: SprmHeadWeights | Non
     rows = g.op("Unsqueeze", [g.op("Range", [past, total, "one_i"]), "axes_1"])
     cols = g.op("Unsqueeze", [g.op("Range", ["zero_i", total, "one_i"]), "axes_0"])
     mask = g.op("Where", [g.op("LessOrEqual", [cols, rows]), "zero_f", "neg_inf"], name="mask")
+    return cos, sin, mask
 
-    embed = weights("model.embed_tokens.weight")
-    x = g.op("Gather", [g.const("model.embed_tokens.weight", embed), "input_ids"], name="embed")
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
-    outputs = []
-    feature = None
-    for i in range(n_layers):
-        p = f"model.layers.{i}"
-        h = _rms_norm(g, x, weights(f"{p}.input_layernorm.weight"), "eps", f"layers.{i}.ln1")
-        q = _linear(
+
+def _kv_cache(g: _Graph, cfg: Qwen2Config, i: int, k: str, v: str) -> tuple[str, str]:
+    """Layer i's past keys/values (inputs) joined with the new ones (the `present` outputs)."""
+    from onnx import TensorProto, helper
+
+    n_kv, hd = cfg.n_kv_heads, cfg.hidden_size // cfg.n_heads
+    pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+    for name in (pk, pv):
+        g.inputs.append(
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", n_kv, "past_seq", hd])
+        )
+    k_all = g.op("Concat", [pk, k], axis=2, name=f"present.{i}.key")  # [B,kv,T,hd]
+    v_all = g.op("Concat", [pv, v], axis=2, name=f"present.{i}.value")
+    for name, src in ((f"present.{i}.key", k_all), (f"present.{i}.value", v_all)):
+        g.nodes.append(helper.make_node("Identity", [src], [name], name=f"{name}.out"))
+        g.outputs.append(
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", n_kv, "total_seq", hd])
+        )
+    return k_all, v_all
+
+
+def _attention(
+    g: _Graph, cfg: Qwen2Config, weights: _Weights, i: int, h: str, rope: tuple[str, str, str]
+) -> str:
+    """Layer i's grouped-query self-attention on the normed stream `h`, through o_proj."""
+    p, hd = f"model.layers.{i}.self_attn", cfg.hidden_size // cfg.n_heads
+    cos, sin, mask = rope
+    q, k, v = (
+        _linear(
             g,
             h,
-            weights(f"{p}.self_attn.q_proj.weight"),
-            weights.maybe(f"{p}.self_attn.q_proj.bias"),
-            f"layers.{i}.q_proj",
+            weights(f"{p}.{n}_proj.weight"),
+            weights.maybe(f"{p}.{n}_proj.bias"),
+            f"layers.{i}.{n}_proj",
         )
-        k = _linear(
-            g,
-            h,
-            weights(f"{p}.self_attn.k_proj.weight"),
-            weights.maybe(f"{p}.self_attn.k_proj.bias"),
-            f"layers.{i}.k_proj",
-        )
-        v = _linear(
-            g,
-            h,
-            weights(f"{p}.self_attn.v_proj.weight"),
-            weights.maybe(f"{p}.self_attn.v_proj.bias"),
-            f"layers.{i}.v_proj",
-        )
-        q = g.op("Transpose", [g.op("Reshape", [q, "shape_q"])], perm=[0, 2, 1, 3])  # [B,H,S,hd]
-        k = g.op("Transpose", [g.op("Reshape", [k, "shape_kv"])], perm=[0, 2, 1, 3])  # [B,kv,S,hd]
-        v = g.op("Transpose", [g.op("Reshape", [v, "shape_kv"])], perm=[0, 2, 1, 3])
-        q, k = _rope(g, q, cos, sin, hd // 2), _rope(g, k, cos, sin, hd // 2)
-        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        for name in (pk, pv):
-            inputs.append(
-                helper.make_tensor_value_info(
-                    name, TensorProto.FLOAT, ["batch", n_kv, "past_seq", hd]
-                )
-            )
-        k_all = g.op("Concat", [pk, k], axis=2, name=f"present.{i}.key")  # [B,kv,T,hd]
-        v_all = g.op("Concat", [pv, v], axis=2, name=f"present.{i}.value")
-        for name, src in ((f"present.{i}.key", k_all), (f"present.{i}.value", v_all)):
-            g.nodes.append(helper.make_node("Identity", [src], [name], name=f"{name}.out"))
-            outputs.append(
-                helper.make_tensor_value_info(
-                    name, TensorProto.FLOAT, ["batch", n_kv, "total_seq", hd]
-                )
-            )
-        # grouped-query attention: query heads h = kv * rep + r share kv head `kv`
-        q5 = g.op("Reshape", [q, "shape_gqa"])  # [B,kv,rep,S,hd]
-        k5 = g.op("Transpose", [g.op("Unsqueeze", [k_all, "two1"])], perm=[0, 1, 2, 4, 3])
-        v5 = g.op("Unsqueeze", [v_all, "two1"])  # [B,kv,1,T,hd]
-        scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q5, k5]), "scale"]), mask])
-        attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v5])  # [B,kv,rep,S,hd]
-        attn = g.op("Reshape", [attn, "shape_heads"])  # [B,H,S,hd]
-        attn = g.op("Reshape", [g.op("Transpose", [attn], perm=[0, 2, 1, 3]), "shape_c"])
-        o = _linear(g, attn, weights(f"{p}.self_attn.o_proj.weight"), None, f"layers.{i}.o_proj")
-        x = g.op("Add", [x, o], name=f"layers.{i}.attn_residual")
-        h = _rms_norm(
-            g, x, weights(f"{p}.post_attention_layernorm.weight"), "eps", f"layers.{i}.ln2"
-        )
-        gate = _linear(g, h, weights(f"{p}.mlp.gate_proj.weight"), None, f"layers.{i}.gate_proj")
-        up = _linear(g, h, weights(f"{p}.mlp.up_proj.weight"), None, f"layers.{i}.up_proj")
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        down = _linear(g, act, weights(f"{p}.mlp.down_proj.weight"), None, f"layers.{i}.down_proj")
-        x = g.op("Add", [x, down], name=f"layers.{i}.out")
-        if i == feature_layer:
-            feature = x
-    assert feature is not None
-    g.nodes.append(helper.make_node("Identity", [feature], ["sprm_features"], name="features"))
-    outputs.append(
-        helper.make_tensor_value_info("sprm_features", TensorProto.FLOAT, ["batch", "seq", c])
+        for n in "qkv"
     )
-    if head is not None:
-        h1 = _linear(g, feature, head.fc1_weight.astype(np.float32), head.fc1_bias, HEAD_NODES[0])
-        h1 = g.op("Relu", [h1])
-        z = _linear(
-            g, h1, head.fc2_weight.astype(np.float32)[None, :], head.fc2_bias, HEAD_NODES[1]
+    q = g.op("Transpose", [g.op("Reshape", [q, "shape_q"])], perm=[0, 2, 1, 3])  # [B,H,S,hd]
+    k = g.op("Transpose", [g.op("Reshape", [k, "shape_kv"])], perm=[0, 2, 1, 3])  # [B,kv,S,hd]
+    v = g.op("Transpose", [g.op("Reshape", [v, "shape_kv"])], perm=[0, 2, 1, 3])
+    q, k = _rope(g, q, cos, sin, hd // 2), _rope(g, k, cos, sin, hd // 2)
+    k_all, v_all = _kv_cache(g, cfg, i, k, v)
+    # grouped-query attention: query heads h = kv * rep + r share kv head `kv`
+    q5 = g.op("Reshape", [q, "shape_gqa"])  # [B,kv,rep,S,hd]
+    k5 = g.op("Transpose", [g.op("Unsqueeze", [k_all, "two1"])], perm=[0, 1, 2, 4, 3])
+    v5 = g.op("Unsqueeze", [v_all, "two1"])  # [B,kv,1,T,hd]
+    scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q5, k5]), "scale"]), mask])
+    attn = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v5])  # [B,kv,rep,S,hd]
+    attn = g.op("Reshape", [attn, "shape_heads"])  # [B,H,S,hd]
+    attn = g.op("Reshape", [g.op("Transpose", [attn], perm=[0, 2, 1, 3]), "shape_c"])
+    return _linear(g, attn, weights(f"{p}.o_proj.weight"), None, f"layers.{i}.o_proj")
+
+
+def _mlp(g: _Graph, weights: _Weights, i: int, h: str) -> str:
+    """Layer i's SwiGLU MLP on the normed stream `h`, through down_proj."""
+    p = f"model.layers.{i}.mlp"
+    gate = _linear(g, h, weights(f"{p}.gate_proj.weight"), None, f"layers.{i}.gate_proj")
+    up = _linear(g, h, weights(f"{p}.up_proj.weight"), None, f"layers.{i}.up_proj")
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+    return _linear(g, act, weights(f"{p}.down_proj.weight"), None, f"layers.{i}.down_proj")
+
+
+def _layer(
+    g: _Graph, cfg: Qwen2Config, weights: _Weights, i: int, x: str, rope: tuple[str, str, str]
+) -> str:
+    """Decoder layer i on the residual stream `x`; returns the stream after it."""
+    p = f"model.layers.{i}"
+    h = _rms_norm(g, x, weights(f"{p}.input_layernorm.weight"), "eps", f"layers.{i}.ln1")
+    x = g.op("Add", [x, _attention(g, cfg, weights, i, h, rope)], name=f"layers.{i}.attn_residual")
+    h = _rms_norm(g, x, weights(f"{p}.post_attention_layernorm.weight"), "eps", f"layers.{i}.ln2")
+    return g.op("Add", [x, _mlp(g, weights, i, h)], name=f"layers.{i}.out")
+
+
+def _sprm_outputs(g: _Graph, cfg: Qwen2Config, feature: str, head: SprmHeadWeights | None) -> None:
+    """`sprm_features` (the residual stream `feature`) and, with a head, `sprm_logits`."""
+    from onnx import TensorProto, helper
+
+    g.nodes.append(helper.make_node("Identity", [feature], ["sprm_features"], name="features"))
+    g.outputs.append(
+        helper.make_tensor_value_info(
+            "sprm_features", TensorProto.FLOAT, ["batch", "seq", cfg.hidden_size]
         )
-        g.nodes.append(
-            helper.make_node("Squeeze", [z, "axes_last"], ["sprm_logits"], name="sprm.logits")
-        )
-        outputs.append(
-            helper.make_tensor_value_info("sprm_logits", TensorProto.FLOAT, ["batch", "seq"])
-        )
-    # logits of the last `logits_to_keep` positions only
-    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+    )
+    if head is None:
+        return
+    h1 = _linear(g, feature, head.fc1_weight.astype(np.float32), head.fc1_bias, HEAD_NODES[0])
+    h1 = g.op("Relu", [h1])
+    z = _linear(g, h1, head.fc2_weight.astype(np.float32)[None, :], head.fc2_bias, HEAD_NODES[1])
+    g.nodes.append(
+        helper.make_node("Squeeze", [z, "axes_last"], ["sprm_logits"], name="sprm.logits")
+    )
+    g.outputs.append(
+        helper.make_tensor_value_info("sprm_logits", TensorProto.FLOAT, ["batch", "seq"])
+    )
+
+
+def _lm_head(g: _Graph, cfg: Qwen2Config, weights: _Weights, x: str, embed: np.ndarray) -> None:
+    """The final norm and output projection: `logits` of the last `logits_to_keep` positions."""
+    from onnx import TensorProto, helper
+
+    g.inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
     tail = g.op("Slice", [x, g.op("Neg", ["logits_to_keep"]), "int_max", "axes_1"])
     h = _rms_norm(g, tail, weights("model.norm.weight"), "eps", "final_norm")
     lm = embed if cfg.tied_embeddings else weights("lm_head.weight")
     wt = g.const("lm_head.weight_t", np.ascontiguousarray(lm.T, dtype=np.float32))
     g.nodes.append(helper.make_node("MatMul", [h, wt], ["logits"], name=LM_HEAD_NODE))
-    outputs.insert(
+    g.outputs.insert(
         0,
         helper.make_tensor_value_info(
             "logits", TensorProto.FLOAT, ["batch", "kept_seq", cfg.vocab_size]
         ),
     )
-    graph = helper.make_graph(g.nodes, "metastone_decoder", inputs, outputs, g.inits)
+
+
+def build_graph(cfg: Qwen2Config, weights: _Weights, head: SprmHeadWeights | None) -> Any:
+    """The float32 decoder-with-past graph (a ModelProto) with the SPRM outputs."""
+    from onnx import TensorProto, helper
+
+    _check_rope(cfg)
+    feature_layer = cfg.n_layers - 2
+    g = _Graph()
+    _add_constants(g, cfg)
+    rope = _positions(g)
+    embed = weights("model.embed_tokens.weight")
+    x = g.op("Gather", [g.const("model.embed_tokens.weight", embed), "input_ids"], name="embed")
+    g.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]))
+    feature = None
+    for i in range(cfg.n_layers):
+        x = _layer(g, cfg, weights, i, x, rope)
+        if i == feature_layer:
+            feature = x
+    assert feature is not None
+    _sprm_outputs(g, cfg, feature, head)
+    _lm_head(g, cfg, weights, x, embed)
+    graph = helper.make_graph(g.nodes, "metastone_decoder", g.inputs, g.outputs, g.inits)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],

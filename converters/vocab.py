@@ -12,7 +12,7 @@ import gguf
 
 from edge_metastone import keys
 from edge_metastone.errors import BadCheckpointError
-from edge_metastone.modelfile import SPECIAL_TOKEN_NAMES
+from edge_metastone.modelfile.read import SPECIAL_TOKEN_NAMES
 from edge_metastone.normalization import NORMAL_FORMS
 
 logger = logging.getLogger(__name__)

@@ -8,13 +8,18 @@ __version__ = "0.1.0"
 __all__ = ["ReasonResult", "Reasoner", "__version__"]
 
 if TYPE_CHECKING:
-    from edge_metastone.reasoner import Reasoner, ReasonResult
+    from edge_metastone.options import ReasonResult
+    from edge_metastone.reasoner import Reasoner
 
 
 def __getattr__(name: str) -> object:
     # imported lazily: `converters` and `quant_kernels` use this package without loading llama.cpp
-    if name in ("Reasoner", "ReasonResult"):
-        from edge_metastone import reasoner
+    if name == "Reasoner":
+        from edge_metastone.reasoner import Reasoner
 
-        return getattr(reasoner, name)
+        return Reasoner
+    if name == "ReasonResult":
+        from edge_metastone.options import ReasonResult
+
+        return ReasonResult
     raise AttributeError(name)

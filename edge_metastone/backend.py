@@ -1,9 +1,6 @@
-"""The backend boundary: what the `Reasoner`, the scheduler, the search strategies and the fronts
-need from a runtime, and the choice of runtime from the model path.
-
-A `.gguf` file runs on llama.cpp (`edge_metastone.engine.engine.Engine`); an ONNX model directory
-runs on onnxruntime (`edge_metastone.onnx_backend.OnnxBackend`). Nothing here imports either
-runtime: `open_backend` loads the one a model needs when it is asked to.
+"""The backend boundary: what the `Reasoner`, the calibration, the search strategies and the fronts
+need from a model opened on a runtime. Types only: `edge_metastone.runtime.open_backend` opens one
+(a `.gguf` file on llama.cpp, an ONNX model directory on onnxruntime).
 """
 
 from __future__ import annotations
@@ -12,8 +9,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from edge_metastone.errors import BadModelFileError
-from edge_metastone.scheduler import ModelFacts
 from edge_metastone.sprm import StepRule
 from edge_metastone.types import (
     Candidate,
@@ -23,12 +18,10 @@ from edge_metastone.types import (
     GenerationSettings,
     KVLayout,
     KVType,
+    ModelFacts,
     SamplingSettings,
     ScoreResult,
 )
-
-GGUF_MAGIC = b"GGUF"
-ONNX_MODEL_NAME = "model.onnx"
 
 
 @runtime_checkable
@@ -149,60 +142,3 @@ def generate_all(
     )
     done = [e.result for e in events if isinstance(e, FinishEvent)]
     return sorted(done, key=lambda c: c.index)
-
-
-def model_kind(path: Path) -> str:
-    """'gguf' or 'onnx' by what is at `path` (its content, not its name); a clear error otherwise."""
-    if path.is_dir():
-        if (path / ONNX_MODEL_NAME).is_file():
-            return "onnx"
-        raise BadModelFileError(
-            f"{path} is a directory without {ONNX_MODEL_NAME}: not an ONNX model directory"
-        )
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise BadModelFileError(f"no such model file: {path}") from None
-    except OSError as e:
-        raise BadModelFileError(f"cannot read {path}: {e.strerror or e}") from None
-    if magic == GGUF_MAGIC:
-        return "gguf"
-    raise BadModelFileError(f"{path} is neither a GGUF file nor an ONNX model directory")
-
-
-def open_backend(
-    model: Path | str,
-    *,
-    head: Path | str | None = None,
-    n_threads: int = 0,
-    n_gpu_layers: int = 0,
-    parity: bool = False,
-    weight_buffers: str | None = None,
-) -> Backend:
-    """Open `model` on the runtime it needs: a GGUF file on llama.cpp, an ONNX model directory on
-    onnxruntime."""
-    path = Path(model)
-    kind = model_kind(path)
-    if kind == "onnx":
-        if head is not None:
-            raise BadModelFileError("a sidecar head (--head) is for GGUF files, not ONNX models")
-        try:
-            from edge_metastone.onnx_backend import OnnxBackend  # loads onnxruntime
-        except ImportError as e:
-            raise BadModelFileError(
-                f"{path} is an ONNX model directory and onnxruntime is not installed "
-                f"({e.name or e}): pip install 'edge-metastone[onnx]'"
-            ) from None
-        # --gpu-layers asks for the GPU: CUDA or a clear error; otherwise CUDA when present
-        return OnnxBackend(path, n_threads=n_threads, provider="cuda" if n_gpu_layers else None)
-    from edge_metastone.engine.engine import Engine  # loads llama.cpp
-
-    return Engine(
-        path,
-        head_path=head,
-        n_threads=n_threads,
-        n_gpu_layers=n_gpu_layers,
-        parity=parity,
-        weight_buffers=weight_buffers,
-    )

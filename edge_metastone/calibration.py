@@ -84,28 +84,9 @@ def measure(
     base_rss = current_rss_bytes()
     # one cache per candidate, named (AUTO would keep these short runs' small prompt in one cache)
     own = KVLayout.STREAMS if KVLayout.STREAMS in backend.kv_layouts else KVLayout.AUTO
-    step_seconds: dict[int, float] = {}
-    median: dict[int, float] = {}
-    for b in CALIBRATION_BATCHES:
-        d = _step_durations(backend, prompt, b, sampling, steps, own)
-        slope, a = np.polyfit(np.arange(len(d)), d, 1)
-        step_seconds[b] = float(max(a, d.min()))
-        median[b] = float(np.median(d))
-    attn: dict[int, float] = {}
-    for b in ATTENTION_BATCHES:
-        d = _step_durations(backend, long_prompt, b, sampling, steps // 2, own)
-        attn[b] = max(float(np.median(d)) - median[b], 0.0) / (b * extra_cells)
-    q8 = 1.0
-    if KVType.Q8_0 in backend.kv_types and attn[8] > 0:
-        d = _step_durations(backend, long_prompt, 8, sampling, steps // 2, own, KVType.Q8_0)
-        q8 = max(float(np.median(d)) - median[8], 0.0) / (8 * extra_cells) / attn[8]
-    masked = 0.0
-    if KVLayout.UNIFIED in backend.kv_layouts:
-        b = CALIBRATION_BATCHES[-1]
-        d = _step_durations(backend, prompt, b, sampling, 2 * steps, KVLayout.UNIFIED)
-        slope = float(np.polyfit(np.arange(len(d)), d, 1)[0])
-        # each step adds 1 attended and b-1 masked cells to each of b sequences
-        masked = max(slope - attn[b] * b, 0.0) / (b * (b - 1))
+    step_seconds, median = _step_times(backend, prompt, sampling, steps, own)
+    attn, q8 = _attended(backend, long_prompt, sampling, steps // 2, own, median, extra_cells)
+    masked = _masked(backend, prompt, sampling, 2 * steps, attn)
     prefill_s = _run(backend, long_prompt, sampling, 1).prefill_s
     prefill_tps = len(long_prompt) / max(prefill_s, 1e-6)
     cal = Calibration(
@@ -129,6 +110,58 @@ def measure(
         base_rss / 2**20,
     )
     return cal
+
+
+def _step_times(
+    backend: Backend, prompt: list[int], sampling: SamplingSettings, steps: int, own: KVLayout
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Per batch size: a step's time (the intercept of a line fit) and the median step."""
+    step_seconds: dict[int, float] = {}
+    median: dict[int, float] = {}
+    for b in CALIBRATION_BATCHES:
+        d = _step_durations(backend, prompt, b, sampling, steps, own)
+        _, a = np.polyfit(np.arange(len(d)), d, 1)
+        step_seconds[b] = float(max(a, d.min()))
+        median[b] = float(np.median(d))
+    return step_seconds, median
+
+
+def _attended(
+    backend: Backend,
+    long_prompt: list[int],
+    sampling: SamplingSettings,
+    steps: int,
+    own: KVLayout,
+    median: dict[int, float],
+    extra_cells: int,
+) -> tuple[dict[int, float], float]:
+    """Seconds per (sequence x attended cell) per batch size, and a q8_0 cache's factor."""
+    attn: dict[int, float] = {}
+    for b in ATTENTION_BATCHES:
+        d = _step_durations(backend, long_prompt, b, sampling, steps, own)
+        attn[b] = max(float(np.median(d)) - median[b], 0.0) / (b * extra_cells)
+    q8 = 1.0
+    if KVType.Q8_0 in backend.kv_types and attn[8] > 0:
+        d = _step_durations(backend, long_prompt, 8, sampling, steps, own, KVType.Q8_0)
+        q8 = max(float(np.median(d)) - median[8], 0.0) / (8 * extra_cells) / attn[8]
+    return attn, q8
+
+
+def _masked(
+    backend: Backend,
+    prompt: list[int],
+    sampling: SamplingSettings,
+    steps: int,
+    attn: dict[int, float],
+) -> float:
+    """Seconds per (sequence x masked cell) in one unified cache (0 without one)."""
+    if KVLayout.UNIFIED not in backend.kv_layouts:
+        return 0.0
+    b = CALIBRATION_BATCHES[-1]
+    d = _step_durations(backend, prompt, b, sampling, steps, KVLayout.UNIFIED)
+    slope = float(np.polyfit(np.arange(len(d)), d, 1)[0])
+    # each step adds 1 attended and b-1 masked cells to each of b sequences
+    return max(slope - attn[b] * b, 0.0) / (b * (b - 1))
 
 
 def sampling_cost_key(s: SamplingSettings) -> str:

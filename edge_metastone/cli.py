@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 
 from edge_metastone.commands import (
-    WEIGHT_BUFFERS_ENV,
     batch,
     convert,
     doctor,
@@ -19,6 +18,7 @@ from edge_metastone.commands import (
     serve,
     train_sprm,
 )
+from edge_metastone.engine.weight_buffers import ENV_VAR as WEIGHT_BUFFERS_ENV
 from edge_metastone.errors import EdgeMetastoneError
 
 COMMANDS = (convert, inspect, score, reason, batch, train_sprm, serve, doctor)

@@ -28,4 +28,9 @@ class BudgetError(EdgeMetastoneError):
 
 
 class InvalidRequestError(EdgeMetastoneError, ValueError):
-    """A request whose settings make no sense (k=0, negative temperature, ...)."""
+    """A request whose settings make no sense (k=0, negative temperature, ...); `param` names the
+    setting when one is to blame (the server reports it as the error's `param`)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

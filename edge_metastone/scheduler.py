@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_metastone.errors import BudgetError, InvalidRequestError
+from edge_metastone.kvpolicy import kv_cells, pad_cells, resolve_layout
 from edge_metastone.limits import PREFILL_BATCH
-from edge_metastone.modelfile import ModelFile
 from edge_metastone.paths import cache_dir
-from edge_metastone.types import KVLayout, KVType, kv_cells, pad_cells, resolve_layout
+from edge_metastone.types import KVLayout, KVType, ModelFacts
 
 logger = logging.getLogger(__name__)
 
@@ -63,54 +63,20 @@ class Effort(str, enum.Enum):
 FIXED_EFFORTS = (Effort.LOW, Effort.MEDIUM, Effort.HIGH)
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What memory and latency depend on, read from the model file."""
+def kv_bytes(facts: ModelFacts, n_ctx: int, kv_type: KVType = KVType.F16) -> int:
+    """K and V of `kv_type` for `n_ctx` cells (padded as llama.cpp does)."""
+    row = facts.n_kv_heads * facts.head_dim * KV_ELEMENT_BYTES[KVType(kv_type)]
+    return int(2 * facts.n_layers * row * pad_cells(n_ctx))
 
-    weight_bytes: int
-    n_layers: int
-    n_kv_heads: int
-    head_dim: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_vocab: int
-    n_ctx_train: int
-    head_bytes: int = 0
 
-    @classmethod
-    def of(cls, mf: ModelFile) -> ModelFacts:
-        """Facts of an opened model file."""
-        head_bytes = 0
-        if mf.head is not None:
-            h = mf.head
-            head_bytes = h.fc1_weight.nbytes + h.fc1_bias.nbytes + h.fc2_weight.nbytes + 8
-        return cls(
-            weight_bytes=mf.n_bytes,
-            n_layers=mf.n_layers,
-            n_kv_heads=mf.n_head_kv,
-            head_dim=mf.head_dim,
-            n_embd=mf.n_embd,
-            n_ff=mf.n_ff,
-            n_head=mf.n_head,
-            n_vocab=mf.n_vocab,
-            n_ctx_train=mf.context_length,
-            head_bytes=head_bytes,
-        )
-
-    def kv_bytes(self, n_ctx: int, kv_type: KVType = KVType.F16) -> int:
-        """K and V of `kv_type` for `n_ctx` cells (padded as llama.cpp does)."""
-        row = self.n_kv_heads * self.head_dim * KV_ELEMENT_BYTES[KVType(kv_type)]
-        return int(2 * self.n_layers * row * pad_cells(n_ctx))
-
-    def context_bytes(self, n_ctx: int, n_batch: int, kv_type: KVType = KVType.F16) -> int:
-        """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer (generation
-        runs with flash attention, which never holds a score matrix)."""
-        kv = self.kv_bytes(n_ctx, kv_type)
-        logits = 4 * self.n_vocab * n_batch
-        # the largest graph is a prefill ubatch: activations, FFN, logits
-        compute = 4 * n_batch * (self.n_vocab + 3 * self.n_ff + 6 * self.n_embd)
-        return kv + logits + compute
+def context_bytes(facts: ModelFacts, n_ctx: int, n_batch: int, kv_type: KVType = KVType.F16) -> int:
+    """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer (generation runs
+    with flash attention, which never holds a score matrix)."""
+    kv = kv_bytes(facts, n_ctx, kv_type)
+    logits = 4 * facts.n_vocab * n_batch
+    # the largest graph is a prefill ubatch: activations, FFN, logits
+    compute = 4 * n_batch * (facts.n_vocab + 3 * facts.n_ff + 6 * facts.n_embd)
+    return kv + logits + compute
 
 
 @dataclass(frozen=True)
@@ -257,7 +223,7 @@ def predict(
         + cal.masked_s_per_seq_cell * masked
     )
     cells = kv_cells(p, t, k, layout)
-    memory = cal.base_rss_bytes + facts.context_bytes(cells, n_batch, kv_type)
+    memory = cal.base_rss_bytes + context_bytes(facts, cells, n_batch, kv_type)
     return Prediction(k, latency, int(memory), layout, kv_type)
 
 
@@ -336,46 +302,59 @@ def choose(
         )
     opts = [_option(facts, cal, req, e.k, budget, layouts, kv_types) for e in efforts]
     preds = tuple(o.fit or o.default for o in opts)
-    limits = _limits(budget)
     if effort is not Effort.AUTO:
         o = dict(zip(efforts, opts, strict=True)).get(effort) or _option(
             facts, cal, req, effort.k, budget, layouts, kv_types
         )
-        if o.fit is not None:
-            return Plan(
-                effort,
-                o.fit.k,
-                o.fit,
-                f"{effort.value} requested; predicted {_describe(o.fit)}{limits}{o.why()}",
-                preds,
-            )
+        return _fixed(effort, o, budget, preds)
+    fitting = [(e, o) for e, o in zip(efforts, opts, strict=True) if o.fit is not None]
+    if fitting:
+        return _highest(fitting, opts, budget, preds)
+    return _single(facts, cal, req, budget, opts[0].default, preds)
+
+
+def _fixed(effort: Effort, o: _Option, budget: Budget, preds: tuple[Prediction, ...]) -> Plan:
+    """The requested effort, when it fits."""
+    limits = _limits(budget)
+    if o.fit is None:
         raise BudgetError(
             f"effort {effort.value} does not fit: predicted {_describe(o.default)}{limits}"
         )
-    fitting = [(e, o) for e, o in zip(efforts, opts, strict=True) if o.fit is not None]
-    if fitting:
-        e, o = max(fitting, key=lambda eo: eo[0].k)
-        p = o.fit
-        higher = [q for q in opts if q.default.k > p.k]
-        why = f"; {_describe(higher[0].default)} would not fit" if higher else ""
-        return Plan(
-            e,
-            p.k,
-            p,
-            f"auto chose {e.value}: predicted {_describe(p)}{limits}{o.why()}{why}",
-            preds,
-        )
+    why = f"{effort.value} requested; predicted {_describe(o.fit)}{limits}{o.why()}"
+    return Plan(effort, o.fit.k, o.fit, why, preds)
+
+
+def _highest(
+    fitting: list[tuple[Effort, _Option]],
+    opts: list[_Option],
+    budget: Budget,
+    preds: tuple[Prediction, ...],
+) -> Plan:
+    """Auto: the highest effort that fits."""
+    e, o = max(fitting, key=lambda eo: eo[0].k)
+    p = o.fit
+    assert p is not None
+    higher = [q for q in opts if q.default.k > p.k]
+    why = f"; {_describe(higher[0].default)} would not fit" if higher else ""
+    reason = f"auto chose {e.value}: predicted {_describe(p)}{_limits(budget)}{o.why()}{why}"
+    return Plan(e, p.k, p, reason, preds)
+
+
+def _single(
+    facts: ModelFacts,
+    cal: Calibration,
+    req: Request,
+    budget: Budget,
+    lowest: Prediction,
+    preds: tuple[Prediction, ...],
+) -> Plan:
+    """Nothing fits: one candidate when the caller allows it, else a clear error."""
     single = predict(facts, cal, req, 1)
-    lowest = opts[0].default
+    limits = _limits(budget)
     if budget.allow_degrade and _fits(single, budget):
         logger.warning("no effort mode fits the budget; running a single candidate")
-        return Plan(
-            None,
-            1,
-            single,
-            f"no effort mode fits ({_describe(lowest)}{limits}); degraded to k=1",
-            preds,
-        )
+        reason = f"no effort mode fits ({_describe(lowest)}{limits}); degraded to k=1"
+        return Plan(None, 1, single, reason, preds)
     raise BudgetError(
         f"no effort mode fits the budget: the lowest needs {_describe(lowest)}{limits}"
         + ("" if budget.allow_degrade else "; allow k=1 to run a single candidate")

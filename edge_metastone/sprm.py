@@ -52,9 +52,15 @@ class SprmHead:
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Step scores sigmoid(logit) for features [N, C] -> [N]."""
-        z = self.logits(features).astype(np.float64)
-        with np.errstate(all="ignore"):  # NaN features give NaN scores: callers refuse them
-            return np.exp(-np.logaddexp(0.0, -z))  # sigmoid without overflow for large |z|
+        return sigmoid(self.logits(features))
+
+
+def sigmoid(z: np.ndarray | Sequence[float] | float) -> np.ndarray:
+    """Step scores from step logits, in float64 without overflow for large |z| (NaN logits give
+    NaN scores: callers refuse them)."""
+    z = np.asarray(z, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        return np.exp(-np.logaddexp(0.0, -z))
 
 
 @dataclass(frozen=True)

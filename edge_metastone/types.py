@@ -1,4 +1,6 @@
-"""The backend-neutral types: settings, candidates, events, timings and score results.
+"""The backend-neutral types: settings, requests, candidates, events, timings, model facts and
+score results. Data only: each settings type checks its own values when it is made (the one place
+they are validated); policy (which KV layout, how much memory) lives in `kvpolicy` and `scheduler`.
 
 Nothing here imports a runtime (llama.cpp, onnxruntime), so search strategies, the scheduler, the
 `Reasoner` and the fronts can use these types without loading one.
@@ -7,11 +9,19 @@ Nothing here imports a runtime (llama.cpp, onnxruntime), so search strategies, t
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_metastone.errors import InvalidRequestError
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    """Refuse a setting: an `InvalidRequestError` naming it."""
+    if not ok:
+        raise InvalidRequestError(message, param=param)
 
 
 @dataclass(frozen=True)
@@ -28,20 +38,18 @@ class SamplingSettings:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit), as OpenAI's API
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InvalidRequestError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequestError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise InvalidRequestError("top_k must be >= 0")
-        if not 0 <= self.min_p < 1:
-            raise InvalidRequestError("min_p must be in [0, 1)")
-        if self.repeat_penalty <= 0:
-            raise InvalidRequestError("repeat_penalty must be > 0")
-        if self.repeat_last_n < 0:
-            raise InvalidRequestError("repeat_last_n must be >= 0")
-        if self.seed < 0:
-            raise InvalidRequestError("seed must be >= 0")
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+                raise InvalidRequestError(f"{name} must be a finite number", param=name)
+        for name in ("top_k", "repeat_last_n", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
+                raise InvalidRequestError(f"{name} must be an integer >= 0", param=name)
+        _check(self.temperature >= 0, "temperature", "temperature must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]")
+        _check(0 <= self.min_p < 1, "min_p", "min_p must be in [0, 1)")
+        _check(self.repeat_penalty > 0, "repeat_penalty", "repeat_penalty must be > 0")
 
     @property
     def greedy(self) -> bool:
@@ -67,52 +75,13 @@ class KVLayout(str, enum.Enum):
     UNIFIED: one buffer; the shared prompt is stored once, but every candidate's step attends over
     every used cell (masked), so a step costs ~k x (prompt + k x length). STREAMS: one llama.cpp
     stream per candidate (kv_unified=False); each holds its own copy of the prompt and a step
-    attends over its own cells only, ~k x (prompt + length). AUTO: `resolve_layout`.
+    attends over its own cells only, ~k x (prompt + length). AUTO: the runtime's choice
+    (`edge_metastone.kvpolicy.resolve_layout` on llama.cpp).
     """
 
     AUTO = "auto"
     UNIFIED = "unified"
     STREAMS = "streams"
-
-
-KV_PAD = 256  # llama.cpp pads a KV cache (each stream of it) to a multiple of this many cells
-# AUTO runs streams while k prompt copies keep the cache within this many times the unified one
-STREAMS_MAX_CELLS_RATIO = 1.5
-
-
-def pad_cells(n: int) -> int:
-    """`n` cells rounded up as llama.cpp sizes a KV cache (or one stream of it)."""
-    return -(-n // KV_PAD) * KV_PAD
-
-
-def kv_cells(prompt_tokens: int, max_new_tokens: int, k: int, layout: KVLayout) -> int:
-    """KV cells llama.cpp allocates for k candidates in `layout` (as the engine sizes them)."""
-    if resolve_layout(layout, k, prompt_tokens, max_new_tokens) is KVLayout.STREAMS:
-        return k * pad_cells(prompt_tokens + max_new_tokens)
-    return pad_cells(prompt_tokens + k * max_new_tokens)
-
-
-def resolve_layout(
-    layout: KVLayout, k: int, prompt_tokens: int = 0, max_new_tokens: int = 0
-) -> KVLayout:
-    """The layout AUTO runs for k candidates of max_new_tokens after a prompt.
-
-    Streams for k >= 2: they were never slower (bench/long_reasoning.py: 0.84x of unified's time
-    at k=8 x 512 tokens down to 0.40x at k=32 x 4,096; even at k=2 x 128). But each stream holds
-    its own copy of the prompt, so when the k copies would make the cache more than 1.5x the
-    unified one (a prompt longer than about half the generation) AUTO keeps the unified cache.
-    (llama.cpp's padding of each stream to 256 cells is left out of the comparison: at most 255
-    cells a candidate, it would rule out streams for every short generation.) One candidate:
-    unified, the same work without the padding. Under a memory budget the scheduler names the
-    layout itself.
-    """
-    if layout is not KVLayout.AUTO:
-        return layout
-    if k < 2:
-        return KVLayout.UNIFIED
-    streams = k * (prompt_tokens + max_new_tokens)
-    unified = prompt_tokens + k * max_new_tokens
-    return KVLayout.STREAMS if streams <= STREAMS_MAX_CELLS_RATIO * unified else KVLayout.UNIFIED
 
 
 @dataclass(frozen=True)
@@ -129,8 +98,12 @@ class GenerationSettings:
     kv_type: KVType = KVType.F16  # q8_0 / q4_0 halve / quarter the KV cache's memory
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be >= 1")
+        n = self.max_new_tokens
+        _check(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1,
+            "max_new_tokens",
+            "max_new_tokens must be an integer >= 1",
+        )
         for name, kind in (("kv_type", KVType), ("kv_layout", KVLayout)):
             value = getattr(self, name)
             try:
@@ -138,12 +111,40 @@ class GenerationSettings:
             except ValueError:
                 allowed = ", ".join(v.value for v in kind)
                 raise InvalidRequestError(
-                    f"{name} must be one of {allowed} (got {value!r})"
+                    f"{name} must be one of {allowed} (got {value!r})", param=name
                 ) from None
         if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
-            raise InvalidRequestError("max_answer_tokens must be >= 0")
-        if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty")
+            raise InvalidRequestError("max_answer_tokens must be >= 0", param="max_answer_tokens")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings", param="stop")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: k candidates over one prompt; candidate i samples with the seed
+    (sampling.seed, candidate_offset + i)."""
+
+    prompt: list[int]
+    k: int
+    sampling: SamplingSettings
+    settings: GenerationSettings
+    candidate_offset: int = 0
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the scheduler's memory and latency models need to know of a model."""
+
+    weight_bytes: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_vocab: int
+    n_ctx_train: int
+    head_bytes: int = 0
 
 
 class FinishReason(str, enum.Enum):

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_metastone.scheduler import ModelFacts
+from edge_metastone.kvpolicy import resolve_layout
 from edge_metastone.sprm import StepRule, trajectory_score
 from edge_metastone.types import (
     Candidate,
@@ -19,11 +19,11 @@ from edge_metastone.types import (
     GenerationSettings,
     KVLayout,
     KVType,
+    ModelFacts,
     SamplingSettings,
     ScoreResult,
     StepEvent,
     TokenEvent,
-    resolve_layout,
 )
 
 EOS = 0

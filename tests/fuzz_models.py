@@ -37,7 +37,7 @@ def rewrite(base: Path, out: Path, change, quantize: str | None = None, add=()) 
     """Copy `base` with `change(name, types, value) -> (types, value) | None` applied per key,
     the keys `add` [(name, types, value)] set, and tensor `quantize` (1-D F32) stored as Q8_0."""
     from edge_metastone.gguf_io import ArrayGGUFWriter
-    from edge_metastone.modelfile import read_gguf
+    from edge_metastone.modelfile.read import read_gguf
 
     reader = read_gguf(base)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
@@ -120,7 +120,7 @@ def _wrong_value(rng: random.Random, types: list, value):
 
 
 def _key_mutation(rng: random.Random, base: Path, out: Path) -> str:
-    from edge_metastone.modelfile import read_gguf
+    from edge_metastone.modelfile.read import read_gguf
 
     names = [
         f.name
@@ -191,7 +191,7 @@ def mutate(rng: random.Random, base: Path, data: bytes, out: Path) -> str:
     if kind < 0.6:
         return _add_key(rng, base, out)
     if kind < 0.65:
-        from edge_metastone.modelfile import read_gguf
+        from edge_metastone.modelfile.read import read_gguf
 
         norms = [t.name for t in read_gguf(base).tensors if t.name.endswith("norm.weight")]
         name = rng.choice(norms)
@@ -201,7 +201,7 @@ def mutate(rng: random.Random, base: Path, data: bytes, out: Path) -> str:
 
 
 def _meta_len(data: bytes) -> int:
-    from edge_metastone.modelfile import read_gguf
+    from edge_metastone.modelfile.read import read_gguf
 
     with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
         f.write(data)
@@ -212,7 +212,7 @@ def _meta_len(data: bytes) -> int:
 
 def _length_field(rng: random.Random, data: bytes) -> int:
     """The offset of some u64 string/array length in the metadata."""
-    from edge_metastone.modelfile import read_gguf
+    from edge_metastone.modelfile.read import read_gguf
 
     with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
         f.write(data)
@@ -232,9 +232,9 @@ def worker(text_file: str) -> None:
 
     logging.disable(logging.CRITICAL)
     from edge_metastone.commands.inspect import describe
+    from edge_metastone.engine.scoring import score_text
     from edge_metastone.errors import EdgeMetastoneError
-    from edge_metastone.modelfile import open_model_file
-    from edge_metastone.scoring import score_text
+    from edge_metastone.modelfile.read import open_model_file
 
     text = Path(text_file).read_text()
 

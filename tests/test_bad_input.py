@@ -15,7 +15,7 @@ import converters.convert as convert_module
 from conftest import run_cli
 from converters.convert import convert
 from edge_metastone.errors import BadCheckpointError, BadModelFileError
-from edge_metastone.modelfile import open_model_file
+from edge_metastone.modelfile.read import open_model_file
 
 
 def assert_one_line_error(proc, *needles: str) -> None:
@@ -178,7 +178,7 @@ def test_missing_text_file(tiny_gguf, tmp_path):
 
 
 def test_sidecar_with_wrong_hidden_size(tiny_gguf, tmp_path):
-    from converters.gguf_out import ArrayGGUFWriter
+    from edge_metastone.gguf_io import ArrayGGUFWriter
 
     side = tmp_path / "side.gguf"
     w = ArrayGGUFWriter(side, "qwen2")

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from edge_metastone.batch import record_seed
-from edge_metastone.reasoner import Reasoner, ReasonOptions
+from edge_metastone.batch.jobfile import record_seed
+from edge_metastone.options import ReasonOptions
+from edge_metastone.reasoner import Reasoner
 
 sys.path.insert(0, str(REPO / "examples" / "nano"))
 

@@ -12,8 +12,8 @@ import torch
 
 from conftest import cli_json
 from edge_metastone.engine.llama import Model
-from edge_metastone.modelfile import open_model_file, read_gguf
-from edge_metastone.scoring import forward_features
+from edge_metastone.engine.scoring import forward_features
+from edge_metastone.modelfile.read import open_model_file, read_gguf
 from reference_scorer import load_reference, reference_forward, reference_score
 
 TEXTS = [

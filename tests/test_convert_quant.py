@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from converters.convert import convert, write_head_sidecar
-from edge_metastone.modelfile import open_model_file, read_gguf
+from edge_metastone.modelfile.read import open_model_file, read_gguf
 
 FTYPES = {
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,

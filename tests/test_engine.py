@@ -10,17 +10,17 @@ import pytest
 
 from edge_metastone.chat import ChatTemplate
 from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import (
+from edge_metastone.engine.scoring import score_tokens
+from edge_metastone.errors import ContextExceededError, InvalidRequestError
+from edge_metastone.types import (
     FinishEvent,
     FinishReason,
     GenerationControl,
     GenerationSettings,
+    SamplingSettings,
     StepEvent,
     TokenEvent,
 )
-from edge_metastone.engine.sampling import SamplingSettings
-from edge_metastone.errors import ContextExceededError, InvalidRequestError
-from edge_metastone.scoring import score_tokens
 from reference_scorer import scored_positions
 
 PARITY_TOL = 1e-4
@@ -251,8 +251,9 @@ def test_native_capture_equals_the_python_callback(engine, prompt_ids, monkeypat
     the features of a two-chunk prefill, and a scored k=4 generation, bit for bit."""
     import functools
 
-    from edge_metastone.engine import capture, generate
-    from edge_metastone.scoring import forward_features
+    from edge_metastone.engine import capture
+    from edge_metastone.engine import steps as llama_steps
+    from edge_metastone.engine.scoring import forward_features
 
     assert capture.native_available(), "the C feature capture was not built at install"
     layer = engine.feature_layer
@@ -261,8 +262,8 @@ def test_native_capture_equals_the_python_callback(engine, prompt_ids, monkeypat
     settings = GenerationSettings(max_new_tokens=40)
     native_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
     python_capture = functools.partial(capture.FeatureCapture, native=False)
-    monkeypatch.setattr("edge_metastone.scoring.FeatureCapture", python_capture)
-    monkeypatch.setattr(generate, "FeatureCapture", python_capture)
+    monkeypatch.setattr("edge_metastone.engine.scoring.FeatureCapture", python_capture)
+    monkeypatch.setattr(llama_steps, "FeatureCapture", python_capture)
     py, _ = forward_features(engine.model, long_ids, layer)
     py_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
     assert native.shape == py.shape == (700, engine.model.n_embd)
@@ -296,9 +297,9 @@ def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids, monkeypatch, ma
     the one-pass scorer's, also after candidates in the middle end. The live sequence ids then have
     gaps: short ones are filled with placeholders (max_gap 4), longer ones (and all, with max_gap
     0) make llama.cpp split each decode into several ubatches."""
-    from edge_metastone.engine import generate
+    from edge_metastone.engine import steps as llama_steps
 
-    monkeypatch.setattr(generate, "MAX_FILLED_GAP", max_gap)
+    monkeypatch.setattr(llama_steps, "MAX_FILLED_GAP", max_gap)
     gen = GenerationSettings(max_new_tokens=60, kv_layout="streams")
     sampling = sampled(seed=21)
     control = GenerationControl()

@@ -17,7 +17,8 @@ from edge_metastone import keys
 from edge_metastone.answers import answers_equivalent, group_answers
 from edge_metastone.chat import ChatTemplate
 from edge_metastone.errors import BadModelFileError, BudgetError, InvalidRequestError
-from edge_metastone.modelfile import open_model_file, write_model_copy
+from edge_metastone.modelfile.copy import write_model_copy
+from edge_metastone.modelfile.read import open_model_file
 from edge_metastone.reasoner import Reasoner
 
 

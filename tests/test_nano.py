@@ -66,7 +66,8 @@ def test_build_scripts_run_at_toy_size(tmp_path):
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from edge_metastone.modelfile import open_model_file, provenance
+    from edge_metastone.modelfile.copy import provenance
+    from edge_metastone.modelfile.read import open_model_file
 
     final = tmp_path / "default.gguf"
     mf = open_model_file(final)
@@ -92,7 +93,8 @@ def shipped() -> Path:
 
 
 def test_shipped_model_is_small_and_self_describing(shipped):
-    from edge_metastone.modelfile import open_model_file, provenance
+    from edge_metastone.modelfile.copy import provenance
+    from edge_metastone.modelfile.read import open_model_file
 
     assert shipped.stat().st_size < 20 * 2**20
     mf = open_model_file(shipped)

@@ -15,11 +15,12 @@ pytest.importorskip("onnx")
 
 from conftest import cli_json, run_cli
 from converters.onnx_export import export_onnx
-from edge_metastone.backend import Backend, generate_all, open_backend
+from edge_metastone.backend import Backend, generate_all
 from edge_metastone.errors import BadModelFileError, InvalidRequestError
-from edge_metastone.onnx_backend import OnnxBackend
+from edge_metastone.onnx_backend.backend import OnnxBackend
 from edge_metastone.onnx_backend.sampling import NumpySampler
 from edge_metastone.reasoner import Reasoner
+from edge_metastone.runtime import open_backend
 from edge_metastone.scheduler import MIB, Calibration
 from edge_metastone.types import (
     FinishEvent,

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 gguf_quants = pytest.importorskip("gguf.quants")
 
-import quant_kernels as qk  # noqa: E402
+from quant_kernels import ggml as qk  # noqa: E402
 from quant_kernels import ggml as qk_ggml  # noqa: E402
 from quant_kernels import reference as ref  # noqa: E402
 

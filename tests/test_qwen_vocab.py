@@ -22,12 +22,12 @@ from converters.vocab import normal_form
 from edge_metastone import keys
 from edge_metastone.chat import ChatTemplate
 from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import FinishReason, GenerationSettings
 from edge_metastone.engine.llama import Model
-from edge_metastone.engine.sampling import SamplingSettings
 from edge_metastone.errors import BadCheckpointError, BadModelFileError
-from edge_metastone.modelfile import open_model_file, write_model_copy
+from edge_metastone.modelfile.copy import write_model_copy
+from edge_metastone.modelfile.read import open_model_file
 from edge_metastone.normalization import NORMAL_FORMS, normalize
+from edge_metastone.types import FinishReason, GenerationSettings, SamplingSettings
 from fixtures.make_qwen_vocab import ADDED_TOKENS, N_RANKS, STEP_ID, VOCAB_SIZE
 from reference_scorer import load_reference, reference_score
 

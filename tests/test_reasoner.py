@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from conftest import cli_json, run_cli
-from edge_metastone.engine.generate import FinishEvent, StepEvent, TokenEvent
-from edge_metastone.engine.sampling import SamplingSettings
+from edge_metastone.engine.scoring import score_tokens
 from edge_metastone.errors import BudgetError
-from edge_metastone.reasoner import Reasoner, ReasonResult
+from edge_metastone.options import ReasonResult
+from edge_metastone.reasoner import Reasoner
 from edge_metastone.scheduler import MIB, Calibration
-from edge_metastone.scoring import score_tokens
+from edge_metastone.types import FinishEvent, SamplingSettings, StepEvent, TokenEvent
 
 DELIM = 258
 STEPPY = SamplingSettings(temperature=1.0, top_p=0.95, logit_bias=((DELIM, 4.0),))
@@ -171,7 +171,7 @@ def test_reason_cli_errors(tiny_gguf):
 
 def test_reason_options_validate():
     from edge_metastone.errors import InvalidRequestError
-    from edge_metastone.reasoner import ReasonOptions
+    from edge_metastone.options import ReasonOptions
 
     assert ReasonOptions(effort="high", strategy="vote").effort.k == 32
     for bad in (

@@ -8,18 +8,19 @@ import pytest
 
 from edge_metastone import scheduler
 from edge_metastone.errors import BudgetError, InvalidRequestError
+from edge_metastone.kvpolicy import kv_cells
 from edge_metastone.scheduler import (
     MIB,
     Budget,
     Calibration,
     Effort,
-    KVLayout,
-    KVType,
-    ModelFacts,
     Request,
     choose,
+    context_bytes,
+    kv_bytes,
     predict,
 )
+from edge_metastone.types import KVLayout, KVType, ModelFacts
 
 FACTS = ModelFacts(
     weight_bytes=1000 * MIB,
@@ -52,28 +53,28 @@ def test_step_time_interpolates_log_linearly():
 
 def test_kv_bytes_exact():
     # 2 (K,V) * 28 layers * 2 kv heads * 128 dims * 2 bytes = 28672 bytes per cell, padded to 256
-    assert FACTS.kv_bytes(1) == 28672 * 256
-    assert FACTS.kv_bytes(257) == 28672 * 512
+    assert kv_bytes(FACTS, 1) == 28672 * 256
+    assert kv_bytes(FACTS, 257) == 28672 * 512
 
 
 def test_kv_bytes_of_quantized_types():
     # q8_0: 34 bytes per 32 elements; q4_0: 18 per 32 (ggml's blocks)
-    assert FACTS.kv_bytes(256, KVType.Q8_0) == 2 * 28 * 256 * 34 // 32 * 256
-    assert FACTS.kv_bytes(256, KVType.Q4_0) == 2 * 28 * 256 * 18 // 32 * 256
+    assert kv_bytes(FACTS, 256, KVType.Q8_0) == 2 * 28 * 256 * 34 // 32 * 256
+    assert kv_bytes(FACTS, 256, KVType.Q4_0) == 2 * 28 * 256 * 18 // 32 * 256
 
 
 def test_kv_cells_per_layout():
     # unified: the prompt once, then k x new; streams: each stream its own prompt, 256-padded
-    assert scheduler.kv_cells(100, 1000, 8, KVLayout.UNIFIED) == 8192
-    assert scheduler.kv_cells(100, 1000, 8, KVLayout.STREAMS) == 8 * 1280
-    assert scheduler.kv_cells(100, 1000, 8, KVLayout.AUTO) == 8 * 1280  # AUTO: streams at k >= 2
-    assert scheduler.kv_cells(100, 1000, 1, KVLayout.AUTO) == 1280
+    assert kv_cells(100, 1000, 8, KVLayout.UNIFIED) == 8192
+    assert kv_cells(100, 1000, 8, KVLayout.STREAMS) == 8 * 1280
+    assert kv_cells(100, 1000, 8, KVLayout.AUTO) == 8 * 1280  # AUTO: streams at k >= 2
+    assert kv_cells(100, 1000, 1, KVLayout.AUTO) == 1280
 
 
 def test_auto_layout_keeps_long_prompts_in_one_cache():
     """AUTO: streams for k >= 2 unless k copies of the prompt would make the cache more than 1.5x
     the unified one (before llama.cpp's padding); one candidate runs unified."""
-    from edge_metastone.types import resolve_layout
+    from edge_metastone.kvpolicy import resolve_layout
 
     assert resolve_layout(KVLayout.AUTO, 1, 100, 1000) is KVLayout.UNIFIED
     assert resolve_layout(KVLayout.AUTO, 8, 100, 1000) is KVLayout.STREAMS  # 8800 vs 8100 cells
@@ -244,15 +245,16 @@ def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, prompt, new, 
     import logging
     import re
 
+    from edge_metastone.engine.engine import model_facts
     from edge_metastone.engine.llama import Context, ContextSettings, Model
     from edge_metastone.limits import PREFILL_BATCH
-    from edge_metastone.modelfile import open_model_file
+    from edge_metastone.modelfile.read import open_model_file
 
     path = tiny_gguf("q8_0")
-    facts = ModelFacts.of(open_model_file(path))
+    facts = model_facts(open_model_file(path))
     caplog.set_level(logging.INFO, logger="llama_cpp.native")
     layout, kv_type = KVLayout(layout), KVType(kv_type)
-    n_ctx = scheduler.kv_cells(prompt, new, k, layout)
+    n_ctx = kv_cells(prompt, new, k, layout)
     n_batch = max(min(prompt, PREFILL_BATCH), k)
     settings = ContextSettings(
         n_ctx=n_ctx,
@@ -272,7 +274,7 @@ def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, prompt, new, 
 
     kv = mib(r"CPU KV buffer size")
     # the log rounds to 0.01 MiB
-    assert abs(facts.kv_bytes(n_ctx, kv_type) - kv) <= 0.0051 * MIB, (facts.kv_bytes(n_ctx), kv)
+    assert abs(kv_bytes(facts, n_ctx, kv_type) - kv) <= 0.0051 * MIB, (kv_bytes(facts, n_ctx), kv)
     actual = mib(r"CPU compute buffer size") + mib(r"CPU\s+output buffer size")
-    predicted = facts.context_bytes(n_ctx, n_batch, kv_type) - facts.kv_bytes(n_ctx, kv_type)
+    predicted = context_bytes(facts, n_ctx, n_batch, kv_type) - kv_bytes(facts, n_ctx, kv_type)
     assert actual <= predicted <= 2 * actual, (predicted / MIB, actual / MIB)

@@ -8,10 +8,12 @@ import pytest
 from fake_backend import FakeBackend, Script
 
 from edge_metastone.answers import answers_equivalent, extract_answer, group_answers
-from edge_metastone.search import BestOfK, LogProb, StepPruning, Vote, make_strategy
+from edge_metastone.search import make_strategy
 from edge_metastone.search.base import argmax_lowest_index, select_by_score, selection_pool
-from edge_metastone.search.prune import PruneRule
-from edge_metastone.search.vote import vote
+from edge_metastone.search.best_of_k import BestOfK
+from edge_metastone.search.logprob import LogProb
+from edge_metastone.search.prune import PruneRule, StepPruning
+from edge_metastone.search.vote import Vote, vote
 from edge_metastone.sprm import trajectory_score
 from edge_metastone.types import (
     Candidate,

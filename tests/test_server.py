@@ -17,7 +17,8 @@ from server_process import ServerProcess
 from starlette.testclient import TestClient
 
 from edge_metastone.models import default_model_path
-from edge_metastone.reasoner import Reasoner, ReasonOptions
+from edge_metastone.options import ReasonOptions
+from edge_metastone.reasoner import Reasoner
 from edge_metastone.server.app import create_app
 from edge_metastone.server.errors import ErrorGuard
 

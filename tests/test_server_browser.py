@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from server_process import ServerProcess
 
-from edge_metastone.reasoner import Reasoner, ReasonOptions
+from edge_metastone.options import ReasonOptions
+from edge_metastone.reasoner import Reasoner
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [

@@ -21,14 +21,14 @@ import torch
 from conftest import REPO, run_cli
 from edge_metastone import keys
 from edge_metastone.engine.engine import Engine
-from edge_metastone.engine.generate import GenerationSettings
-from edge_metastone.engine.sampling import SamplingSettings
-from edge_metastone.modelfile import open_model_file, write_model_copy
-from edge_metastone.scoring import forward_features
+from edge_metastone.engine.scoring import forward_features
+from edge_metastone.modelfile.copy import write_model_copy
+from edge_metastone.modelfile.read import open_model_file
 from edge_metastone.sprm import SprmHead, StepRule
 from edge_metastone.training.collect import ProblemData
 from edge_metastone.training.loss import bce_loss, spr_loss
 from edge_metastone.training.metrics import auc, within_auc
+from edge_metastone.types import GenerationSettings, SamplingSettings
 from fixtures.make_planted import GOLD, build_planted
 
 PARITY_TOL = 1e-4

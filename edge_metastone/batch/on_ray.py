@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from edge_metastone.batch.runner import BatchJob, Unit, make_record, reasoner_for
+from edge_metastone.batch.job import BatchJob, Unit, make_record, reasoner_for
 from edge_metastone.errors import EdgeMetastoneError
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from edge_metastone.batch.jobfile import sidecar
 from edge_metastone.training.metrics import ProblemSamples, selection_report
 
 if TYPE_CHECKING:
-    from edge_metastone.batch.runner import BatchJob
+    from edge_metastone.batch.job import BatchJob
 
 SELECTORS = ("default", "sprm", "majority", "logprob")
 SELECTOR_LABELS = {
@@ -178,7 +178,7 @@ def write_report(
     summary = summarize(records, facts)
     summary["output"] = str(job.output)
     if png is not None:
-        from edge_metastone.modelfile import open_model_file
+        from edge_metastone.modelfile.read import open_model_file
 
         n_params = open_model_file(job.model_path, job.head).n_params
         points = sweep_points(records, n_params)

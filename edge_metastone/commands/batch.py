@@ -6,11 +6,17 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edge_metastone.commands import WEIGHT_BUFFERS_ENV, print_json
+from edge_metastone.commands import print_json
 from edge_metastone.commands.reason import add_reason_options, reason_options
+from edge_metastone.engine.weight_buffers import ENV_VAR as WEIGHT_BUFFERS_ENV
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import FIXED_EFFORTS, Effort
+
+if TYPE_CHECKING:
+    from edge_metastone.batch.job import BatchJob
+    from edge_metastone.batch.runner import UnitRunner
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,11 +90,23 @@ def _check_extras(args: argparse.Namespace) -> None:
             ) from None
 
 
+def _unit_runner(job: BatchJob) -> UnitRunner:
+    """Where the units run: on Ray for `--ray`, else here."""
+    if job.ray_address is not None:
+        from edge_metastone.batch.on_ray import run_on_ray
+
+        return run_on_ray
+    from edge_metastone.batch.runner import run_local
+
+    return run_local
+
+
 def run(args: argparse.Namespace) -> int:
     """Run or resume the job, then print the summary."""
-    from edge_metastone.batch import BatchJob, run_batch
+    from edge_metastone.batch.job import BatchJob
     from edge_metastone.batch.jobfile import sidecar
     from edge_metastone.batch.report import write_report
+    from edge_metastone.batch.runner import run_batch
 
     if args.sweep and args.effort:
         raise EdgeMetastoneError("give --effort or --sweep, not both")
@@ -115,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray,
         ray_workers=args.workers,
     )
-    records, facts = run_batch(job, progress=not args.no_progress)
+    records, facts = run_batch(job, _unit_runner(job), progress=not args.no_progress)
     png = (args.png or sidecar(args.output, "sweep.png")) if args.sweep else None
     summary = write_report(job, records, facts, png)
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edge_metastone.commands import add_weight_buffers, print_json
-from edge_metastone.modelfile import ModelFile, open_model_file
+from edge_metastone.modelfile.read import ModelFile, open_model_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 from edge_metastone.commands import add_weight_buffers, print_json
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import Effort
-from edge_metastone.search import StrategyName
+from edge_metastone.search.base import StrategyName
 from edge_metastone.types import KVType
 
 if TYPE_CHECKING:
-    from edge_metastone.reasoner import ReasonOptions
+    from edge_metastone.options import ReasonOptions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,7 +82,7 @@ def add_reason_options(
 
 def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
     """The `ReasonOptions` the shared flags describe (`changes` override fields)."""
-    from edge_metastone.reasoner import ReasonOptions
+    from edge_metastone.options import ReasonOptions
 
     fields = {
         "effort": args.effort,

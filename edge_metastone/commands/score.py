@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Score and print."""
-    from edge_metastone.backend import open_backend
+    from edge_metastone.runtime import open_backend
 
     try:
         text = args.text_file.read_text(encoding="utf-8")

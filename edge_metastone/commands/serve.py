@@ -20,6 +20,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions) and a web page at /"
     )
+    _add_model_options(p)
+    _add_limit_options(p)
+    add_weight_buffers(p)
+    p.set_defaults(run=run)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """What is served, where, on what hardware."""
     p.add_argument(
         "--model", type=Path, default=None, help="model GGUF (default: the embedded model)"
     )
@@ -38,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
     )
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """What a request may ask for, how many may wait, and how long a shutdown waits."""
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -76,8 +88,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="on Ctrl-C/SIGTERM, time given to requests in flight before they are cancelled "
         "(default 10; a second Ctrl-C cancels at once)",
     )
-    add_weight_buffers(p)
-    p.set_defaults(run=run)
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -3,32 +3,29 @@ llama.cpp implementation of `edge_metastone.backend.Backend`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
 
-from edge_metastone.backend import generate_all
-from edge_metastone.chat import ChatTemplate, encode_chat
-from edge_metastone.engine.generate import BatchGenerator
-from edge_metastone.engine.llama import Model, default_threads
+from edge_metastone.chat import ChatTemplate
+from edge_metastone.decode.backend import DecodingBackend
+from edge_metastone.engine.llama import Model
+from edge_metastone.engine.scoring import score_tokens
+from edge_metastone.engine.steps import LlamaSetup, LlamaSteps
 from edge_metastone.errors import MissingHeadError
-from edge_metastone.modelfile import ModelFile, open_model_file
-from edge_metastone.normalization import normalize
-from edge_metastone.scheduler import ModelFacts
-from edge_metastone.scoring import score_tokens
+from edge_metastone.limits import default_threads
+from edge_metastone.modelfile.read import ModelFile, open_model_file
+from edge_metastone.normalization import NormalForm
 from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
 from edge_metastone.types import (
-    Candidate,
-    Event,
-    GenerationControl,
     GenerationSettings,
     KVLayout,
     KVType,
-    SamplingSettings,
+    ModelFacts,
     ScoreResult,
+    Timings,
 )
 
 
@@ -46,8 +43,31 @@ def step_rule(mf: ModelFile, model: Model) -> StepRule:
     return StepRule.of(step_ids, single(THINK_START), single(THINK_END))
 
 
-class Engine:
+def model_facts(mf: ModelFile) -> ModelFacts:
+    """What the scheduler needs to know of an opened GGUF model file."""
+    head_bytes = 0
+    if mf.head is not None:
+        h = mf.head
+        head_bytes = h.fc1_weight.nbytes + h.fc1_bias.nbytes + h.fc2_weight.nbytes + 8
+    return ModelFacts(
+        weight_bytes=mf.n_bytes,
+        n_layers=mf.n_layers,
+        n_kv_heads=mf.n_head_kv,
+        head_dim=mf.head_dim,
+        n_embd=mf.n_embd,
+        n_ff=mf.n_ff,
+        n_head=mf.n_head,
+        n_vocab=mf.n_vocab,
+        n_ctx_train=mf.context_length,
+        head_bytes=head_bytes,
+    )
+
+
+class Engine(DecodingBackend):
     """Loads a model file (and its SPRM head) once; generates k scored candidates per request."""
+
+    kv_layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
+    kv_types = (KVType.F16, KVType.Q8_0, KVType.Q4_0)
 
     def __init__(
         self,
@@ -62,14 +82,16 @@ class Engine:
         self.model_file: ModelFile = open_model_file(model_path, head_path)
         mf = self.model_file
         self.model = Model(mf.path, n_gpu_layers=n_gpu_layers, weight_buffers=weight_buffers)
+        model = self.model
         self.n_gpu_layers = n_gpu_layers
         self.n_threads = n_threads or default_threads()
-        self.facts = ModelFacts.of(mf)
+        self.facts = model_facts(mf)
         self.template = ChatTemplate(mf.chat_template, variables=mf.template_variables)
-        self.rule = step_rule(mf, self.model)
-        self._generator = BatchGenerator(
-            self.model, mf.head, self.rule, n_threads=n_threads, parity=parity
-        )
+        self.rule = step_rule(mf, model)
+        self.tokenize = model.tokenize  # special tokens in the text are parsed
+        self.tokenize_text = functools.partial(model.tokenize, parse_special=False)
+        layer = mf.head.feature_layer if mf.head is not None else model.n_layer - 2
+        self._setup = LlamaSetup(model, mf.head, layer, n_threads, parity)
 
     @property
     def path(self) -> Path:
@@ -100,78 +122,35 @@ class Engine:
         """Token ids that end a turn."""
         return self.model.eog_ids
 
-    kv_layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
-    kv_types = (KVType.F16, KVType.Q8_0, KVType.Q4_0)
-
     @property
     def feature_layer(self) -> int:
-        """The layer whose output the head reads (the head's, else L-2)."""
-        return self._generator.feature_layer
+        """The layer whose output the head reads (the head's, else L-2; SPEC §1)."""
+        return self._setup.feature_layer
 
-    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """The prompt text for a conversation, by the model's own (sandboxed) chat template."""
-        return self.template.render(messages, add_generation_prompt=True)
+    @property
+    def normalizer(self) -> NormalForm | None:
+        """The tokenizer's normal form (llama.cpp reads it from the file)."""
+        return self.model.normalizer
 
-    def tokenize(self, text: str) -> list[int]:
-        """Prompt text -> token ids (special tokens in the text are parsed): for text the caller
-        rendered on purpose. User messages go through `encode_chat`."""
-        return self.model.tokenize(text)
+    @property
+    def control_texts(self) -> tuple[str, ...]:
+        """Control tokens' spellings."""
+        return self.model.control_texts
+
+    @property
+    def n_ctx(self) -> int:
+        """The model's training context."""
+        return self.model.n_ctx_train
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """Token ids -> text (control tokens spelled out)."""
         return self.model.detokenize(token_ids)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
-        """The prompt text and ids for a conversation. Only the template's own markup becomes
-        control tokens: text in a message that spells one (`<|im_end|>`, `<think>`) stays text."""
-        return encode_chat(
-            self.render,
-            messages,
-            tokenize=self.model.tokenize,
-            tokenize_text=functools.partial(self.model.tokenize, parse_special=False),
-            control_texts=self.model.control_texts,
-        )
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        control: GenerationControl | None = None,
-        candidate_offset: int = 0,
-    ) -> Iterator[Event]:
-        """Stream events for k candidates generated as one batch. Stop strings are matched in the
-        tokenizer's normal form, the form the model reads and writes."""
-        if settings.stop and self.model.normalizer is not None:
-            keep = self.model.control_texts
-            stop = tuple(normalize(s, self.model.normalizer, keep) for s in settings.stop)
-            settings = dataclasses.replace(settings, stop=stop)
-        return self._generator.generate(
-            prompt_ids, k, sampling, settings, control=control, candidate_offset=candidate_offset
-        )
-
-    def generate_all(
-        self,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        control: GenerationControl | None = None,
-        candidate_offset: int = 0,
-    ) -> list[Candidate]:
-        """Run to the end; candidates in index order (`backend.generate_all` on this engine)."""
-        return generate_all(
-            self,
-            prompt_ids,
-            k,
-            sampling,
-            settings,
-            control=control,
-            candidate_offset=candidate_offset,
-        )
+    def open_steps(
+        self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
+    ) -> LlamaSteps:
+        """A context for k sequences over `prompt`, in the layout and KV type `settings` name."""
+        return LlamaSteps(self._setup, len(prompt), k, settings, scoring, tm)
 
     def score_tokens(self, token_ids: Sequence[int], *, parity: bool = True) -> ScoreResult:
         """One forward over the full sequence, features at the scored positions through the head
@@ -187,9 +166,3 @@ class Engine:
     def close(self) -> None:
         """Free the model."""
         self.model.close()
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

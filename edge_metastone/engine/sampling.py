@@ -11,8 +11,6 @@ import llama_cpp
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.types import SamplingSettings
 
-__all__ = ["Sampler", "SamplingSettings"]
-
 
 class Sampler:
     """Owns one llama.cpp sampler chain for one candidate."""

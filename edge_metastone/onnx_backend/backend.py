@@ -3,38 +3,35 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from edge_metastone.chat import ChatTemplate, encode_chat
+from edge_metastone.chat import ChatTemplate
+from edge_metastone.decode.backend import DecodingBackend
 from edge_metastone.errors import (
     ContextExceededError,
     EdgeMetastoneError,
     MissingHeadError,
 )
 from edge_metastone.limits import PREFILL_BATCH
-from edge_metastone.normalization import normalize
-from edge_metastone.onnx_backend.generate import OnnxGenerator, sigmoid
 from edge_metastone.onnx_backend.modeldir import HfTokenizer, read_model_dir
 from edge_metastone.onnx_backend.session import KVCache, Session
-from edge_metastone.scheduler import ModelFacts
-from edge_metastone.sprm import StepRule, trajectory_score
+from edge_metastone.onnx_backend.steps import OnnxSteps, prompt_pass
+from edge_metastone.sprm import StepRule, sigmoid, trajectory_score
 from edge_metastone.types import (
-    Event,
-    GenerationControl,
     GenerationSettings,
     KVLayout,
     KVType,
-    SamplingSettings,
+    ModelFacts,
     ScoreResult,
+    Timings,
 )
 
 
-class OnnxBackend:
+class OnnxBackend(DecodingBackend):
     """Loads an ONNX model directory once; generates k scored candidates per request."""
 
     def __init__(
@@ -46,7 +43,10 @@ class OnnxBackend:
         self.template = ChatTemplate(md.chat_template, variables=md.template_variables)
         self.rule = StepRule.of(md.step_token_ids, md.think_start_id, md.think_end_id)
         self.session = Session(md, n_threads=n_threads, provider=provider)
-        self._generator = OnnxGenerator(self.session, md, self.tok, self.rule)
+        self.normalizer = md.normalizer
+        self.control_texts = self.tok.control_texts
+        self.tokenize = self.tok.encode  # added-token spellings in the text are parsed
+        self.tokenize_text = self.tok.encode  # the template's markup is split out before
         head_bytes = 4 * (2 * md.hidden_size**2 + 4 * md.hidden_size + 1) if md.has_head else 0
         self.facts = ModelFacts(
             weight_bytes=md.n_bytes,
@@ -94,48 +94,20 @@ class OnnxBackend:
         """Token ids that end a turn (recorded at export as llama.cpp would choose them)."""
         return self.md.eog_token_ids
 
-    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """The prompt text for a conversation, by the model's own (sandboxed) chat template."""
-        return self.template.render(messages, add_generation_prompt=True)
+    @property
+    def n_ctx(self) -> int:
+        """The model's context length."""
+        return self.md.context_length
 
-    def tokenize(self, text: str) -> list[int]:
-        """Prompt text -> token ids (added-token spellings in the text are parsed)."""
-        return self.tok.encode(text)
+    def open_steps(
+        self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
+    ) -> OnnxSteps:
+        """k cache rows over `prompt` (one float cache per candidate)."""
+        return OnnxSteps(self.session, self.tok, prompt, k, settings, scoring, tm)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """Token ids -> text (control tokens spelled out)."""
         return self.tok.decode(list(token_ids))
-
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
-        """The prompt text and ids; message text that spells a control token stays text (as the
-        llama.cpp backend's)."""
-        return encode_chat(
-            self.render,
-            messages,
-            tokenize=self.tok.encode,
-            tokenize_text=self.tok.encode,
-            control_texts=self.tok.control_texts,
-        )
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        control: GenerationControl | None = None,
-        candidate_offset: int = 0,
-    ) -> Iterator[Event]:
-        """Stream events for k candidates generated as one batch. Stop strings are matched in the
-        tokenizer's normal form, the form the model reads and writes (as the llama.cpp backend)."""
-        if settings.stop and self.md.normalizer is not None:
-            form = self.md.normalizer
-            stop = tuple(normalize(s, form, self.tok.control_texts) for s in settings.stop)
-            settings = dataclasses.replace(settings, stop=stop)
-        return self._generator.generate(
-            prompt_ids, k, sampling, settings, control=control, candidate_offset=candidate_offset
-        )
 
     def forward(self, token_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """One pass over `token_ids` (chunked): logits [T, V], features [T, C] and step logits
@@ -168,7 +140,7 @@ class OnnxBackend:
         positions = self.rule.scored_positions(ids)
         if not positions:
             return ScoreResult([], [], 0.0, len(ids), ids)
-        pre = self._generator.prefill(ids, set(positions), sprm=True, features=False)
+        pre = prompt_pass(self.session, self.md, ids, set(positions), sprm=True, features=False)
         steps = [float(s) for s in sigmoid([pre.step_logits[p] for p in positions])]
         if not all(np.isfinite(steps)):
             raise EdgeMetastoneError(
@@ -183,9 +155,3 @@ class OnnxBackend:
     def close(self) -> None:
         """Free the session."""
         self.session.close()
-
-    def __enter__(self) -> OnnxBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

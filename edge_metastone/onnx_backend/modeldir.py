@@ -13,7 +13,7 @@ from typing import Any
 
 from edge_metastone import keys
 from edge_metastone.errors import BadModelFileError
-from edge_metastone.modelfile import special_tokens_problem
+from edge_metastone.modelfile.read import special_tokens_problem
 from edge_metastone.normalization import NORMAL_FORMS
 
 MODEL_FILE = "model.onnx"
@@ -95,8 +95,8 @@ def _ids(meta: dict[str, Any], key: str, vocab: int, where: Path) -> tuple[int, 
     return tuple(v)
 
 
-def read_model_dir(path: Path) -> OnnxModelDir:
-    """Read and check `path/metastone.json` (the SPEC §2 keys under their GGUF names)."""
+def _load_meta(path: Path) -> tuple[dict[str, Any], Path]:
+    """`path/metastone.json` as a JSON object of this format and version, and its path."""
     where = path / META_FILE
     try:
         if where.stat().st_size > MAX_META_BYTES:
@@ -117,7 +117,11 @@ def read_model_dir(path: Path) -> OnnxModelDir:
             f"{where}: format_version {meta.get('format_version')!r} is not supported "
             f"(this build reads {FORMAT_VERSION})"
         )
-    out_type = _str(meta, "out_type", where) or "unknown"
+    return meta, where
+
+
+def _sizes(meta: dict[str, Any], where: Path) -> tuple[int, int, int, int]:
+    """Hidden size, layers, heads and KV heads, checked to divide."""
     c = _int(meta, "hidden_size", 1, MAX_DIM, where)
     n_layers = _int(meta, "n_layers", 2, 4096, where)
     n_heads = _int(meta, "n_heads", 1, 4096, where)
@@ -126,10 +130,11 @@ def read_model_dir(path: Path) -> OnnxModelDir:
         raise BadModelFileError(
             f"{where}: hidden_size {c}, n_heads {n_heads} and n_kv_heads {n_kv} do not divide"
         )
-    vocab = _int(meta, "vocab_size", 1, 1 << 24, where)
-    step_ids = _ids(meta, keys.STEP_TOKEN_IDS, vocab, where)
-    if not step_ids:
-        raise BadModelFileError(f"{where}: {keys.STEP_TOKEN_IDS} is empty")
+    return c, n_layers, n_heads, n_kv
+
+
+def _head(meta: dict[str, Any], where: Path, c: int, n_layers: int) -> tuple[bool, int]:
+    """Whether the graph has the SPRM head, and its feature layer (L-2 without one)."""
     has_head = keys.SPRM_VERSION in meta
     feature_layer = n_layers - 2
     if has_head:
@@ -140,12 +145,30 @@ def read_model_dir(path: Path) -> OnnxModelDir:
             raise BadModelFileError(f"{where}: the SPRM head's hidden size is not the model's")
         if _int(meta, keys.SPRM_INNER_SIZE, 1, 2 * MAX_DIM, where) != 2 * c:
             raise BadModelFileError(f"{where}: the SPRM head's inner size is not 2C")
-    template = _str(meta, "chat_template", where)
-    strategy = _str(meta, keys.DEFAULT_STRATEGY, where)
+    return has_head, feature_layer
+
+
+def _dir_bytes(path: Path) -> int:
+    """Total size of the directory's files."""
     try:
-        n_bytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     except OSError as e:
         raise BadModelFileError(f"cannot read {path}: {e}") from None
+
+
+def read_model_dir(path: Path) -> OnnxModelDir:
+    """Read and check `path/metastone.json` (the SPEC §2 keys under their GGUF names)."""
+    meta, where = _load_meta(path)
+    out_type = _str(meta, "out_type", where) or "unknown"
+    c, n_layers, n_heads, n_kv = _sizes(meta, where)
+    vocab = _int(meta, "vocab_size", 1, 1 << 24, where)
+    step_ids = _ids(meta, keys.STEP_TOKEN_IDS, vocab, where)
+    if not step_ids:
+        raise BadModelFileError(f"{where}: {keys.STEP_TOKEN_IDS} is empty")
+    has_head, feature_layer = _head(meta, where, c, n_layers)
+    template = _str(meta, "chat_template", where)
+    strategy = _str(meta, keys.DEFAULT_STRATEGY, where)
+    n_bytes = _dir_bytes(path)
     return OnnxModelDir(
         path=path,
         out_type=out_type,

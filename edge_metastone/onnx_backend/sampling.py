@@ -43,6 +43,9 @@ class NumpySampler:
         if self._penalize:
             self._history.extend(tokens)
 
+    def close(self) -> None:
+        """Nothing to free (numpy's RNG is garbage-collected)."""
+
     def sample(self, logits: np.ndarray) -> int:
         """Draw one token from raw logits [n_vocab] (and remember it)."""
         s = self.s

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_metastone.search.base import SearchEngine, SearchResult, Strategy, StrategyName
+from edge_metastone.search.base import Strategy, StrategyName
 from edge_metastone.search.best_of_k import BestOfK
 from edge_metastone.search.logprob import LogProb
 from edge_metastone.search.prune import StepPruning
@@ -23,17 +23,3 @@ def make_strategy(name: StrategyName | str) -> Strategy:
     if name is StrategyName.WEIGHTED_VOTE:
         return Vote(weighted=True)
     return STRATEGIES[name]()
-
-
-__all__ = [
-    "STRATEGIES",
-    "BestOfK",
-    "LogProb",
-    "SearchEngine",
-    "SearchResult",
-    "StepPruning",
-    "Strategy",
-    "StrategyName",
-    "Vote",
-    "make_strategy",
-]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from edge_metastone.backend import Backend
 from edge_metastone.types import (
     Candidate,
     Event,
@@ -29,24 +30,6 @@ class StrategyName(str, enum.Enum):
     VOTE = "vote"  # majority vote over extracted answers
     WEIGHTED_VOTE = "weighted-vote"  # vote weighted by SPRM trajectory score
     LOGPROB = "logprob"  # the policy's own mean token log-probability
-
-
-class SearchEngine(Protocol):
-    """What a strategy needs from a backend (`edge_metastone.backend.Backend` has it all)."""
-
-    @property
-    def has_head(self) -> bool: ...
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        k: int,
-        sampling: SamplingSettings,
-        settings: GenerationSettings,
-        *,
-        control: GenerationControl | None = None,
-        candidate_offset: int = 0,
-    ) -> Iterator[Event]: ...
 
 
 @dataclass(frozen=True)
@@ -81,7 +64,7 @@ class Strategy(Protocol):
 
     def run(
         self,
-        engine: SearchEngine,
+        engine: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -93,12 +76,12 @@ class Strategy(Protocol):
     ) -> tuple[list[Candidate], bool]: ...
 
     def choose(
-        self, engine: SearchEngine, cands: list[Candidate], k: int, early: bool
+        self, engine: Backend, cands: list[Candidate], k: int, early: bool
     ) -> SearchResult: ...
 
     def search(
         self,
-        engine: SearchEngine,
+        engine: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -110,7 +93,7 @@ class Strategy(Protocol):
 
 
 def run_candidates(
-    engine: SearchEngine,
+    engine: Backend,
     prompt_ids: Sequence[int],
     k: int,
     sampling: SamplingSettings,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from edge_metastone.search.base import SearchEngine, StrategyName, select_by_logprob
+from edge_metastone.backend import Backend
+from edge_metastone.search.base import StrategyName, select_by_logprob
 from edge_metastone.search.strategy import SelectingStrategy
 from edge_metastone.types import Candidate, GenerationSettings
 
@@ -14,10 +15,10 @@ class LogProb(SelectingStrategy):
 
     name = StrategyName.LOGPROB
 
-    def prepare(self, engine: SearchEngine, settings: GenerationSettings) -> GenerationSettings:
+    def prepare(self, engine: Backend, settings: GenerationSettings) -> GenerationSettings:
         """Ask the engine for log-probabilities."""
         return dataclasses.replace(settings, logprobs=True)
 
-    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Highest mean log-probability (ties: lowest index)."""
         return select_by_logprob(cands), f"highest mean token log-probability of {k}"

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from edge_metastone.backend import Backend
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.search.base import (
     EventHook,
-    SearchEngine,
     StrategyName,
     select_by_score,
 )
@@ -76,7 +76,7 @@ class StepPruning(SelectingStrategy):
 
     def run(
         self,
-        engine: SearchEngine,
+        engine: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -104,7 +104,7 @@ class StepPruning(SelectingStrategy):
         if self.rule is not None:
             self.rule.finished.add(c.index)
 
-    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Best trajectory score among the survivors."""
         if self.rule is None:
             return BestOfK().select(engine, cands, k)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from edge_metastone.backend import Backend
 from edge_metastone.search.base import (
     EventHook,
-    SearchEngine,
     SearchResult,
     StrategyName,
     position_of,
@@ -26,7 +26,7 @@ class SelectingStrategy:
 
     name: StrategyName
 
-    def prepare(self, engine: SearchEngine, settings: GenerationSettings) -> GenerationSettings:
+    def prepare(self, engine: Backend, settings: GenerationSettings) -> GenerationSettings:
         """Adjust generation settings before the run (e.g. ask for log-probabilities)."""
         return settings
 
@@ -36,13 +36,13 @@ class SelectingStrategy:
     def on_finish(self, c: Candidate) -> None:
         """Called when a candidate ends."""
 
-    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """The chosen candidate's `.index` and the reason."""
         raise NotImplementedError
 
     def run(
         self,
-        engine: SearchEngine,
+        engine: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -66,16 +66,14 @@ class SelectingStrategy:
             control=control,
         )
 
-    def choose(
-        self, engine: SearchEngine, cands: list[Candidate], k: int, early: bool
-    ) -> SearchResult:
+    def choose(self, engine: Backend, cands: list[Candidate], k: int, early: bool) -> SearchResult:
         """Select among finished candidates (no engine work: may run off the model's lock)."""
         best, reason = self.select(engine, cands, k)
         return SearchResult(cands, position_of(cands, best), self.name, reason, early)
 
     def search(
         self,
-        engine: SearchEngine,
+        engine: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,

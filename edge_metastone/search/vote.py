@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from edge_metastone.answers import extract_answer, group_answers
+from edge_metastone.backend import Backend
 from edge_metastone.search.base import (
-    SearchEngine,
     StrategyName,
     argmax_lowest_index,
     selection_pool,
@@ -38,7 +38,7 @@ class Vote(SelectingStrategy):
         self.weighted = weighted
         self.name = StrategyName.WEIGHTED_VOTE if weighted else StrategyName.VOTE
 
-    def select(self, engine: SearchEngine, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Vote among the eligible candidates."""
         pool = selection_pool(cands)
         weighted = self.weighted and engine.has_head

@@ -104,6 +104,15 @@ def create_app(
     app = _App(title="edge-metastone", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.model_id = model_id
+    _add_error_handlers(app)
+    _add_model_routes(app, reasoner, model_id, limits)
+    _add_completions_route(app, model_id, limits, settings.max_request_bytes)
+    _add_page(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Errors in the API's shape: an unknown path or method, and anything unexpected (a 500)."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
@@ -114,33 +123,40 @@ def create_app(
     async def internal_error(request: Request, e: Exception) -> Response:  # ErrorGuard logs it
         return ApiError(500, "internal server error", type="server_error").response()
 
-    def model_card() -> dict[str, Any]:
-        path = reasoner.model_path
-        return {
-            "id": model_id,
-            "object": "model",
-            "created": int(path.stat().st_mtime) if path.exists() else 0,
-            "owned_by": "edge-metastone",
-            "metastone": {
-                "file": path.name,
-                "has_head": reasoner.has_head,
-                "default_strategy": reasoner.default_strategy.value,
-                "context_length": reasoner.facts.n_ctx_train,
-                "max_tokens_limit": limits.max_tokens,
-                "default_max_tokens": limits.default_max_tokens,
-                "efforts": {e.value: e.k for e in FIXED_EFFORTS if e.k <= limits.max_k},
-            },
-        }
+
+def _model_card(reasoner: Reasoner, model_id: str, limits: Limits) -> dict[str, Any]:
+    """The served model as `/v1/models` lists it, with what a request may ask of it."""
+    path = reasoner.model_path
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(path.stat().st_mtime) if path.exists() else 0,
+        "owned_by": "edge-metastone",
+        "metastone": {
+            "file": path.name,
+            "has_head": reasoner.has_head,
+            "default_strategy": reasoner.default_strategy.value,
+            "context_length": reasoner.facts.n_ctx_train,
+            "max_tokens_limit": limits.max_tokens,
+            "default_max_tokens": limits.default_max_tokens,
+            "efforts": {e.value: e.k for e in FIXED_EFFORTS if e.k <= limits.max_k},
+        },
+    }
+
+
+def _add_model_routes(app: FastAPI, reasoner: Reasoner, model_id: str, limits: Limits) -> None:
+    """`/v1/models`, `/v1/models/{name}` and `/health`."""
+    service: GenerationService = app.state.service
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return json_response({"object": "list", "data": [model_card()]})
+        return json_response({"object": "list", "data": [_model_card(reasoner, model_id, limits)]})
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> Response:
         if name != model_id:
             return _unknown_model(name, model_id).response()
-        return json_response(model_card())
+        return json_response(_model_card(reasoner, model_id, limits))
 
     @app.get("/health")
     async def health() -> Response:
@@ -154,11 +170,16 @@ def create_app(
             }
         )
 
+
+def _add_completions_route(app: FastAPI, model_id: str, limits: Limits, max_bytes: int) -> None:
+    """`/v1/chat/completions`: a request queued on the service, answered whole or streamed."""
+    service: GenerationService = app.state.service
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         arrival = time.monotonic()
         try:
-            req = parse_request(await read_body(request, settings.max_request_bytes))
+            req = parse_request(await read_body(request, max_bytes))
             if req.model is not None and req.model != model_id:
                 raise _unknown_model(req.model, model_id)
             messages, options = to_options(req, limits)
@@ -178,13 +199,14 @@ def create_app(
             return EventStream(service, job, first, completion, include_usage)
         return json_response(completion.response(terminal[1], options.seed))
 
+
+def _add_page(app: FastAPI) -> None:
+    """The web page at `/` and its files under `/static`."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
-
-    return app
 
 
 def _unknown_model(name: str, model_id: str) -> ApiError:

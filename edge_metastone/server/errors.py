@@ -89,7 +89,9 @@ def from_exception(e: BaseException, *, queued: bool = False, closing: bool = Fa
         if queued:
             return unavailable(str(e), 1.0, code="budget_exceeded_in_queue")
         return bad_request(str(e), param="latency_budget", code="budget_cannot_be_met")
-    if isinstance(e, (InvalidRequestError, MissingHeadError)):
+    if isinstance(e, InvalidRequestError):
+        return bad_request(str(e), param=e.param)
+    if isinstance(e, MissingHeadError):
         return bad_request(str(e))
     if closing:
         return shutting_down()

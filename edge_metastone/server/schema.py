@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_metastone.errors import InvalidRequestError
-from edge_metastone.reasoner import ReasonOptions, ReasonResult
+from edge_metastone.options import ReasonOptions, ReasonResult
 from edge_metastone.scheduler import Effort
 from edge_metastone.server.errors import ApiError, bad_request
 from edge_metastone.types import Event, FinishEvent, StepEvent, TokenEvent
@@ -23,9 +23,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
 
-EffortName = Literal["low", "medium", "high", "auto"]
-StrategyField = Literal["best-of-k", "prune", "vote", "weighted-vote", "logprob"]
-KVCacheField = Literal["f16", "q8_0", "q4_0"]
+# the request's names for the `ReasonOptions` fields they set (where they differ)
+_PARAMS = {"max_new_tokens": "max_tokens"}
 
 
 class _Strict(BaseModel):
@@ -63,11 +62,12 @@ class ChatRequest(_Strict):
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    # the values are checked once, by `ReasonOptions`; here only the API's own limits
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, le=2)  # OpenAI's range
+    top_p: float | None = None
+    seed: int | None = Field(default=None, le=MAX_SEED)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -75,12 +75,12 @@ class ChatRequest(_Strict):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     # extension fields
-    effort: EffortName | None = None
-    strategy: StrategyField | None = None
-    latency_budget: float | None = Field(default=None, gt=0)
-    memory_budget: float | None = Field(default=None, gt=0)
+    effort: str | None = None
+    strategy: str | None = None
+    latency_budget: float | None = None
+    memory_budget: float | None = None
     allow_degrade: bool = False
-    kv_cache: KVCacheField | None = None  # the KV cache's type (default: f16, q8_0 under budget)
+    kv_cache: str | None = None  # the KV cache's type (default: f16, q8_0 under budget)
 
 
 @dataclass(frozen=True)
@@ -124,30 +124,23 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
         )
     if req.tools or req.functions:
         raise bad_request("tools are not supported", param="tools")
-    max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
+    given = [t for t in (req.max_completion_tokens, req.max_tokens) if t is not None]
+    max_tokens = given[0] if given else limits.default_max_tokens
     if max_tokens > limits.max_tokens:
         raise bad_request(
             f"max_tokens ({max_tokens}) is above this server's limit of {limits.max_tokens}",
             param="max_tokens",
         )
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
         raise bad_request(
-            f"stop: at most {MAX_STOP_STRINGS} non-empty strings of up to {MAX_STOP_CHARS} "
-            "characters",
+            f"stop: at most {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters",
             param="stop",
-        )
-    effort = Effort(req.effort) if req.effort else default_effort(limits.max_k)
-    if effort is not Effort.AUTO and effort.k > limits.max_k:
-        raise bad_request(
-            f"effort {effort.value} generates k={effort.k} candidates, above this server's "
-            f"limit of k={limits.max_k}",
-            param="effort",
         )
     messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
     try:
         options = ReasonOptions(
-            effort=effort,
+            effort=req.effort or default_effort(limits.max_k),
             latency_budget=req.latency_budget,
             memory_budget=req.memory_budget,
             seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
@@ -160,8 +153,8 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             max_k=limits.max_k,  # auto chooses among the efforts within the server's limit
             kv_cache=req.kv_cache,
         )
-    except InvalidRequestError as e:
-        raise bad_request(str(e)) from None
+    except InvalidRequestError as e:  # the one check of the values: mapped to the API's names
+        raise bad_request(str(e), param=_PARAMS.get(e.param, e.param)) from None
     return messages, options
 
 

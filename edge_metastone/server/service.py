@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Any
 
-from edge_metastone.reasoner import Prompt, Reasoner, ReasonOptions, ReasonResult
+from edge_metastone.options import Prompt, ReasonOptions, ReasonResult
+from edge_metastone.reasoner import Reasoner
 from edge_metastone.server.errors import ApiError, shutting_down, unavailable
 from edge_metastone.types import Event, TokenEvent
 

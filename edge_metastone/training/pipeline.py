@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from edge_metastone import keys
-from edge_metastone.backend import model_kind, open_backend
 from edge_metastone.errors import EdgeMetastoneError
-from edge_metastone.modelfile import (
-    SIDECAR_SUFFIX,
-    open_model_file,
-    provenance,
-    write_head_sidecar,
-    write_model_copy,
-)
-from edge_metastone.sprm import SprmHead
+from edge_metastone.modelfile.copy import provenance, write_model_copy
+from edge_metastone.modelfile.head import write_head_sidecar
+from edge_metastone.modelfile.read import SIDECAR_SUFFIX, open_model_file
+from edge_metastone.runtime import model_kind, open_backend
+from edge_metastone.sprm import SprmHead, StepRule
 from edge_metastone.training.collect import (
     CollectSettings,
+    Problem,
+    ProblemData,
     SampleCache,
     collect,
     identity,
@@ -57,6 +55,41 @@ def train_sprm(
 ) -> dict[str, Any]:
     """Collect, train, report and write; returns the report (also written as OUT.report.json)."""
     model_path, out_path = Path(model_path), Path(out_path)
+    _check_paths(model_path, out_path, head_path)
+    problems = read_problems(data_path)
+    mf = open_model_file(model_path, head_path)
+    init: SprmHead | None = mf.head if warm_start else None
+    if warm_start and init is None:
+        raise EdgeMetastoneError(f"{model_path} has no SPRM head to warm-start from")
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache(out_path)
+    data, rule, feature_layer = _collect_samples(
+        model_path,
+        head_path,
+        mf.path,
+        problems,
+        collect_settings,
+        cache_root,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        progress=progress,
+    )
+    head, trained = _train(data, train_settings, feature_layer, init, warm_start)
+    result: dict[str, Any] = {
+        "model": str(model_path),
+        "output": str(out_path),
+        "collect": asdict(collect_settings),
+        **trained,
+    }
+    head_facts = _head_facts(Path(data_path), len(data), collect_settings, train_settings)
+    _write_head(model_path, out_path, head, rule, mf.arch, head_facts)
+    report_path = out_path.with_name(out_path.name + ".report.json")
+    report_path.write_text(json.dumps(result, indent=2) + "\n")
+    result["report_file"] = str(report_path)
+    return result
+
+
+def _check_paths(model_path: Path, out_path: Path, head_path: Path | str | None) -> None:
+    """The output is no input, and the model is a GGUF file (a head is written into GGUF)."""
     if out_path.resolve() == model_path.resolve() or (
         head_path is not None and out_path.resolve() == Path(head_path).resolve()
     ):
@@ -66,23 +99,46 @@ def train_sprm(
             f"{model_path}: train-sprm needs a GGUF model (it writes a GGUF copy or a sidecar "
             "head); convert the checkpoint with `edge-metastone convert HF_DIR -o FILE.gguf`"
         )
-    problems = read_problems(data_path)
-    mf = open_model_file(model_path, head_path)
-    init: SprmHead | None = mf.head if warm_start else None
-    if warm_start and init is None:
-        raise EdgeMetastoneError(f"{model_path} has no SPRM head to warm-start from")
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache(out_path)
+
+
+def _collect_samples(
+    model_path: Path,
+    head_path: Path | str | None,
+    identity_path: Path,
+    problems: list[Problem],
+    collect_settings: CollectSettings,
+    cache_root: Path,
+    *,
+    n_threads: int,
+    n_gpu_layers: int,
+    progress: bool,
+) -> tuple[list[ProblemData], StepRule, int]:
+    """Sample and label the problems (resuming from the cache); returns the samples, the model's
+    step rule and the layer the head reads."""
     backend = open_backend(
         model_path, head=head_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers
     )
     try:
-        cache = SampleCache(cache_root, identity(mf.path, collect_settings, backend.feature_layer))
+        cache_id = identity(identity_path, collect_settings, backend.feature_layer)
+        cache = SampleCache(cache_root, cache_id)
         rule, feature_layer = backend.rule, backend.feature_layer
         if not rule.step_token_ids:
             raise EdgeMetastoneError(f"{model_path}: cannot find the step delimiter's token ids")
         data = _collect_with_progress(backend, problems, collect_settings, cache, progress)
     finally:
         backend.close()
+    return data, rule, feature_layer
+
+
+def _train(
+    data: list[ProblemData],
+    train_settings: TrainSettings,
+    feature_layer: int,
+    init: SprmHead | None,
+    warm_start: bool,
+) -> tuple[SprmHead, dict[str, Any]]:
+    """Split by problem, train the head, and report on the validation problems (on the training
+    ones when none are held out; against the warm start's head too)."""
     train_keys, val_keys = split(
         [d.key for d in data], train_settings.val_split, train_settings.seed
     )
@@ -90,16 +146,9 @@ def train_sprm(
     val_data = [d for d in data if d.key in val_keys] or train_data
     x, y = training_steps(train_data)
     head, log = train_head(x, y, train_settings, feature_layer=feature_layer, init=init)
-    result: dict[str, Any] = {
-        "model": str(model_path),
-        "output": str(out_path),
-        "collect": asdict(collect_settings),
+    trained: dict[str, Any] = {
         "train": {
-            **{
-                k: (v.value if hasattr(v, "value") else v)
-                for k, v in asdict(train_settings).items()
-            },
-            "warm_start": warm_start,
+            **_train_facts(train_settings, warm_start),
             "problems": len(train_data),
             "steps": len(y),
             "positive_steps": int(y.sum()),
@@ -110,32 +159,57 @@ def train_sprm(
         "validation": report(val_data, head),
     }
     if init is not None:
-        result["validation_before"] = report(val_data, init)
-    head_facts = {
+        trained["validation_before"] = report(val_data, init)
+    return head, trained
+
+
+def _train_facts(train_settings: TrainSettings, warm_start: bool) -> dict[str, Any]:
+    """The training settings as the report gives them (enums by value)."""
+    settings = {
+        k: (v.value if hasattr(v, "value") else v) for k, v in asdict(train_settings).items()
+    }
+    return {**settings, "warm_start": warm_start}
+
+
+def _head_facts(
+    data_path: Path,
+    n_problems: int,
+    collect_settings: CollectSettings,
+    train_settings: TrainSettings,
+) -> dict[str, Any]:
+    """How the head was trained, for the output's provenance."""
+    return {
         "trained_with": train_settings.loss.value,
         "script": "edge-metastone train-sprm",
-        "data": Path(data_path).name,
-        "problems": len(data),
+        "data": data_path.name,
+        "problems": n_problems,
         "samples": collect_settings.samples,
         "temperature": collect_settings.temperature,
         "seed": train_settings.seed,
         "epochs": train_settings.epochs,
         "date": datetime.date.today().isoformat(),
     }
+
+
+def _write_head(
+    model_path: Path,
+    out_path: Path,
+    head: SprmHead,
+    rule: StepRule,
+    arch: str,
+    head_facts: dict[str, Any],
+) -> None:
+    """The head into a sidecar file (`*.sprm.gguf`) or into a copy of the model."""
     prov = provenance(model_path)
     prov["sprm"] = head_facts
     extra = {
-        keys.SPRM_TRAINED_WITH: train_settings.loss.value,
+        keys.SPRM_TRAINED_WITH: head_facts["trained_with"],
         keys.PROVENANCE: json.dumps(prov, sort_keys=True),
     }
     if out_path.name.endswith(SIDECAR_SUFFIX):
-        write_head_sidecar(out_path, head, rule, arch=mf.arch, extra=extra)
+        write_head_sidecar(out_path, head, rule, arch=arch, extra=extra)
     else:
         write_model_copy(model_path, out_path, head=head, rule=rule, extra=extra)
-    report_path = out_path.with_name(out_path.name + ".report.json")
-    report_path.write_text(json.dumps(result, indent=2) + "\n")
-    result["report_file"] = str(report_path)
-    return result
 
 
 def _collect_with_progress(engine, problems, settings, cache, progress: bool) -> list:

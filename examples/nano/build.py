@@ -31,8 +31,9 @@ from train_backbone import main as train_backbone_main  # noqa: E402
 
 from converters.convert import convert  # noqa: E402
 from edge_metastone import keys  # noqa: E402
-from edge_metastone.modelfile import write_model_copy  # noqa: E402
-from edge_metastone.reasoner import Reasoner, ReasonOptions  # noqa: E402
+from edge_metastone.modelfile.copy import write_model_copy  # noqa: E402
+from edge_metastone.options import ReasonOptions  # noqa: E402
+from edge_metastone.reasoner import Reasoner  # noqa: E402
 from edge_metastone.training.collect import CollectSettings  # noqa: E402
 from edge_metastone.training.metrics import (  # noqa: E402
     SELECTOR_STRATEGY,

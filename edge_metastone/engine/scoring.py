@@ -12,7 +12,7 @@ from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
 from edge_metastone.errors import ContextExceededError, EdgeMetastoneError, MissingHeadError
 from edge_metastone.limits import PREFILL_BATCH
-from edge_metastone.modelfile import ModelFile, open_model_file
+from edge_metastone.modelfile.read import ModelFile, open_model_file
 from edge_metastone.sprm import StepRule, trajectory_score
 from edge_metastone.types import ScoreResult
 

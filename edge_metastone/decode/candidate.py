@@ -1,8 +1,7 @@
 """One candidate's bookkeeping as its tokens arrive, the same on every runtime: step scores and
 StepEvents, the think window, incremental UTF-8 text, stop strings, streaming holdback, length
-limits and the finished `Candidate`. A backend's generator keeps only what its runtime does
-(sampling, logits, decode calls, its KV cache or batch, feature capture) and subclasses
-`CandidateStream` with that state and its `step_score`."""
+limits and the finished `Candidate`. What only the runtime knows (the feature and step score of the
+token just decoded in the candidate's slot) it reads from the runtime's `Steps`."""
 
 from __future__ import annotations
 
@@ -16,9 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_metastone.decode.steps import Steps
+from edge_metastone.decode.text import ThinkState, safe_end, stop_match
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.sprm import StepRule, trajectory_score
-from edge_metastone.textstream import ThinkState, safe_end, stop_match
 from edge_metastone.types import (
     Candidate,
     Event,
@@ -63,13 +63,12 @@ class CandidateRun:
 
 
 class CandidateStream:
-    """One candidate from the prompt's last token on: feed it each sampled token with `accept`
-    until `reason` is set, then take its `finish` event."""
+    """One candidate from the prompt's last token on, in the runtime's slot `slot`: feed it each
+    sampled token with `accept` until `reason` is set, then take its `finish` event."""
 
     __slots__ = (
         "answer_tokens",
         "ends",
-        "feature",
         "features_by_pos",
         "index",
         "logprob_sum",
@@ -78,7 +77,10 @@ class CandidateStream:
         "prev",
         "reason",
         "run",
+        "runtime",
+        "sampler",
         "scores_by_pos",
+        "slot",
         "streamed",
         "text",
         "think",
@@ -86,12 +88,16 @@ class CandidateStream:
         "utf8",
     )
 
-    def __init__(self, index: int, run: CandidateRun, feature: np.ndarray | None) -> None:
+    def __init__(
+        self, index: int, run: CandidateRun, runtime: Steps, slot: int, sampler: object
+    ) -> None:
         self.index = index
         self.run = run
+        self.runtime = runtime  # the feature and step score of `prev` in `slot`
+        self.slot = slot
+        self.sampler = sampler  # the runtime's sampler for this candidate
         self.prev = run.prompt[-1]  # last token of the sequence (prompt's last, then generated)
         self.pos = len(run.prompt) - 1  # position of `prev`
-        self.feature = feature  # feature of `prev` (None when the runtime captures none)
         self.tokens: list[int] = []
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
@@ -104,10 +110,6 @@ class CandidateStream:
         self.answer_tokens = 0
         self.logprob_sum = 0.0
         self.reason: FinishReason | None = None
-
-    def step_score(self) -> float | None:
-        """The head's score of the step that `prev` ends; None when the runtime has none."""
-        raise NotImplementedError
 
     def halted(self, control: GenerationControl) -> bool:
         """Finish as halted or pruned when `control` says so; True when it did."""
@@ -123,8 +125,9 @@ class CandidateStream:
         settings = run.settings
         pos = self.pos + 1
         if run.steps and run.rule.is_step_boundary(self.prev, tok):
-            if settings.keep_features and self.feature is not None:
-                self.features_by_pos[self.pos] = self.feature.copy()  # a row of a batch output
+            feature = self.runtime.feature(self.slot) if settings.keep_features else None
+            if feature is not None:
+                self.features_by_pos[self.pos] = feature.copy()  # a row of a batch output
             if run.scoring and (score := self._scored()) is not None:
                 self.scores_by_pos[self.pos] = score
                 if self.think.in_window(self.pos):
@@ -163,7 +166,7 @@ class CandidateStream:
 
     def _scored(self) -> float | None:
         t0 = time.perf_counter()
-        score = self.step_score()
+        score = self.runtime.step_score(self.slot)
         if score is not None and not math.isfinite(score):
             raise EdgeMetastoneError(
                 f"the model produced a non-finite step score at token {self.pos} "

@@ -15,10 +15,9 @@ import gguf
 import numpy as np
 
 from edge_metastone import keys
-from edge_metastone.errors import BadModelFileError, EdgeMetastoneError
-from edge_metastone.gguf_io import ArrayGGUFWriter, add_head_keys, add_step_keys, atomic_output
+from edge_metastone.errors import BadModelFileError
 from edge_metastone.normalization import NORMAL_FORMS, NormalForm
-from edge_metastone.sprm import SprmHead, StepRule
+from edge_metastone.sprm import SprmHead
 
 logger = logging.getLogger(__name__)
 
@@ -295,90 +294,35 @@ def open_model_file(path: Path | str, head_path: Path | str | None = None) -> Mo
 
 
 def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> ModelFile:
+    """`open_model_file`'s body: every check, in order, then the facts."""
     m = _Meta(reader, path)
-    arch = m.str(gguf.Keys.General.ARCHITECTURE)
-    if arch not in SUPPORTED_ARCHS:
-        raise BadModelFileError(
-            f"{path}: architecture {arch!r} is not supported (expected {', '.join(SUPPORTED_ARCHS)})"
-        )
-    if not reader.tensors:
-        raise BadModelFileError(f"{path}: the file has no tensors (a head-only sidecar?)")
-    llm = gguf.Keys.LLM
-    att = gguf.Keys.Attention
-
-    def hp(key: str, hi: int = _MAX_DIM) -> int:
-        return m.int(key.format(arch=arch), lo=1, hi=hi)
-
-    n_embd, n_layers = hp(llm.EMBEDDING_LENGTH, 1 << 16), hp(llm.BLOCK_COUNT, 4096)
-    n_head, n_head_kv = hp(att.HEAD_COUNT, 4096), hp(att.HEAD_COUNT_KV, 4096)
-    if n_embd % n_head or n_head % n_head_kv:
-        raise BadModelFileError(
-            f"{path}: {n_head} heads / {n_head_kv} KV heads do not divide hidden size {n_embd}"
-        )
-    m.float(att.LAYERNORM_RMS_EPS.format(arch=arch))
-    m.float(gguf.Keys.Rope.FREQ_BASE.format(arch=arch), 10000.0)
-    rope_type = m.str(gguf.Keys.Rope.SCALING_TYPE.format(arch=arch), "none")
-    if rope_type not in _ROPE_SCALING:
-        raise BadModelFileError(f"{path}: rope scaling type {rope_type!r} is not supported")
-    m.float(gguf.Keys.Rope.SCALING_FACTOR.format(arch=arch), 1.0)
+    arch = _check_arch(m)
+    n_embd, n_layers, n_head, n_head_kv = _check_hparams(m, arch)
     tokens = _check_vocabulary(m)
     n_vocab = len(tokens)
     _check_tensors(path, reader)
-
-    head, head_source, facts = read_head(reader, path), path, m
-    if head_path is None and head is None and sidecar_path(path).is_file():
-        head_path = sidecar_path(path)
-    if head_path is not None:
-        head_path = Path(head_path)
-        side = read_gguf(head_path)
-        try:
-            head, head_source, facts = read_head(side, head_path), head_path, _Meta(side, head_path)
-        except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError) as e:
-            raise BadModelFileError(f"{head_path}: malformed metadata ({e})") from None
-        if head is None:
-            raise BadModelFileError(f"{head_path}: no SPRM head in this file")
-    if head is None:
-        head_source = None
+    head, head_source, facts = _load_head(m, head_path)
     step_ids, think_start, think_end = _step_facts(facts, n_vocab)
     if head is not None:
-        if head.hidden_size != n_embd:
-            raise BadModelFileError(
-                f"{head_source}: SPRM head hidden size {head.hidden_size} != model's {n_embd}"
-            )
-        if not 0 <= head.feature_layer < n_layers:
-            raise BadModelFileError(
-                f"{head_source}: SPRM feature layer {head.feature_layer} outside 0..{n_layers - 1}"
-            )
-        if not step_ids:
-            raise BadModelFileError(
-                f"{head_source}: an SPRM head without {keys.STEP_TOKEN_IDS}: no step could be scored"
-            )
-
-    def token_text(key: str) -> str:
-        tid = m.int(key, -1, lo=-1)
-        return tokens[tid].decode("utf-8", "replace") if 0 <= tid < n_vocab else ""
-
-    special = _special_tokens(m)
-    if special is None:  # a file made before the key: BOS and EOS from the ids, as before
-        bos, eos = token_text(gguf.Keys.Tokenizer.BOS_ID), token_text(gguf.Keys.Tokenizer.EOS_ID)
-    else:
-        bos, eos = special.get("bos_token", ""), special.get("eos_token", "")
+        _check_head_fits(head, head_source, n_embd, n_layers, step_ids)
+    special, bos, eos = _bos_eos(m, tokens)
     normalizer = m.str(keys.TOKENIZER_NORMALIZER, "") or None
     if normalizer is not None and normalizer not in NORMAL_FORMS:
         raise m.bad(keys.TOKENIZER_NORMALIZER, f"is {normalizer!r}, not one of {NORMAL_FORMS}")
     template = m.str(gguf.Keys.Tokenizer.CHAT_TEMPLATE, "") or None
     strategy = m.str(keys.DEFAULT_STRATEGY, "") if _is_string(m, keys.DEFAULT_STRATEGY) else ""
+    llm = gguf.Keys.LLM
     return ModelFile(
         path=path,
         arch=arch,
         name=m.str(gguf.Keys.General.NAME, "") or path.stem,
         n_layers=n_layers,
         n_embd=n_embd,
-        n_ff=hp(llm.FEED_FORWARD_LENGTH),
+        n_ff=_hparam(m, arch, llm.FEED_FORWARD_LENGTH),
         n_head=n_head,
         n_head_kv=n_head_kv,
         n_vocab=n_vocab,
-        context_length=hp(llm.CONTEXT_LENGTH, 1 << 24),
+        context_length=_hparam(m, arch, llm.CONTEXT_LENGTH, 1 << 24),
         file_type=m.int(gguf.Keys.General.FILE_TYPE, -1),
         n_params=sum(int(t.n_elements) for t in reader.tensors),
         n_bytes=sum(int(t.n_bytes) for t in reader.tensors),
@@ -395,6 +339,104 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         normalizer=normalizer,  # type: ignore[arg-type]
         special_tokens=special,
     )
+
+
+def _check_arch(m: _Meta) -> str:
+    """The file's architecture, one this build runs, in a file with tensors."""
+    arch = m.str(gguf.Keys.General.ARCHITECTURE)
+    if arch not in SUPPORTED_ARCHS:
+        raise BadModelFileError(
+            f"{m.path}: architecture {arch!r} is not supported "
+            f"(expected {', '.join(SUPPORTED_ARCHS)})"
+        )
+    if not m.reader.tensors:
+        raise BadModelFileError(f"{m.path}: the file has no tensors (a head-only sidecar?)")
+    return arch
+
+
+def _hparam(m: _Meta, arch: str, key: str, hi: int = _MAX_DIM) -> int:
+    """A positive `{arch}.` size of at most `hi`."""
+    return m.int(key.format(arch=arch), lo=1, hi=hi)
+
+
+def _check_hparams(m: _Meta, arch: str) -> tuple[int, int, int, int]:
+    """Hidden size, layers, heads and KV heads (checked to divide), with the norm and rope
+    settings llama.cpp would abort on checked too."""
+    llm, att, rope = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    n_embd = _hparam(m, arch, llm.EMBEDDING_LENGTH, 1 << 16)
+    n_layers = _hparam(m, arch, llm.BLOCK_COUNT, 4096)
+    n_head = _hparam(m, arch, att.HEAD_COUNT, 4096)
+    n_head_kv = _hparam(m, arch, att.HEAD_COUNT_KV, 4096)
+    if n_embd % n_head or n_head % n_head_kv:
+        raise BadModelFileError(
+            f"{m.path}: {n_head} heads / {n_head_kv} KV heads do not divide hidden size {n_embd}"
+        )
+    m.float(att.LAYERNORM_RMS_EPS.format(arch=arch))
+    m.float(rope.FREQ_BASE.format(arch=arch), 10000.0)
+    rope_type = m.str(rope.SCALING_TYPE.format(arch=arch), "none")
+    if rope_type not in _ROPE_SCALING:
+        raise BadModelFileError(f"{m.path}: rope scaling type {rope_type!r} is not supported")
+    m.float(rope.SCALING_FACTOR.format(arch=arch), 1.0)
+    return n_embd, n_layers, n_head, n_head_kv
+
+
+def _load_head(
+    m: _Meta, head_path: Path | str | None
+) -> tuple[SprmHead | None, Path | None, _Meta]:
+    """The head (from the metadata, `head_path` or the sidecar), the file it came from (None
+    without a head), and that file's metadata, which holds the step facts."""
+    path = m.path
+    head, head_source, facts = read_head(m.reader, path), path, m
+    if head_path is None and head is None and sidecar_path(path).is_file():
+        head_path = sidecar_path(path)
+    if head_path is not None:
+        head_path = Path(head_path)
+        side = read_gguf(head_path)
+        try:
+            head, head_source, facts = read_head(side, head_path), head_path, _Meta(side, head_path)
+        except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError) as e:
+            raise BadModelFileError(f"{head_path}: malformed metadata ({e})") from None
+        if head is None:
+            raise BadModelFileError(f"{head_path}: no SPRM head in this file")
+    if head is None:
+        head_source = None
+    return head, head_source, facts
+
+
+def _check_head_fits(
+    head: SprmHead,
+    head_source: Path | None,
+    n_embd: int,
+    n_layers: int,
+    step_ids: tuple[int, ...],
+) -> None:
+    """The head reads this model's stream at one of its layers, and steps can be found."""
+    if head.hidden_size != n_embd:
+        raise BadModelFileError(
+            f"{head_source}: SPRM head hidden size {head.hidden_size} != model's {n_embd}"
+        )
+    if not 0 <= head.feature_layer < n_layers:
+        raise BadModelFileError(
+            f"{head_source}: SPRM feature layer {head.feature_layer} outside 0..{n_layers - 1}"
+        )
+    if not step_ids:
+        raise BadModelFileError(
+            f"{head_source}: an SPRM head without {keys.STEP_TOKEN_IDS}: no step could be scored"
+        )
+
+
+def _bos_eos(m: _Meta, tokens: list[bytes]) -> tuple[dict[str, str] | None, str, str]:
+    """The named special tokens (None in older files) and the BOS and EOS texts."""
+    special = _special_tokens(m)
+    if special is not None:
+        return special, special.get("bos_token", ""), special.get("eos_token", "")
+
+    def token_text(key: str) -> str:
+        tid = m.int(key, -1, lo=-1)
+        return tokens[tid].decode("utf-8", "replace") if 0 <= tid < len(tokens) else ""
+
+    # a file made before the key: BOS and EOS from the ids, as before
+    return None, token_text(gguf.Keys.Tokenizer.BOS_ID), token_text(gguf.Keys.Tokenizer.EOS_ID)
 
 
 SPECIAL_TOKEN_NAMES = (
@@ -473,124 +515,3 @@ def _check_tensors(path: Path, reader: gguf.GGUFReader) -> None:
             )
         if any(int(d) < 1 or int(d) > (1 << 32) for d in t.shape):
             raise BadModelFileError(f"{path}: tensor {t.name} has shape {list(t.shape)}")
-
-
-# Keys a head (or a model copy with a new head) replaces; everything else is copied unchanged.
-_HEAD_KEYS = (
-    keys.SPRM_VERSION,
-    keys.SPRM_FEATURE_LAYER,
-    keys.SPRM_HIDDEN_SIZE,
-    keys.SPRM_INNER_SIZE,
-    keys.SPRM_DTYPE,
-    *keys.SPRM_ARRAYS,
-    keys.STEP_TOKEN_IDS,
-    keys.THINK_START_ID,
-    keys.THINK_END_ID,
-    keys.SPRM_TRAINED_WITH,
-)
-
-
-def _write_head(writer: ArrayGGUFWriter, head: SprmHead, rule: StepRule) -> None:
-    arrays = (head.fc1_weight, head.fc1_bias, head.fc2_weight, head.fc2_bias)
-    add_head_keys(writer, arrays, head.dtype, head.feature_layer)
-    add_step_keys(writer, sorted(rule.step_token_ids), rule.think_start_id, rule.think_end_id)
-
-
-def write_head_sidecar(
-    path: Path | str,
-    head: SprmHead,
-    rule: StepRule,
-    *,
-    arch: str = "qwen2",
-    extra: Mapping[str, str] | None = None,
-) -> Path:
-    """Write a head-only GGUF (SPEC §2 keys, no tensors) from arrays, atomically."""
-    path = Path(path)
-    if not rule.step_token_ids:
-        raise EdgeMetastoneError("a head needs its step delimiter ids")
-    with atomic_output(path) as tmp:
-        writer = ArrayGGUFWriter(tmp, arch)
-        _write_head(writer, head, rule)
-        for key, value in (extra or {}).items():
-            writer.add_string(key, value)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
-    return path
-
-
-def _copy_field(writer: ArrayGGUFWriter, field: gguf.ReaderField) -> None:
-    vtype = field.types[0]
-    if vtype is gguf.GGUFValueType.ARRAY:
-        sub = field.types[-1]
-        if sub is gguf.GGUFValueType.STRING or len(field.types) > 2:
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-        else:
-            writer.add_numpy_array(field.name, np.asarray(field.parts[field.data[0]]))
-        return
-    writer.add_key_value(field.name, field.contents(), vtype)
-
-
-def write_model_copy(
-    src: Path | str,
-    dst: Path | str,
-    *,
-    head: SprmHead | None = None,
-    rule: StepRule | None = None,
-    extra: Mapping[str, str] | None = None,
-) -> Path:
-    """Copy model file `src` to `dst`, with `head` (and `rule`'s step facts) replacing any head in
-    the metadata and the `extra` string keys set; every other key and every tensor byte is copied
-    unchanged. `src` is never modified."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise EdgeMetastoneError(f"{dst}: refusing to overwrite the input model file")
-    mf = open_model_file(src)
-    if head is not None:
-        if rule is None or not rule.step_token_ids:
-            raise EdgeMetastoneError("a head needs its step delimiter ids")
-        if head.hidden_size != mf.n_embd or not 0 <= head.feature_layer < mf.n_layers:
-            raise EdgeMetastoneError(
-                f"the head (C={head.hidden_size}, layer {head.feature_layer}) does not fit {src} "
-                f"(C={mf.n_embd}, {mf.n_layers} layers)"
-            )
-    extra = dict(extra or {})
-    reader = read_gguf(src)
-    with atomic_output(dst) as tmp:
-        writer = ArrayGGUFWriter(tmp, mf.arch)
-        alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
-        if alignment is not None:
-            writer.data_alignment = int(alignment.contents())
-        for field in reader.fields.values():
-            name = field.name
-            if name.startswith("GGUF.") or name == gguf.Keys.General.ARCHITECTURE:
-                continue
-            if (head is not None and name in _HEAD_KEYS) or name in extra:
-                continue
-            _copy_field(writer, field)
-        if head is not None:
-            _write_head(writer, head, rule)
-        for key, value in extra.items():
-            writer.add_string(key, value)
-        for t in reader.tensors:
-            writer.add_tensor_info(
-                t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type
-            )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in reader.tensors:
-            writer.write_tensor_data(t.data)
-        writer.close()
-    return dst
-
-
-def provenance(mf_path: Path | str) -> dict:
-    """The file's `metastone.provenance` JSON (empty when absent or unreadable)."""
-    m = _Meta(read_gguf(Path(mf_path)), Path(mf_path))
-    try:
-        value = json.loads(m.str(keys.PROVENANCE, "{}"))
-    except (ValueError, BadModelFileError):
-        return {}
-    return value if isinstance(value, dict) else {}

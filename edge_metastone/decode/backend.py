@@ -1,0 +1,97 @@
+"""`DecodingBackend`: what both runtimes' backends share behind `edge_metastone.backend.Backend`:
+the chat encoding, stop strings in the tokenizer's normal form, and `generate` through the one
+decode loop. A runtime's backend adds its model, tokenizer, `open_steps` and scoring."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from edge_metastone.backend import generate_all
+from edge_metastone.chat import ChatTemplate, encode_chat
+from edge_metastone.decode.loop import decode_loop
+from edge_metastone.decode.steps import Steps
+from edge_metastone.normalization import NormalForm, normalize
+from edge_metastone.sprm import StepRule
+from edge_metastone.types import (
+    Event,
+    GenerationControl,
+    GenerationRequest,
+    GenerationSettings,
+    SamplingSettings,
+    Timings,
+)
+
+
+class DecodingBackend:
+    """The shared half of a backend; a subclass sets the attributes below and `open_steps`."""
+
+    template: ChatTemplate
+    rule: StepRule
+    normalizer: NormalForm | None  # the tokenizer's normal form of text (stop strings match in it)
+    control_texts: tuple[str, ...]  # control tokens' spellings (kept as they are by normalizing)
+    tokenize: Callable[[str], list[int]]  # pre-rendered text, control-token markup parsed
+    tokenize_text: Callable[[str], list[int]]  # plain text: markup stays text
+
+    @property
+    def has_head(self) -> bool:
+        """True when the model scores steps."""
+        raise NotImplementedError
+
+    @property
+    def n_ctx(self) -> int:
+        """The model's context length."""
+        raise NotImplementedError
+
+    def open_steps(
+        self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
+    ) -> Steps:
+        """One generation's runtime steps (`edge_metastone.decode.steps.Runtime`)."""
+        raise NotImplementedError
+
+    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt text for a conversation, by the model's own (sandboxed) chat template."""
+        return self.template.render(messages, add_generation_prompt=True)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
+        """The prompt text and ids for a conversation. Only the template's own markup becomes
+        control tokens: text in a message that spells one (`<|im_end|>`, `<think>`) stays text."""
+        return encode_chat(
+            self.render,
+            messages,
+            tokenize=self.tokenize,
+            tokenize_text=self.tokenize_text,
+            control_texts=self.control_texts,
+        )
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        k: int,
+        sampling: SamplingSettings,
+        settings: GenerationSettings,
+        *,
+        control: GenerationControl | None = None,
+        candidate_offset: int = 0,
+    ) -> Iterator[Event]:
+        """Stream events for k candidates generated as one batch. Stop strings are matched in the
+        tokenizer's normal form, the form the model reads and writes."""
+        if settings.stop and self.normalizer is not None:
+            form, keep = self.normalizer, self.control_texts
+            stop = tuple(normalize(s, form, keep) for s in settings.stop)
+            settings = dataclasses.replace(settings, stop=stop)
+        req = GenerationRequest(list(prompt_ids), k, sampling, settings, candidate_offset)
+        return decode_loop(self, req, control or GenerationControl())
+
+    # `backend.generate_all(self, ...)` as a method: run to the end, candidates in index order
+    generate_all = generate_all
+
+    def close(self) -> None:
+        """Free the model."""
+        raise NotImplementedError
+
+    def __enter__(self) -> DecodingBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,200 @@
+"""A reasoning request's options and its result: `ReasonOptions` in (checked when made, the one
+place a request's settings are validated; the fronts map their input onto it), `ReasonResult` out,
+each candidate a `CandidateView`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_metastone.answers import extract_answer
+from edge_metastone.errors import InvalidRequestError
+from edge_metastone.scheduler import Effort
+from edge_metastone.search.base import StrategyName
+from edge_metastone.types import (
+    Candidate,
+    FinishReason,
+    GenerationSettings,
+    KVType,
+    SamplingSettings,
+)
+
+# MetaStone-S1's recommended sampling (temperature 0.6, top-p 0.95).
+DEFAULT_SAMPLING = SamplingSettings(temperature=0.6, top_p=0.95)
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class ReasonOptions:
+    """One request's settings; the `reason` command's flags map 1:1 to these fields."""
+
+    effort: Effort = Effort.MEDIUM  # auto: the scheduler picks the highest effort within budgets
+    latency_budget: float | None = None  # seconds
+    memory_budget: float | None = None  # MB
+    seed: int = 0
+    strategy: StrategyName | None = None
+    max_new_tokens: int | None = None
+    allow_degrade: bool = False
+    logprobs: bool = False  # every candidate's mean log-probability (evaluation; costs a softmax)
+    raw: bool = False  # the prompt is pre-rendered text: fed as is, control tokens parsed
+    temperature: float | None = None  # None: the reasoner's sampling (MetaStone's 0.6)
+    top_p: float | None = None  # None: the reasoner's sampling (0.95)
+    stop: tuple[str, ...] = ()  # stop strings: a candidate ends before the first one it writes
+    max_k: int | None = None  # the most candidates this request may run (auto picks within it)
+    # the KV cache's element type (f16, q8_0, q4_0); None: F16, or q8_0 where the scheduler needs
+    # it to fit a memory budget
+    kv_cache: KVType | None = None
+
+    def __post_init__(self) -> None:
+        for name, kind in (("effort", Effort), ("strategy", StrategyName), ("kv_cache", KVType)):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError as e:
+                    raise InvalidRequestError(str(e), param=name) from None
+        for name, unit in (("latency_budget", "seconds"), ("memory_budget", "MB")):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise InvalidRequestError(
+                    f"{name} must be a finite positive number ({unit})", param=name
+                )
+        self._check_max_k()
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        # the sampling and generation settings check their own fields, now rather than mid-request
+        self.sampling(SamplingSettings())
+        self.generation(1)
+
+    def _check_max_k(self) -> None:
+        k = self.max_k
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise InvalidRequestError("max_k must be an integer >= 1", param="max_k")
+        if k is not None and self.effort is not Effort.AUTO and self.effort.k > k:
+            raise InvalidRequestError(
+                f"effort {self.effort.value} generates k={self.effort.k} candidates, above "
+                f"max_k={k}",
+                param="effort",
+            )
+
+    def sampling(self, base: SamplingSettings) -> SamplingSettings:
+        """`base` with this request's seed, temperature and top_p."""
+        changes: dict[str, Any] = {"seed": self.seed}
+        if self.temperature is not None:
+            changes["temperature"] = self.temperature
+        if self.top_p is not None:
+            changes["top_p"] = self.top_p
+        return dataclasses.replace(base, **changes)
+
+    def generation(self, default_max_new_tokens: int) -> GenerationSettings:
+        """The generation settings of this request (the KV layout the scheduler fills in)."""
+        return GenerationSettings(
+            max_new_tokens=default_max_new_tokens
+            if self.max_new_tokens is None
+            else self.max_new_tokens,
+            stop=self.stop,
+            logprobs=self.logprobs,
+            kv_type=self.kv_cache or KVType.F16,
+        )
+
+
+def options_of(options: ReasonOptions | None, fields: dict[str, Any]) -> ReasonOptions:
+    """The request's options: a `ReasonOptions`, or its fields as keywords (not both)."""
+    if options is not None and fields:
+        raise InvalidRequestError("pass either a ReasonOptions or its fields, not both")
+    if options is not None:
+        return options
+    try:
+        return ReasonOptions(**fields)
+    except TypeError as e:
+        raise InvalidRequestError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    """One candidate as users see it."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    answer: str
+    step_scores: list[float]
+    score: float | None
+    tokens: int
+    finish_reason: str
+    mean_logprob: float | None
+
+    @property
+    def truncated(self) -> bool:
+        """True when the candidate was cut before it ended its turn (as `Candidate.truncated`)."""
+        return self.finish_reason not in (FinishReason.EOS.value, FinishReason.STOP.value)
+
+    @classmethod
+    def of(cls, c: Candidate) -> CandidateView:
+        """From the engine's candidate."""
+        return cls(
+            index=c.index,
+            text=c.text,
+            token_ids=list(c.token_ids),
+            answer=extract_answer(c.text),
+            step_scores=list(c.step_scores),
+            score=c.score,
+            tokens=c.n_tokens,
+            finish_reason=c.finish_reason.value,
+            mean_logprob=c.mean_logprob,
+        )
+
+
+@dataclass(frozen=True)
+class ReasonResult:
+    """What `Reasoner.reason` returns."""
+
+    answer: str
+    effort: str
+    k: int
+    chosen: int
+    prompt_text: str
+    candidates: list[CandidateView]
+    strategy: str
+    scheduler_reason: str
+    early_stop: bool
+    timings: dict[str, float | str] = field(default_factory=dict)  # + kv_layout, kv_type
+    predicted: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def chosen_candidate(self) -> CandidateView:
+        """The candidate whose answer is returned."""
+        return self.candidates[self.chosen]
+
+    def to_json(self) -> dict[str, Any]:
+        """The `reason --json` object of SPEC §3 (plus the scheduler's reason and strategy)."""
+        return {
+            "answer": self.answer,
+            "effort": self.effort,
+            "k": self.k,
+            "chosen": self.chosen,
+            "prompt_text": self.prompt_text,
+            "candidates": [
+                {
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "answer": c.answer,
+                    "step_scores": c.step_scores,
+                    "score": c.score if c.score is not None else 0.0,
+                    "tokens": c.tokens,
+                    "finish_reason": c.finish_reason,
+                    "mean_logprob": c.mean_logprob,
+                }
+                for c in self.candidates
+            ],
+            "timings": self.timings,
+            "strategy": self.strategy,
+            "scheduler": {"reason": self.scheduler_reason, "predicted": self.predicted},
+            "early_stop": self.early_stop,
+        }
