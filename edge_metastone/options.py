@@ -27,6 +27,7 @@ DEFAULT_SAMPLING = SamplingSettings(temperature=0.6, top_p=0.95)
 DEFAULT_MAX_NEW_TOKENS = 1024
 
 Prompt = str | Sequence[Mapping[str, str]]
+MAX_MEMORY_MB = float(2**43)  # a memory budget in bytes must fit a 64-bit count
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,17 @@ class ReasonOptions:
                     object.__setattr__(self, name, kind(value))
                 except ValueError as e:
                     raise InvalidRequestError(str(e), param=name) from None
-        for name, unit in (("latency_budget", "seconds"), ("memory_budget", "MB")):
+        for name, unit, most in (
+            ("latency_budget", "seconds", math.inf),
+            ("memory_budget", "MB", MAX_MEMORY_MB),
+        ):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if v is not None and not (
+                isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= most
+            ):
+                limit = f", at most {most:g}" if math.isfinite(most) else ""
                 raise InvalidRequestError(
-                    f"{name} must be a finite positive number ({unit})", param=name
+                    f"{name} must be a finite positive number ({unit}{limit})", param=name
                 )
         self._check_max_k()
         if isinstance(self.stop, str):

@@ -178,6 +178,7 @@ def test_reason_options_validate():
         {"effort": "extreme"},
         {"latency_budget": 0},
         {"memory_budget": -5},
+        {"memory_budget": 1e308},  # finite, but no byte count
         {"max_new_tokens": 0},
         {"seed": -1},
         {"strategy": "beam"},

@@ -300,6 +300,7 @@ ERRORS = [
         "latency_budget",
     ),
     ({"messages": USER, "memory_budget": "lots"}, 400, "memory_budget"),
+    ({"messages": USER, "effort": "auto", "memory_budget": 1e308}, 400, "memory_budget"),
     ({"messages": USER, "kv_cache": "q2_k"}, 400, "kv_cache"),
     ({"messages": USER, "stop": [""]}, 400, "stop"),
     ({"messages": USER, "n": 2}, 400, "n"),
