@@ -1,6 +1,7 @@
 """The stream bridge: run a callback-style request in a worker thread and hand its events, then its
 result, to the caller's thread as an iterator. When the caller stops iterating, the worker's next
-event raises `Cancelled`, which unwinds the generation."""
+event raises `Cancelled`, which unwinds the generation; when the model is closed under a caller
+still listening, the iterator raises that `Cancelled` ("closed") instead of waiting forever."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def stream(run: Callable[[Callable[[Event], None]], R]) -> Iterator[Event | R]:
     def work() -> None:
         try:
             q.put(("result", run(forward)))
-        except Cancelled:
-            pass
+        except Cancelled as e:
+            if not cancelled.is_set():  # the model closed under a listening consumer: tell it
+                q.put(("error", e))
         except BaseException as e:  # re-raised in the caller's thread
             q.put(("error", e))
 

@@ -140,6 +140,31 @@ def test_close_waits_for_the_running_generation():
     assert fake.generated < 2 * 2000
 
 
+def test_a_stream_whose_reasoner_closes_ends_with_a_closed_error():
+    """The consumer of a stream learns that the reasoner closed under it: the iterator raises
+    "closed" instead of waiting forever for events that will never come."""
+    fake = FakeBackend([Script([0.5] * 200, every=10)], round_s=0.001)
+    r = Reasoner(backend=fake, calibration=CAL)
+    stream = r.reason_stream("hi", effort="low")
+    next(stream)
+    r.close()
+    outcome: list[object] = []
+
+    def drain() -> None:
+        try:
+            for _ in stream:
+                pass
+            outcome.append("ended without an error")
+        except Exception as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    t.join(10)
+    assert outcome, "the stream still waits after its reasoner closed"
+    assert isinstance(outcome[0], Exception) and "closed" in str(outcome[0]), outcome
+
+
 def test_a_queued_request_plans_with_the_time_it_has_left():
     """The latency budget counts from arrival: a request queued behind a 0.4 s one plans with
     what is left (1.7 s budget: medium on an idle model, 1.5 s predicted; low after 0.4 s queued)."""
