@@ -173,7 +173,7 @@ class Reasoner:
                 "the model"
             )
         t1 = time.perf_counter()
-        o = dataclasses.replace(run.options, max_new_tokens=run.max_new, latency_budget=left)
+        o = dataclasses.replace(run.options, latency_budget=left)
         plan = self._planner.plan(prompt_tokens, o, self.max_new_tokens)
         run.timings["plan_s"] = time.perf_counter() - t1
         return plan
@@ -208,12 +208,11 @@ def _open(
 
 
 class _Run:
-    """One request's derived settings: its token limit, generation settings and deadline."""
+    """One request's derived settings: its generation settings and deadline."""
 
     def __init__(self, o: ReasonOptions, default_max_new: int, arrival: float) -> None:
         self.options = o
-        self.max_new = o.max_new_tokens or default_max_new
-        self.settings = o.generation(self.max_new)
+        self.settings = o.generation(default_max_new)
         self.deadline = arrival + o.latency_budget if o.latency_budget else None
         self.timings: dict[str, float] = {}
 

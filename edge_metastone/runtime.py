@@ -49,7 +49,7 @@ def open_backend(
         if head is not None:
             raise BadModelFileError("a sidecar head (--head) is for GGUF files, not ONNX models")
         try:
-            from edge_metastone.onnx_backend.backend import OnnxBackend
+            from edge_metastone.onnx_backend.backend import OnnxBackend  # loads onnxruntime
         except ImportError as e:
             raise BadModelFileError(
                 f"{path} is an ONNX model directory and onnxruntime is not installed "
