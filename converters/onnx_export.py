@@ -475,19 +475,52 @@ def _metadata(
     return meta
 
 
+OUR_FILES = frozenset((MODEL_FILE, DATA_FILE, META_FILE, "tokenizer.json", "tokenizer_config.json"))
+
+
 def _replaceable(path: Path) -> bool:
-    """An output directory may be replaced when it is absent, empty, or an ONNX model dir."""
+    """An output directory may be replaced when it is absent, empty, or an ONNX model directory
+    this exporter wrote: our `metastone.json` format, and nothing in it but our files."""
     if not path.exists():
         return True
-    if not path.is_dir():
+    if not path.is_dir() or path.is_symlink():
         return False
-    return not any(path.iterdir()) or (path / META_FILE).is_file()
+    entries = list(path.iterdir())
+    if not entries:
+        return True
+    if any(e.name not in OUR_FILES or not e.is_file() or e.is_symlink() for e in entries):
+        return False
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished `tmp` to `out_dir`; an old model there is renamed aside first and
+    removed only once the new one is in place (back in place if the swap fails)."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    old.rmdir()
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_onnx(
     hf_dir: Path | str, out_dir: Path | str, out_type: str = "int4"
 ) -> OnnxExportResult:
-    """Export `hf_dir` to the ONNX model directory `out_dir` (written beside, then moved in)."""
+    """Export `hf_dir` to the ONNX model directory `out_dir` (written beside, then moved in).
+
+    An existing `out_dir` is replaced only when it is an ONNX model directory this exporter wrote
+    (nothing else in it); anything else is refused with `BadCheckpointError`, untouched."""
     import onnx
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -525,9 +558,11 @@ def export_onnx(
         for f in tmp.iterdir():  # written private; a model is not
             f.chmod(0o666 & ~umask)
         tmp.chmod(0o777 & ~umask)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        if not _replaceable(out_dir):  # it may have changed while the graph was written
+            raise BadCheckpointError(
+                f"{out_dir} exists and is not an ONNX model directory; refusing to overwrite it"
+            )
+        _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+# the one place the version is written (pyproject.toml reads it; `edge-metastone --version` shows it)
 __version__ = "0.1.0"
 __all__ = ["ReasonResult", "Reasoner", "__version__"]
 
+TYPE_CHECKING = False  # not `typing`'s: importing the package stays instant (the CLI's first step)
 if TYPE_CHECKING:
     from edge_metastone.options import ReasonResult
     from edge_metastone.reasoner import Reasoner

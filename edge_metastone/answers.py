@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -105,24 +108,89 @@ def _trivially(a: str, b: str) -> bool | None:
     return None
 
 
+WARM_TIMEOUT_S = 120.0  # starting the checker's process (imports included): never a check's time
+
+
+def _ready() -> bool:
+    """The worker's first task: importing math-verify, so a check never pays for it."""
+    from math_verify import parse  # noqa: F401
+
+    return True
+
+
+class FallbackCounter:
+    """Answer checks that fell back to comparing text (time limit, or the checker died)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+_counter: contextvars.ContextVar[FallbackCounter | None] = contextvars.ContextVar(
+    "answer_check_fallbacks", default=None
+)
+
+
+@contextlib.contextmanager
+def counting_fallbacks() -> Iterator[FallbackCounter]:
+    """Count the answer checks that fall back to text equality inside the block (this thread)."""
+    counter = FallbackCounter()
+    token = _counter.set(counter)
+    try:
+        yield counter
+    finally:
+        _counter.reset(token)
+
+
+def _fell_back() -> None:
+    counter = _counter.get()
+    if counter is not None:
+        counter.n += 1
+
+
 class _Checker:
     """A one-process pool that runs math-verify with a hard time limit for threads other than
     the main one (a server's, a stream's): a pathological answer costs at most CHECK_TIMEOUT_S,
-    then the worker is killed and the check falls back to comparing text."""
+    then the worker is killed and the check falls back to comparing text (counted:
+    `counting_fallbacks`). The worker is started and warmed (math-verify imported) before the
+    first check is timed, and kept: a check's limit never includes starting a process."""
 
-    def __init__(self) -> None:
+    def __init__(self, initializer: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._pool = None
+        self._initializer = initializer
 
-    def run(self, fn, *args):
+    def _warm_pool(self):
         import concurrent.futures as cf
         import multiprocessing
 
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            pool = cf.ProcessPoolExecutor(
+                max_workers=1, mp_context=ctx, initializer=self._initializer
+            )
+            try:
+                pool.submit(_ready).result(timeout=WARM_TIMEOUT_S)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            self._pool = pool
+        return self._pool
+
+    def warm(self) -> None:
+        """Start the worker now (a server does, so its first vote is not the one that waits)."""
         with self._lock:
-            if self._pool is None:
-                ctx = multiprocessing.get_context("spawn")
-                self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-            pool = self._pool
+            self._warm_pool()
+
+    def run(self, fn, *args):
+        import concurrent.futures as cf
+
+        with self._lock:
+            try:
+                pool = self._warm_pool()
+            except (cf.TimeoutError, cf.process.BrokenProcessPool, OSError) as e:
+                logger.warning("the answer checker did not start (%s): comparing text", e)
+                _fell_back()
+                return None
             try:
                 return pool.submit(fn, *args).result(timeout=CHECK_TIMEOUT_S)
             except (cf.TimeoutError, cf.process.BrokenProcessPool) as e:
@@ -131,10 +199,16 @@ class _Checker:
                     proc.kill()
                 pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
+                _fell_back()
                 return None
 
 
 _checker = _Checker()
+
+
+def warm_checker() -> None:
+    """Start the answer checker's worker ahead of the first check."""
+    _checker.warm()
 
 
 def answers_equivalent(a: str, b: str) -> bool:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import re
+import string
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jinja2
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -24,9 +28,13 @@ DEFAULT_TEMPLATE = (
 )
 
 
-MAX_TEMPLATE_OUTPUT = 4 << 20  # characters a render may produce
-MAX_TEMPLATE_STEPS = 2_000_000  # range() elements, calls and lookups per render
+MAX_TEMPLATE_OUTPUT = 4 << 20  # characters (or items) one value, or the output, may have
+MAX_TEMPLATE_BUILT = 16 * MAX_TEMPLATE_OUTPUT  # characters all the values one render builds total
+MAX_TEMPLATE_STEPS = 2_000_000  # range() elements, loop iterations, calls and lookups per render
 MAX_TEMPLATE_SECONDS = 2.0
+MAX_INT_BITS = 1 << 16  # the largest integer `*` and `**` may build
+MAX_FORMAT_NUMBER = 4096  # the widest field or precision a format spec may ask for
+MAX_REGEX_INPUT = 1 << 14  # striptags / urlize: their regular expressions are quadratic
 
 
 def _raise(message: str) -> None:
@@ -40,83 +48,313 @@ def _strftime_now(fmt: str) -> str:
 def _tojson(
     value: object,
     ensure_ascii: bool = False,
-    indent: int | None = None,
+    indent: int | str | None = None,
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
     """transformers' `tojson` (jinja2's own escapes HTML characters and sorts keys)."""
-    out = json.dumps(
+    width = indent if isinstance(indent, int) else len(str(indent or ""))
+    if width > 64:
+        raise SecurityError("the template asks for too wide an indent")
+    return json.dumps(
         value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
-    if len(out) > MAX_TEMPLATE_OUTPUT:
-        raise SecurityError("the template builds too large a value")
-    return out
 
 
 class _Budget:
-    """The work one render may do: steps and wall time, checked at every call and lookup."""
+    """The work one render may do: steps, wall time (checked at every step) and the characters
+    it builds (checked before each value is built)."""
 
     def __init__(self) -> None:
         self.steps = 0
+        self.built = 0
         self.deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
 
     def spend(self, n: int = 1) -> None:
         self.steps += n
         if self.steps > MAX_TEMPLATE_STEPS:
             raise SecurityError("the template does too much work")
-        if self.steps % 1024 == 0 and time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:
             raise SecurityError(f"the template took longer than {MAX_TEMPLATE_SECONDS} s")
 
-
-class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """jinja2's immutable sandbox plus bounds on work, time and the size of what `*`, `**` and
-    `+` can build (templates come from model files: untrusted)."""
-
-    intercepted_binops = frozenset(["*", "**", "+"])
-    budget = threading.local()
-
-    def _spend(self, n: int = 1) -> None:
-        b = getattr(self.budget, "current", None)
-        if b is not None:
-            b.spend(n)
-
-    def call(__self, __context, __obj, *args, **kwargs):
-        __self._spend()
-        return super().call(__context, __obj, *args, **kwargs)
-
-    def getattr(self, obj, attribute):
-        self._spend()
-        return super().getattr(obj, attribute)
-
-    def getitem(self, obj, argument):
-        self._spend()
-        return super().getitem(obj, argument)
-
-    def call_binop(self, context, operator, left, right):
-        self._spend()
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-            raise SecurityError("the template raises a number to too large a power")
-        if _result_size(operator, left, right) > MAX_TEMPLATE_OUTPUT:
+    def build(self, size: float) -> None:
+        """About to build a value of `size` characters (or items): refuse it if too large."""
+        self.spend()
+        if size > MAX_TEMPLATE_OUTPUT:
             raise SecurityError("the template builds too large a value")
-        return super().call_binop(context, operator, left, right)
+        self.built += int(size)
+        if self.built > MAX_TEMPLATE_BUILT:
+            raise SecurityError("the template builds too large a total")
+
+    def built_value(self, value: object) -> object:
+        """Count a value a call or filter returned (its size was bounded before)."""
+        if isinstance(value, (str, list, tuple, dict)):
+            self.build(len(value))
+        return value
 
 
-def _result_size(operator: str, left: object, right: object) -> float:
-    """Length of what `left operator right` would build, for sequences (0 otherwise)."""
+def _size(value: object) -> int:
+    """Characters (or items) of a value as a template builds with it."""
+    if isinstance(value, (str, list, tuple, dict)):
+        return len(value)
+    return len(str(value)) if isinstance(value, (int, float)) else 0
+
+
+def _as_int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) else default
+
+
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _format_size(fmt: str, specs: Sequence[str], args: Sequence[object]) -> int:
+    """An upper bound of what formatting `fmt` builds: each field (`specs`: the numbers each asks
+    for) at most as wide as its number or the widest argument."""
+    widest = max((len(str(a)) for a in args), default=0)
+    for spec in specs:
+        if "*" in spec or "{" in spec:
+            raise SecurityError("the template's format takes its width from an argument")
+        if any(int(n) > MAX_FORMAT_NUMBER for n in re.findall(r"\d+", spec)):
+            raise SecurityError("the template's format asks for too wide a field")
+    return len(fmt) + len(specs) * (MAX_FORMAT_NUMBER + widest)
+
+
+def _printf_size(fmt: object, args: object) -> int:
+    """`fmt % args` (and the `format` filter)."""
+    if not isinstance(fmt, str):
+        return 0
+    values = args.values() if isinstance(args, dict) else args
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    specs = [m.group(0) for m in _PRINTF.finditer(fmt)]
+    return _format_size(fmt, specs, values)
+
+
+def _str_format_size(fmt: str, args: Sequence[object], kwargs: Mapping[str, object]) -> int:
+    """`fmt.format(...)` / `fmt.format_map(...)`."""
+    values = [*args, *kwargs.values()]
+    try:
+        specs = [
+            f"{spec or ''}"
+            for _, name, spec, _ in string.Formatter().parse(fmt)
+            if name is not None
+        ]
+    except ValueError as e:
+        raise SecurityError(f"bad format string: {e}") from None
+    return _format_size(fmt, specs, values)
+
+
+def _binop_size(operator: str, left: object, right: object) -> int:
+    """What `left operator right` would build (characters or items); refuses huge integers."""
     seqs = (str, list, tuple)
+    if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+        raise SecurityError("the template raises a number to too large a power")
+    if operator in ("*", "**") and isinstance(left, int) and isinstance(right, int):
+        bits = left.bit_length() * abs(right) if operator == "**" else 0
+        if max(bits, left.bit_length() + right.bit_length()) > MAX_INT_BITS:
+            raise SecurityError("the template builds too large a number")
     if operator == "*":
         for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, seqs) and isinstance(n, (int, float)):
+            if isinstance(seq, seqs) and isinstance(n, int):
                 return len(seq) * max(n, 0)
     if operator == "+" and isinstance(left, seqs) and isinstance(right, seqs):
         return len(left) + len(right)
+    if operator == "%":
+        return _printf_size(left, right)
     return 0
+
+
+def _method_size(obj: object, args: Sequence[object], kwargs: Mapping[str, object]) -> int:
+    """What a str method call would build, for the methods whose result can outgrow their
+    string (`'x'.center(2**33)`)."""
+    s, name = getattr(obj, "__self__", None), getattr(obj, "__name__", "")
+    if not isinstance(s, str):
+        return 0
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if name in ("center", "ljust", "rjust", "zfill"):
+        return max(len(s), _as_int(first))
+    if name == "expandtabs":
+        return len(s) + s.count("\t") * max(_as_int(first, 8), 0)
+    if name == "replace" and len(args) >= 2:
+        return _replace_size(s, args[0], args[1], args[2] if len(args) > 2 else -1)
+    if name == "join" and isinstance(first, (list, tuple)):
+        return sum(_size(x) for x in first) + len(s) * len(first)
+    return 0
+
+
+def _replace_size(s: object, old: object, new: object, count: object = None) -> int:
+    s, old, new = str(s), str(old), str(new)
+    n = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        n = min(n, count)
+    return len(s) + n * max(len(new) - len(old), 0)
+
+
+def _join_size(value: Sequence[object], d: object = "", attribute: object = None) -> int:
+    return sum(_size(x) for x in value) + len(str(d)) * len(value)
+
+
+def _indent_size(s: object, width: object = 4, *_: object, **__: object) -> int:
+    text = str(s)
+    w = len(width) if isinstance(width, str) else _as_int(width, 4)
+    return len(text) + (text.count("\n") + 1) * max(w, 0)
+
+
+def _wordwrap_size(
+    s: object,
+    width: object = 79,
+    _b: object = True,
+    wrapstring: object = None,
+    *_: object,
+    **__: object,
+) -> int:
+    text, w = str(s), max(_as_int(width, 79), 1)
+    lines = len(text) // w + text.count("\n") + 1
+    return len(text) + lines * len(str(wrapstring if wrapstring is not None else "\n"))
+
+
+def _regex_input(s: object, *_: object, **__: object) -> int:
+    if len(str(s)) > MAX_REGEX_INPUT:
+        raise SecurityError("the template runs an HTML filter over too long a text")
+    return len(str(s))
+
+
+def _fill_size(value: object, n: object = 0, fill_with: object = None, **_: object) -> int:
+    """batch / slice: `n` rows or slices (padded with `fill_with`)."""
+    return _as_int(n)
+
+
+def _sum_start(iterable: object, attribute: object = None, start: object = 0) -> int:
+    if not isinstance(start, (int, float)):
+        raise SecurityError("the template sums something other than numbers")
+    return 0
+
+
+# filter -> (value, its arguments) -> what it would build; the other filters build at most in
+# proportion to their input (whose size is bounded when it is built)
+_FILTER_SIZES: dict[str, Callable[..., int]] = {
+    "center": lambda value, width=80, **_: max(len(str(value)), _as_int(width, 80)),
+    "indent": _indent_size,
+    "format": lambda value, *args, **kwargs: _printf_size(str(value), kwargs or args),
+    "join": _join_size,
+    "replace": lambda s, old, new, count=None, **_: _replace_size(s, old, new, count),
+    "wordwrap": _wordwrap_size,
+    "truncate": lambda s, length=255, killwords=False, end="...", **_: len(str(s)) + len(str(end)),
+    "batch": _fill_size,
+    "slice": _fill_size,
+    "sum": _sum_start,
+    "striptags": _regex_input,
+    "urlize": _regex_input,
+}
+_MATERIALIZE = frozenset(["join"])  # filters whose input is measured first (a generator: listed)
+
+
+class _MeteredCodeGenerator(CodeGenerator):
+    """jinja2's compiler, with `~` and `for` loops through the sandbox's meter."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.checked_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        if not getattr(node, "metered", False):
+            metered = nodes.EnvironmentAttribute("metered_iter", lineno=node.lineno)
+            node.iter = nodes.Call(metered, [node.iter], [], None, None, lineno=node.lineno)
+            node.metered = True
+        super().visit_For(node, frame)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox plus bounds on work, time and size: every call, lookup, loop
+    step, operator, filter and concatenation spends a step and checks the time, and whatever can
+    build a value larger than its inputs (`*`, `%`, `~`, `format`, `center`, `join`, ...) is
+    measured before it is built (templates come from model files: untrusted)."""
+
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+    code_generator_class = _MeteredCodeGenerator
+    budget = threading.local()
+
+    def meter(self) -> _Budget:
+        """This render's budget (a fresh one outside a render: constant folding at compile)."""
+        return getattr(self.budget, "current", None) or _Budget()
+
+    def call(__self, __context, __obj, *args, **kwargs):
+        b = __self.meter()
+        b.build(_method_size(__obj, args, kwargs))
+        return b.built_value(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj, attribute):
+        self.meter().spend()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self.meter().spend()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):
+        self.meter().build(_binop_size(operator, left, right))
+        return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt, env = value.__self__, self
+
+        def bounded(*args, **kwargs):
+            values = args[0] if value.__name__ == "format_map" and args else kwargs
+            env.meter().build(_str_format_size(fmt, args, values))
+            return wrapped(*args, **kwargs)
+
+        return bounded
+
+    def concat(self, parts) -> str:
+        """Join a block's output (a macro's, a `set` block's, a filter block's)."""
+        parts = list(parts)
+        self.meter().build(sum(len(p) for p in parts))
+        return "".join(parts)
+
+    def checked_concat(self, parts) -> str:
+        """`a ~ b ~ ...`"""
+        texts = [str(p) for p in parts]
+        self.meter().build(sum(len(t) for t in texts))
+        return "".join(texts)
+
+    def metered_iter(self, iterable):
+        """A `for` loop's items, one step each."""
+        b = self.meter()
+        for item in iterable:
+            b.spend()
+            yield item
+
+    def meter_filters(self) -> None:
+        """Wrap every filter: a step, the time, and what it would build measured first."""
+        for name, f in list(self.filters.items()):
+            self.filters[name] = _metered_filter(self, name, f)
+
+
+def _metered_filter(env: _BoundedSandbox, name: str, f: Callable[..., object]):
+    size_of = _FILTER_SIZES.get(name)
+    skip = 1 if hasattr(f, "jinja_pass_arg") else 0  # context / environment first
+
+    @functools.wraps(f)
+    def metered(*args, **kwargs):
+        b = env.meter()
+        if name in _MATERIALIZE and len(args) > skip and not isinstance(args[skip], (str, list)):
+            b.spend()
+            args = (*args[:skip], list(env.metered_iter(args[skip])), *args[skip + 1 :])
+        b.build(size_of(*args[skip:], **kwargs) if size_of is not None else 0)
+        return b.built_value(f(*args, **kwargs))
+
+    return metered
 
 
 def _bounded_range(env: _BoundedSandbox):
     def bounded_range(*args: int) -> range:
         r = range(*args)
-        env._spend(len(r))
+        env.meter().spend(len(r))
         return r
 
     return bounded_range
@@ -140,6 +378,8 @@ class ChatTemplate:
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.filters["tojson"] = _tojson
+        env.meter_filters()
+        env.globals.pop("lipsum", None)  # builds paragraphs by the million on request
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
         env.globals["range"] = _bounded_range(env)
@@ -199,11 +439,19 @@ def encode_chat(
     tokenize: Callable[[str], list[int]],
     tokenize_text: Callable[[str], list[int]],
     control_texts: Sequence[str],
+    normalize: Callable[[str], str] | None = None,
 ) -> tuple[str, list[int]]:
     """The prompt text and ids of a conversation, for any backend. Only the template's own markup
     becomes control tokens (`tokenize` parses it); text in a message that spells one
     (`<|im_end|>`, `<think>`) stays text: tokenized by `tokenize_text`, and a spelled control
-    token one character at a time (tokenizers match added tokens even in plain text)."""
+    token one character at a time (tokenizers match added tokens even in plain text). Messages
+    are first put in the tokenizer's normal form (`normalize`), so a spelling that only
+    normalizing makes (the fullwidth `＜｜im_end｜＞` under NFKC) is found too."""
+    if normalize is not None:
+        messages = [
+            {**m, "content": normalize(m["content"])} if isinstance(m.get("content"), str) else m
+            for m in messages
+        ]
     text = render(messages)
     specials = [sp for sp in control_texts if len(sp) > 1]
     if not any(sp in m["content"] for m in messages for sp in specials):

@@ -100,3 +100,14 @@ def cli_json(*args: str) -> dict:
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def nfkc_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with an NFKC tokenizer normalizer (fullwidth `＜` reads as `<`), F32."""
+    from converters.convert import convert
+
+    hf = build_tiny_metastone(tmp_path_factory.mktemp("nfkc") / "hf", seed=0, normalizer="NFKC")
+    path = tmp_path_factory.mktemp("nfkc-gguf") / "tiny-nfkc-f32.gguf"
+    convert(hf, path, "f32")
+    return path

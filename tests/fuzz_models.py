@@ -324,17 +324,48 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{HERE}")
 
 
-def _read_result(proc: subprocess.Popen, timeout: float) -> dict | None:
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, its reaped children included) a live process has used, from
+    /proc; None where there is no /proc."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _read_result(
+    proc: subprocess.Popen, timeout: float, stuck: float = 120.0, poll: float = 1.0
+) -> dict | None:
+    """The worker's next result, or None for a hang: judged by the worker's own CPU time, not the
+    wall clock, so a loaded machine does not turn a slow mutant into a hang. A hang is `timeout`
+    CPU seconds on one mutant, or `stuck` seconds in which it used no CPU at all (blocked)."""
     import selectors
 
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
+    cpu0 = cpu_seconds(proc.pid)
+    last_cpu, idle_since = cpu0, time.monotonic()
+    wall_deadline = time.monotonic() + timeout  # only where /proc cannot tell CPU time
     started = False
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not sel.select(left):
-            return None
+        if not sel.select(poll):
+            cpu = cpu_seconds(proc.pid)
+            now = time.monotonic()
+            if cpu is None or cpu0 is None:
+                if proc.poll() is not None or now > wall_deadline:
+                    return None
+                continue
+            if cpu - cpu0 > timeout:
+                return None
+            if cpu > last_cpu:
+                last_cpu, idle_since = cpu, now
+            elif now - idle_since > stuck:
+                return None
+            continue
         line = proc.stdout.readline()
         if not line:
             return None

@@ -17,12 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class ServerProcess:
-    """`edge-metastone serve --port 0 ARGS`; the URL is read from its first line of output."""
+    """`edge-metastone serve --port 0 ARGS`; the URL is read from its first line of output.
+    `env`: extra environment variables (e.g. the API key)."""
 
-    def __init__(self, *args: str, startup_s: float = 60.0) -> None:
+    def __init__(
+        self, *args: str, startup_s: float = 60.0, env: dict[str, str] | None = None
+    ) -> None:
         self._out = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the object)
         self._err = tempfile.TemporaryFile("w+")  # noqa: SIM115
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        inherited = {k: v for k, v in os.environ.items() if k != "EDGE_METASTONE_API_KEY"}
+        env = dict(inherited, PYTHONPATH=str(REPO), **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_metastone", "serve", "--port", "0", *args],
             stdout=self._out,

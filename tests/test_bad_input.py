@@ -60,17 +60,21 @@ def test_not_a_gguf(tmp_path, text_file):
 
 
 def test_gguf_of_another_architecture(tmp_path, text_file):
-    path = tmp_path / "llama.gguf"
-    w = gguf.GGUFWriter(path, "llama")
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(path, "mamba")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_one_line_error(run_cli("inspect", str(path)), "architecture 'llama' is not supported")
     assert_one_line_error(
-        run_cli("score", "--model", str(path), "--text-file", str(text_file)), "llama"
+        run_cli("inspect", str(path)),
+        "architecture 'mamba' is not supported (supported: qwen2, qwen3, llama, gemma, gemma2, "
+        "gemma3, phi3)",
+    )
+    assert_one_line_error(
+        run_cli("score", "--model", str(path), "--text-file", str(text_file)), "mamba"
     )
 
 

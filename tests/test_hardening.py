@@ -3,6 +3,7 @@ queueing and answer checks under concurrency."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ V = gguf.GGUFValueType
     [
         ("qwen2.attention.layer_norm_rms_epsilon", [V.FLOAT32], float("nan"), "not a finite"),
         ("qwen2.rope.freq_base", [V.FLOAT32], float("nan"), "not a finite"),
-        ("tokenizer.ggml.model", [V.STRING], b"llama", "BPE tokenizer"),
+        ("tokenizer.ggml.model", [V.STRING], b"bert", "not one of gpt2, llama"),
+        ("tokenizer.ggml.model", [V.STRING], b"llama", "without its 256 byte tokens"),
         ("qwen2.block_count", [V.STRING], b"four", "must be an integer"),
         ("qwen2.embedding_length", [V.ARRAY, V.INT32], np.array([256], np.int32), "integer"),
         ("general.name", [V.STRING], b"\xff\xfe", "not valid UTF-8"),
@@ -122,6 +124,37 @@ def test_non_finite_scores_never_reach_json(tiny_gguf, tmp_path):
     )
 
 
+def _nan_model(src: Path, out: Path) -> Path:
+    """`src` with one norm weight all NaN: it loads, and its decode fails cleanly (no crash)."""
+    write_model_copy(src, out)
+    data = bytearray(out.read_bytes())
+    t = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_norm.weight")
+    data[t.data_offset : t.data_offset + 4 * t.n_elements] = np.full(
+        t.n_elements, np.nan, np.float32
+    ).tobytes()
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_broken_model_does_not_decide_the_weight_buffers_of_the_next(
+    tiny_gguf, tmp_path, monkeypatch
+):
+    # the order that failed: a broken model's canary failed cleanly (exit 1), was memoized, and the
+    # next good model with the same weight types fell back to plain; a clean failure that plain
+    # shares is the model's, not the mode's: no fallback, no warning, nothing remembered
+    from edge_metastone.engine import weight_buffers as wb
+
+    monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(wb, "_verdicts", {})
+    good = tiny_gguf("f32")
+    chosen = wb.decide(wb.WeightBuffers.AUTO, wb.build_report()).mode
+    if chosen is wb.WeightBuffers.PLAIN:
+        pytest.skip("this build places weights plainly: no canary runs")
+    broken = _nan_model(good, tmp_path / "broken.gguf")
+    assert wb.plan_for(broken).plan.mode is chosen
+    assert wb.plan_for(good).plan.mode is chosen
+
+
 # --- templates --------------------------------------------------------------------------------
 
 
@@ -154,7 +187,7 @@ def test_slow_template_is_stopped_by_time(tiny_gguf, tmp_path):
     )
     t0 = time.monotonic()
     one_line_error(
-        run_cli("reason", "--model", str(path), "--effort", "low", "hello"), "longer than"
+        run_cli("reason", "--model", str(path), "--effort", "low", "hello"), "was stopped"
     )
     assert time.monotonic() - t0 < 30
 
@@ -226,13 +259,44 @@ def test_prompt_from_file_and_stdin(tiny_gguf, tmp_path):
 # --- shutdown, queueing, answer checks --------------------------------------------------------
 
 
+def _held_generation(r: Reasoner, **options):
+    """Start `r.reason` in a thread whose first event waits until `r` is closing: the generation
+    holds the model, mid-run, exactly as long as the test wants. Returns (thread, events, out)."""
+    events: list = []
+    out: dict = {}
+
+    def on_event(ev) -> None:
+        events.append(ev)
+        if len(events) == 1:
+            r._gate._closing.wait()  # holds the lock, mid-generation, until close() begins
+
+    def work() -> None:
+        try:
+            out["result"] = r.reason("Tell me a long story.", on_event=on_event, **options)
+        except Exception as e:
+            out["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    return t, events, out
+
+
 def test_close_during_a_stream_cancels_and_waits(tiny_gguf):
+    # cancellation, not a fast model: the generation is held mid-run until close() begins, so
+    # without cancellation it would go on to all its tokens (and close() would wait for them)
     r = Reasoner(tiny_gguf("q8_0"), max_new_tokens=400)
-    stream = r.reason_stream("Tell me a long story.", effort="medium")
-    next(stream)  # the generation is running in its worker thread
-    t0 = time.monotonic()
+    t, events, out = _held_generation(r, effort="medium", seed=0)
+    stream = r.reason_stream("Tell me a long story.", effort="medium")  # queued behind it
+    while not events:  # the generation is running
+        assert t.is_alive(), out
+        time.sleep(0.001)
     r.close()  # must cancel it and wait: no use-after-free
-    assert time.monotonic() - t0 < 30
+    assert not t.is_alive()  # close() returned only after the generation unwound
+    assert "closed" in str(out.get("error")), out
+    assert len(events) == 1, f"{len(events)} events after close began: it was not cancelled"
+    with pytest.raises(Exception, match="closed"):
+        for _ in stream:
+            pass
     assert not [
         t for t in threading.enumerate() if t.name == "edge-metastone-reason" and t.is_alive()
     ]
@@ -261,17 +325,48 @@ def test_queued_request_plans_with_the_time_it_has_left(tiny_gguf):
 
 def test_calibration_waits_for_a_running_generation(tiny_gguf, private_cache):
     with Reasoner(tiny_gguf("q8_0"), max_new_tokens=300) as r:
-        stream = r.reason_stream("Go on.", effort="medium")
-        next(stream)
-        done = threading.Event()
-        t = threading.Thread(target=lambda: (r.calibration(refresh=True), done.set()))
-        t.start()
-        time.sleep(0.3)
-        assert not done.is_set()  # it queued behind the generation instead of running beside it
-        for _ in stream:
-            pass
-        t.join(timeout=120)
-        assert done.is_set()
+        import edge_metastone.planner as planner_module
+
+        measured = threading.Event()
+        real = planner_module.calibration_for
+
+        def calibration_for(*a, **k):
+            measured.set()
+            return real(*a, **k)
+
+        release = threading.Event()
+        running = threading.Event()
+
+        def on_event(ev) -> None:  # the generation holds the model until the test releases it
+            running.set()
+            release.wait()
+
+        gen = threading.Thread(
+            target=lambda: r.reason("Go on.", effort="medium", on_event=on_event)
+        )
+        gen.start()
+        running.wait()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(planner_module, "calibration_for", calibration_for)
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (r.calibration(refresh=True), done.set()))
+            t.start()
+            try:
+                # condition: the calibration thread is parked in a calibration() frame (at the
+                # lock) on 50 looks in a row, or it started measuring beside the generation
+                seen = 0
+                while seen < 50 and not measured.is_set():
+                    frame = sys._current_frames().get(t.ident)
+                    at_lock = frame is not None and frame.f_code.co_name == "calibration"
+                    seen = seen + 1 if at_lock else 0
+                    time.sleep(0.002)
+                beside = measured.is_set()
+            finally:
+                release.set()
+                gen.join()
+                t.join()
+        assert not beside, "the calibration ran beside the generation instead of queueing"
+        assert measured.is_set() and done.is_set()
 
 
 def test_answer_checks_are_bounded_in_worker_threads():

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_metastone.commands import add_weight_buffers
 from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from edge_metastone.server.app import ServerSettings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -22,7 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_options(p)
     _add_limit_options(p)
+    _add_access_options(p)
     add_weight_buffers(p)
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="measure this machine again before serving (see `edge-metastone calibrate`)",
+    )
     p.set_defaults(run=run)
 
 
@@ -90,6 +102,69 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_access_options(p: argparse.ArgumentParser) -> None:
+    """Who may use the server, and the request log."""
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the Host header may carry (repeatable; '*': any). Accepted always: "
+        "localhost, 127.0.0.1, [::1] and the --host address (a wildcard adds this machine's "
+        "name); any other Host gets a 421, against DNS rebinding",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); the page at / asks "
+        "for the key once and keeps a session cookie (default: $EDGE_METASTONE_API_KEY, which "
+        "keeps the key out of `ps`; unset: no key)",
+    )
+    p.add_argument(
+        "--max-request-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop a request's generation S seconds after it starts and answer with the best "
+        "candidate so far, marked metastone.capped (default: no cap)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no request log (default: one line per request on stderr: client, method, path, "
+        "status, tokens, seconds)",
+    )
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    """`ServerSettings` from the flags (the API key from $EDGE_METASTONE_API_KEY when not given)."""
+    from edge_metastone.server.app import ServerSettings
+    from edge_metastone.server.guard import API_KEY_ENV, allowed_hosts, check_api_key
+
+    return ServerSettings(
+        max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+        max_k=args.max_k,
+        max_request_seconds=args.max_request_seconds,
+        allowed_hosts=allowed_hosts(args.host, args.allowed_host),
+        api_key=check_api_key(args.api_key or os.environ.get(API_KEY_ENV)),
+    )
+
+
+def _log_requests(quiet: bool) -> None:
+    """The request log: one plain line per request on stderr, unless `quiet`."""
+    from edge_metastone.server.guard import ACCESS_LOGGER
+
+    log = logging.getLogger(ACCESS_LOGGER)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("edge-metastone serve: %(message)s"))
+    log.addHandler(handler)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A bound, listening socket, or one clear error (port in use, bad address)."""
     if not 0 <= port <= 65535:
@@ -112,18 +187,15 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, serve until Ctrl-C/SIGTERM, then drain and stop."""
     import uvicorn
 
+    from edge_metastone.commands.calibrate import ProgressBar
     from edge_metastone.reasoner import Reasoner
-    from edge_metastone.server.app import ServerSettings, create_app
+    from edge_metastone.server.app import create_app
     from edge_metastone.server.runner import DrainingServer
 
-    settings = ServerSettings(
-        max_queue=args.max_queue,
-        max_request_bytes=args.max_request_bytes,
-        max_tokens_limit=args.max_tokens_limit,
-        max_k=args.max_k,
-    )
+    settings = _settings(args)
     if not (args.shutdown_timeout >= 0):
         raise InvalidRequestError("--shutdown-timeout must be >= 0")
+    _log_requests(args.quiet)
     sock = listen(args.host, args.port)
     with (
         contextlib.closing(sock),
@@ -133,27 +205,31 @@ def run(args: argparse.Namespace) -> int:
             n_threads=args.threads,
             n_gpu_layers=args.gpu_layers,
             max_new_tokens=args.max_new_tokens,
+            on_calibration=ProgressBar(),
         ) as reasoner,
     ):
+        if args.recalibrate:  # now, not inside the first request
+            reasoner.calibration(refresh=True)
         app = create_app(reasoner, settings, model_id=args.model_id)
         config = uvicorn.Config(
             app,
             log_config=None,
-            access_log=args.verbose > 0,
+            access_log=False,  # the request log (`--quiet` mutes it) replaces uvicorn's
             timeout_graceful_shutdown=args.shutdown_timeout + 10,
         )
         server = DrainingServer(config, app.state.service, args.shutdown_timeout)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
+        key = " (API key required)" if settings.api_key else ""
         print(
             f"edge-metastone serve: {app.state.model_id} on http://{shown}:{port}/ "
-            f"(API: http://{shown}:{port}/v1; Ctrl-C stops)",
+            f"(API: http://{shown}:{port}/v1{key}; Ctrl-C stops)",
             flush=True,
         )
-        if args.host not in LOOPBACK:
+        if args.host not in LOOPBACK and not settings.api_key:
             print(
                 f"edge-metastone serve: warning: listening on {args.host}, reachable from other "
-                "machines; the server has no authentication",
+                "machines, without --api-key",
                 file=sys.stderr,
                 flush=True,
             )

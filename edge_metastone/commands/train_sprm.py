@@ -54,14 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print the report."""
+    from edge_metastone.errors import EdgeMetastoneError
     from edge_metastone.training.collect import CollectSettings
-    from edge_metastone.training.train import TrainSettings
 
-    try:
+    try:  # every module that imports torch, before any work: no torch is one line
         from edge_metastone.training.pipeline import train_sprm
+        from edge_metastone.training.train import TrainSettings
     except ImportError as e:
-        from edge_metastone.errors import EdgeMetastoneError
-
+        if (e.name or "").partition(".")[0] != "torch":
+            raise
         raise EdgeMetastoneError(
             f"train-sprm needs torch ({e}); pip install 'edge-metastone[train]'"
         ) from None

@@ -561,11 +561,25 @@ def _canary(path: Path, mode: WeightBuffers, report: BuildReport, gpu_layers: in
             logger.info(
                 "weight buffers: test decode %s (%.1f s)", result.detail, time.perf_counter() - t0
             )
-            crashed = not result.ok and result.detail.startswith("killed by signal")
-            if result.ok or crashed:  # a time-out or a refused start decides nothing
+            if _decides(result):  # a time-out, a refused start or a failed decode: nothing
                 _store_canary(key, result, mode, types, report.build)
-        _verdicts[key] = result
+        if _decides(result):  # the rest say nothing of the next model with these weight types
+            _verdicts[key] = result
         return result
+
+
+def _decides(result: CanaryResult) -> bool:
+    """Only a success or a crash (a signal) speaks for the mode; a decode that failed cleanly
+    (e.g. a model whose weights are broken) or timed out says nothing of it."""
+    return result.ok or result.detail.startswith("killed by signal")
+
+
+def _mode_at_fault(path: Path, result: CanaryResult, report: BuildReport, gpu_layers: int) -> bool:
+    """True when a failed canary is the mode's fault: a crash, or a clean failure that the plain
+    path does not share (when it fails too, the model is broken whatever the mode)."""
+    if _decides(result):
+        return True
+    return _canary(path, WeightBuffers.PLAIN, report, gpu_layers).ok
 
 
 def plan_for(
@@ -582,6 +596,16 @@ def plan_for(
         while plan.mode is not WeightBuffers.PLAIN:
             result = _canary(path, plan.mode, report, gpu_layers)
             if result.ok:
+                break
+            if not _mode_at_fault(path, result, report, gpu_layers):
+                logger.info(
+                    "weight buffers: %s and plain both failed a test decode of %s (%s): the "
+                    "model, not the mode; keeping %s",
+                    plan.mode.value,
+                    path.name,
+                    result.detail,
+                    plan.mode.value,
+                )
                 break
             step = _FALLBACK[plan.mode]
             notes.append(f"{plan.mode.value} {result.detail} in a test decode")

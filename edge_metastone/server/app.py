@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from edge_metastone.errors import InvalidRequestError
+from edge_metastone.modelfile.about import about
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.scheduler import FIXED_EFFORTS
 from edge_metastone.server.errors import ApiError, ErrorGuard
+from edge_metastone.server.guard import (
+    LOOPBACK_NAMES,
+    AccessGuard,
+    RequestLog,
+    check_api_key,
+    login_or_none,
+    note,
+)
 from edge_metastone.server.schema import Completion, Limits, parse_request, to_options
 from edge_metastone.server.service import Channel, GenerationService, Job
 from edge_metastone.server.streaming import EventStream, error_of, watch_client
@@ -40,6 +50,10 @@ class ServerSettings:
     max_request_bytes: int = MIB  # larger bodies get a 413
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
     max_k: int = 32  # the most candidates a request may generate (low 2, medium 8, high 32)
+    # a request's generation stops here and answers with the best candidate so far (None: no cap)
+    max_request_seconds: float | None = None
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # names `Host` may carry (`*`: any); else 421
+    api_key: str | None = field(default=None, repr=False)  # /v1/* needs it as a Bearer token
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -50,11 +64,21 @@ class ServerSettings:
             raise InvalidRequestError("max_tokens_limit must be >= 1")
         if self.max_k < 2:
             raise InvalidRequestError("max_k must be >= 2 (effort low generates 2 candidates)")
+        cap = self.max_request_seconds
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise InvalidRequestError("max_request_seconds must be a positive number of seconds")
+        if not self.allowed_hosts:
+            raise InvalidRequestError("allowed_hosts must name at least one host")
+        check_api_key(self.api_key)
 
 
 class _App(FastAPI):
+    settings: ServerSettings
+
     def build_middleware_stack(self) -> ASGIApp:
-        return ErrorGuard(super().build_middleware_stack())
+        s = self.settings
+        guarded = AccessGuard(super().build_middleware_stack(), s.allowed_hosts, s.api_key)
+        return RequestLog(ErrorGuard(guarded))
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
@@ -86,7 +110,7 @@ def create_app(
     """An app serving `reasoner` as `model_id` (default: the model file's name without .gguf).
     The caller closes the reasoner after the server stops."""
     settings = settings or ServerSettings()
-    service = GenerationService(reasoner, settings.max_queue)
+    service = GenerationService(reasoner, settings.max_queue, settings.max_request_seconds)
     model_id = model_id or reasoner.model_path.name.removesuffix(".gguf")
     limits = Limits(
         max_tokens=settings.max_tokens_limit,
@@ -102,12 +126,13 @@ def create_app(
         await asyncio.to_thread(service.join, 30.0)
 
     app = _App(title="edge-metastone", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.settings = settings
     app.state.service = service
     app.state.model_id = model_id
     _add_error_handlers(app)
     _add_model_routes(app, reasoner, model_id, limits)
     _add_completions_route(app, model_id, limits, settings.max_request_bytes)
-    _add_page(app)
+    _add_page(app, settings.api_key)
     return app
 
 
@@ -140,6 +165,7 @@ def _model_card(reasoner: Reasoner, model_id: str, limits: Limits) -> dict[str, 
             "max_tokens_limit": limits.max_tokens,
             "default_max_tokens": limits.default_max_tokens,
             "efforts": {e.value: e.k for e in FIXED_EFFORTS if e.k <= limits.max_k},
+            "about": about(path).to_json(),  # name, task, domain, which step signal informs
         },
     }
 
@@ -185,6 +211,7 @@ def _add_completions_route(app: FastAPI, model_id: str, limits: Limits, max_byte
             messages, options = to_options(req, limits)
             job = Job(messages, options, Channel(asyncio.get_running_loop()), stream=req.stream)
             job.arrival = arrival
+            note(request.scope, job=job)
             service.submit(job)
         except ApiError as e:
             return e.response()
@@ -197,15 +224,19 @@ def _add_completions_route(app: FastAPI, model_id: str, limits: Limits, max_byte
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(service, job, first, completion, include_usage)
-        return json_response(completion.response(terminal[1], options.seed))
+        return json_response(completion.response(terminal[1], options.seed, capped=job.capped))
 
 
-def _add_page(app: FastAPI) -> None:
-    """The web page at `/` and its files under `/static`."""
+def _add_page(app: FastAPI, api_key: str | None) -> None:
+    """The web page at `/` and its files under `/static`. With an API key, `/` first asks for the
+    key and keeps it as the page's session cookie (`guard.login_or_none`)."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")
-    async def index() -> FileResponse:
+    async def index(request: Request) -> Response:
+        login = login_or_none(request, api_key) if api_key else None
+        if login is not None:
+            return login
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
 

@@ -4,6 +4,8 @@ each request through `Reasoner.reason`, and a channel per request back to the ev
 Requests wait here, not on the Reasoner's lock, so the queue is bounded and first-come
 first-served, and a request whose client went away leaves the queue without touching the model.
 A request's latency budget counts from its arrival: the worker passes on the time it has left.
+`max_request_seconds` caps a request's generation (from when the worker starts it): the Reasoner's
+deadline halts the search there as at a latency budget, and the best candidate so far answers.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Job:
         self.arrival = time.monotonic()
         self.ahead = 0  # requests in front of this one when it arrived
         self.tokens = 0  # tokens generated for it so far
+        self.capped = False  # the server's time cap stopped its generation
         self.cancelled: Cancel | None = None
         self.done = False
 
@@ -116,9 +119,12 @@ class Stats:
 class GenerationService:
     """A bounded FIFO of `Job`s served one at a time by a worker thread."""
 
-    def __init__(self, reasoner: Reasoner, max_queue: int) -> None:
+    def __init__(
+        self, reasoner: Reasoner, max_queue: int, max_request_seconds: float | None = None
+    ) -> None:
         self.reasoner = reasoner
         self.max_queue = max_queue
+        self.max_request_seconds = max_request_seconds
         self.stats = Stats()
         self.closing = False
         self._jobs: collections.deque[Job] = collections.deque()
@@ -224,8 +230,12 @@ class GenerationService:
                 return "error", err
             # not queued: the Reasoner says whether any effort fits (a 400 when none does)
             options = dataclasses.replace(options, latency_budget=max(left, 1e-9))
+        cap = self.max_request_seconds
+        deadline = time.monotonic() + cap if cap is not None else None
         try:
-            result: ReasonResult = self.reasoner.reason(job.prompt, options, on_event=job.on_event)
+            result: ReasonResult = self.reasoner.reason(
+                job.prompt, options, on_event=job.on_event, deadline=deadline
+            )
         except _Cancelled:
             return "cancelled", job.cancelled
         except ApiError as e:
@@ -234,4 +244,25 @@ class GenerationService:
             if job.cancelled is not None:  # e.g. the reasoner closed under a cancelled request
                 return "cancelled", job.cancelled
             return "error", e
+        return self._capped(job, result, deadline)
+
+    def _capped(self, job: Job, result: ReasonResult, deadline: float | None) -> tuple[str, Any]:
+        """The result, marked when the time cap (not the request's own budget) stopped it; an
+        error when the cap came before any candidate had an answer."""
+        budget = job.options.latency_budget
+        budget_end = job.arrival + budget if budget is not None else None
+        if not result.early_stop or deadline is None:
+            return "result", result
+        if budget_end is not None and budget_end <= deadline:
+            return "result", result  # the request's own budget stopped it first
+        job.capped = True
+        if not result.answer.strip():
+            return "error", ApiError(
+                503,
+                f"the request reached this server's time limit ({self.max_request_seconds:g} s, "
+                "--max-request-seconds) before any candidate had an answer; ask for less (a lower "
+                "effort, fewer max_tokens)",
+                type="server_error",
+                code="request_time_limit",
+            )
         return "result", result
