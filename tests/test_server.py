@@ -59,7 +59,12 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 def post(server: ServerProcess, body, timeout: float = 60) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.url + "/v1/chat/completions", content=data, timeout=timeout)
+    return httpx.post(
+        server.url + "/v1/chat/completions",
+        content=data,
+        headers={"content-type": "application/json"},
+        timeout=timeout,
+    )
 
 
 def test_openai_client_non_streaming_matches_the_python_api(tiny, tiny_gguf):
@@ -346,7 +351,7 @@ def test_errors_through_the_openai_client_and_other_routes(tiny):
 
 def test_a_closed_model_is_a_500_body_and_unexpected_errors_are_one_log_line(tiny_gguf, caplog):
     r = Reasoner(tiny_gguf("q8_0"))
-    with TestClient(create_app(r)) as http:
+    with TestClient(create_app(r), base_url="http://127.0.0.1") as http:
         r.close()  # the model is gone under the server: a server fault, not the request's
         resp = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4})
     assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"

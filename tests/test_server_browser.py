@@ -43,8 +43,85 @@ def _browser_or_skip():
 
 
 def hsl(score: float) -> str:
-    """The page's colour of a step score, as the browser reports it."""
+    """The page's colour of a value in 0..1, as the browser reports it."""
     return f"hsl({round(max(0.0, min(1.0, score)) * 120)}, 75%, 80%)"
+
+
+def confidence_colour(confidence: float) -> str:
+    """The page's colour of a step confidence (0.5 or less red, 1 green)."""
+    return hsl((confidence - 0.5) / 0.5)
+
+
+# while a run streams, remember every token count a live card showed (the page's tests read it)
+WATCH_COUNTS = """() => {
+  window.liveCounts = [];
+  new MutationObserver(() => {
+    for (const el of document.querySelectorAll('.cand.live .info')) {
+      const n = parseInt(el.textContent, 10);
+      if (n > 0) window.liveCounts.push(n);
+    }
+  }).observe(document.getElementById('candidates'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _tally(candidates) -> str:
+    counts: dict[str, int] = {}
+    for c in candidates:
+        counts[c.answer] = counts.get(c.answer, 0) + 1
+    ordered = sorted(counts.items(), key=lambda kv: -kv[1])  # stable, as the page's sort
+    return ", ".join(f"{a or 'no answer'} ×{n}" for a, n in ordered)
+
+
+def _check_first_run(page, direct) -> None:
+    """The finished run: answer, cards, colours by the signal that informs, tally, grouping."""
+    assert page.inner_text("#answer") == direct.answer
+    assert page.locator(".cand").count() == direct.k == 8
+    chosen = page.locator(".cand.chosen")
+    assert chosen.count() == 1
+    assert int(chosen.get_attribute("data-index")) == direct.chosen
+    assert int(page.evaluate("document.body.dataset.chunks")) > 1  # it streamed
+    # the embedded model's head is measured uninformative: steps show the model's confidence,
+    # SPRM stays available, labelled
+    assert "step confidence" in page.inner_text("#legend")
+    assert "SPRM (not informative on this model)" in page.inner_text("#model")
+    for c in direct.candidates:
+        card = page.locator(f".cand[data-index='{c.index}']")
+        assert card.locator("pre").text_content() == c.text
+        colours = card.locator("span.step").evaluate_all(
+            "spans => spans.map(s => s.style.background)"
+        )
+        expected = [confidence_colour(x) for x in c.step_confidence]
+        assert [x.replace("rgb", "") for x in colours] == [_rgb(e) for e in expected], c.index
+        titles = card.locator("span.step").evaluate_all("spans => spans.map(s => s.title)")
+        assert all("SPRM (not informative on this model)" in t for t in titles)
+    best = direct.candidates[direct.chosen]
+    # the chosen card's header shows the number the selector used
+    assert (
+        f"mean token log-prob {best.mean_logprob:.3f}" in chosen.locator(".selector").inner_text()
+    )
+    assert _tally(direct.candidates) in " ".join(page.inner_text("#tally").split())
+    distinct = len({c.text for c in direct.candidates})
+    assert page.locator(".cand:visible").count() == distinct < direct.k
+    page.locator(".cand.group-head .same").first.click()
+    assert page.locator(".cand:visible").count() > distinct  # the identical ones unfold
+
+
+def _check_stop(page) -> None:
+    """Stop mid-run: the partial candidates stay, marked stopped; no answer is shown."""
+    page.select_option("#effort", "high")
+    page.fill("#temperature", "2.0")
+    page.click("#run")
+    page.wait_for_function(
+        "[...document.querySelectorAll('.cand.live .info')].some(e => parseInt(e.textContent) > 3)",
+        timeout=120_000,
+    )
+    page.click("#stop")
+    page.wait_for_selector("#status[data-state=stopped]", timeout=30_000)
+    assert page.locator(".cand").count() > 0
+    assert page.locator(".cand.stopped").count() > 0
+    assert page.locator(".cand.live").count() == 0
+    assert "stopped" in page.locator(".cand.stopped .state").first.inner_text()
+    assert not page.locator("#answer-box").is_visible()
 
 
 def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
@@ -60,47 +137,58 @@ def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
             page.wait_for_function(
                 "document.getElementById('model').textContent.includes('SPRM')", timeout=60_000
             )
+            assert not page.locator("#answer-box").is_visible()  # no answer before a result
+            assert "MetaStone-nano" in page.inner_text("#model")
+            assert "operands of one or two digits" in page.inner_text("#domain")
             page.fill("#prompt", PROMPT)
             page.select_option("#effort", "medium")
             page.fill("#temperature", "1.0")
             page.fill("#seed", "1")
+            page.evaluate(WATCH_COUNTS)
             page.click("#run")
             page.wait_for_selector("#status[data-state=done]", timeout=120_000)
-            shot = tmp_path / "server_page.png"
-            page.screenshot(path=str(shot), full_page=True)
+            counts = page.evaluate("window.liveCounts")
+            assert len(set(counts)) > 2, counts  # a card's token count rose while it streamed
+            page.screenshot(path=str(tmp_path / "server_page.png"), full_page=True)
 
             with Reasoner(max_new_tokens=96) as r:
                 direct = r.reason(PROMPT, ReasonOptions(effort="medium", seed=1, temperature=1.0))
-            assert page.inner_text("#answer") == direct.answer
-            assert page.locator(".cand").count() == direct.k == 8
-            chosen = page.locator(".cand.chosen")
-            assert chosen.count() == 1
-            assert int(chosen.get_attribute("data-index")) == direct.chosen
-            assert int(page.evaluate("document.body.dataset.chunks")) > 1  # it streamed
-            for c in direct.candidates:  # every candidate's text, every step in its score's colour
-                card = page.locator(f".cand[data-index='{c.index}']")
-                assert card.locator("pre").inner_text() == c.text
-                colours = card.locator("span.step").evaluate_all(
-                    "spans => spans.map(s => s.style.background)"
-                )
-                expected = [hsl(s) for s in c.step_scores]
-                assert [x.replace("rgb", "") for x in colours] == [_rgb(e) for e in expected], (
-                    c.index
-                )
+            _check_first_run(page, direct)
             assert "medium requested" in page.inner_text("#scheduler")
             assert "tokens/s" in page.inner_text("#status")
 
+            # an error: the old answer and tally do not stay on screen under it
+            page.route(
+                "**/v1/chat/completions",
+                lambda route: route.fulfill(
+                    status=400, json={"error": {"message": "bad request", "type": "x"}}
+                ),
+            )
+            page.click("#run")
+            page.wait_for_selector("#status[data-state=error]", timeout=30_000)
+            assert not page.locator("#answer-box").is_visible()
+            assert not page.locator("#tally").is_visible()
+            page.unroute("**/v1/chat/completions")
+
+            _check_stop(page)
+
             page.select_option("#effort", "auto")
+            page.fill("#temperature", "1.0")
             page.fill("#budget", "30")
             page.click("#run")
             page.wait_for_selector("#status[data-state=done]", timeout=120_000)
             assert "auto chose" in page.inner_text("#scheduler")
             page.screenshot(path=str(tmp_path / "server_page_auto.png"), full_page=True)
+
+            page.set_viewport_size({"width": 420, "height": 860})
+            title = page.locator("header#top h1").bounding_box()
+            assert title["height"] < 30, title  # one line: not "edge-" / "metastone"
+            page.screenshot(path=str(tmp_path / "server_page_420.png"), full_page=True)
         finally:
             browser.close()
     keep = os.environ.get("EDGE_METASTONE_SCREENSHOTS")
     if keep:  # e.g. bench/results: the screenshots published with the README
-        for name in ("server_page.png", "server_page_auto.png"):
+        for name in ("server_page.png", "server_page_auto.png", "server_page_420.png"):
             shutil.copy(tmp_path / name, Path(keep) / name)
 
 

@@ -74,7 +74,9 @@ def _samples(rec: dict[str, Any]) -> ProblemSamples:
         answers=[c["answer"] for c in cands],
         correct=[bool(c["correct"]) for c in cands],
         score=[c["score"] if c["score"] is not None else 0.0 for c in cands],
-        mean_logprob=[c["mean_logprob"] if c["mean_logprob"] is not None else 0.0 for c in cands],
+        mean_logprob=[
+            c["mean_logprob"] if c["mean_logprob"] is not None else -math.inf for c in cands
+        ],
         step_scores=[[] for _ in cands],
     )
 
@@ -123,13 +125,39 @@ def loglinear_fit(points: dict[str, dict[str, Any]]) -> dict[str, dict[str, floa
     return fits
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson 95% interval of an accuracy `p` measured on `n` problems."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# each line's markers sit this far apart (in decades of compute), so equal lines stay visible
+LINE_OFFSET_DECADES = 0.025
+
+
+def _series(ax: Any, x: np.ndarray, ys: list[float], ns: list[int], shift: float, **kw: Any) -> Any:
+    """One selector: its points shifted `shift` decades, each with its 95% interval."""
+    xs = x * 10.0**shift
+    lo_hi = [wilson(y, n) for y, n in zip(ys, ns, strict=True)]
+    lo = np.array([a for a, _ in lo_hi])
+    hi = np.array([b for _, b in lo_hi])
+    err = np.vstack([np.asarray(ys) - lo, hi - np.asarray(ys)])
+    return ax.errorbar(xs, ys, yerr=err, capsize=2.5, elinewidth=0.8, markersize=5, **kw)
+
+
 def plot_sweep(
     points: dict[str, dict[str, Any]],
     fits: dict[str, dict[str, float | None]],
     path: Path,
     title: str,
-) -> None:
-    """Accuracy against thinking compute (log x), one line per selector, fits dotted."""
+) -> dict[str, Any]:
+    """Accuracy (0-1) against thinking compute (log x), one line per selector with a 95% interval
+    per point (Wilson, over the mode's problems); the lines are offset sideways so equal ones stay
+    visible; fits thin; every label inside the frame. Returns the axes' limits and where the
+    mode labels sit (for tests)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,32 +165,39 @@ def plot_sweep(
 
     modes = sorted(points, key=lambda m: points[m]["compute"])
     x = np.array([points[m]["compute"] for m in modes])
-    fig, ax = plt.subplots(figsize=(10, 5))
+    ns = [int(points[m]["problems"]) for m in modes]
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     default_name = points[modes[0]]["default_strategy"]
-    for name, style in zip(SELECTORS, ("o-", "s--", "^-.", "d:"), strict=True):
-        label = SELECTOR_LABELS[name] + (f" ({default_name})" if name == "default" else "")
+    series = [*SELECTORS, "oracle", "single"]
+    styles = ("o-", "s--", "^-.", "d:", "x:", "+:")
+    for i, (name, style) in enumerate(zip(series, styles, strict=True)):
+        shift = (i - (len(series) - 1) / 2) * LINE_OFFSET_DECADES
+        label = {"oracle": "oracle pass@k", "single": "one sample"}.get(name) or (
+            SELECTOR_LABELS[name] + (f" ({default_name})" if name == "default" else "")
+        )
         fit = fits.get(name)
         if fit:
             label += f"  [{fit['slope_per_decade']:+.3f}/decade]"
-        (line,) = ax.plot(x, [points[m][name] for m in modes], style, label=label)
+        colour = {"oracle": "grey", "single": "black"}.get(name)
+        bar = _series(ax, x, [points[m][name] for m in modes], ns, shift, fmt=style, label=label, color=colour)  # fmt: skip
         if fit and len(x) > 1:
             xx = np.geomspace(x.min(), x.max(), 20)
             yy = fit["intercept"] + fit["slope_per_decade"] * np.log10(xx)
-            ax.plot(xx, yy, color=line.get_color(), lw=0.7, alpha=0.5)
-    ax.plot(x, [points[m]["oracle"] for m in modes], "x:", color="grey", label="oracle pass@k")
-    ax.plot(x, [points[m]["single"] for m in modes], "+:", color="black", label="one sample")
-    for xi, m in zip(x, modes, strict=True):
-        ax.annotate(f"{m} k={points[m]['k']}", (xi, points[m]["oracle"]), fontsize=8,
-                    ha="center", xytext=(0, 5), textcoords="offset points")  # fmt: skip
+            ax.plot(xx, yy, color=bar.lines[0].get_color(), lw=0.7, alpha=0.4)
+    for xi, m, n in zip(x, modes, ns, strict=True):
+        ax.annotate(f"{m} k={points[m]['k']}\nn={n}", (xi, 0.02), fontsize=8, ha="center", va="bottom")  # fmt: skip
     ax.set_xscale("log")
+    ax.set_xlim(x.min() / 2.5, x.max() * 2.5)
+    ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("thinking compute: generated tokens x parameters (log scale)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("accuracy (bars: 95% interval over the problems)")
+    ax.set_title(title + "\n(markers offset sideways so equal lines stay visible)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return {"ylim": ax.get_ylim(), "xlim": ax.get_xlim(), "labels": [float(v) for v in x]}
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from edge_metastone.commands import add_weight_buffers, print_json
+from edge_metastone.modelfile.about import about
 from edge_metastone.modelfile.read import ModelFile, open_model_file
 
 
@@ -50,7 +51,25 @@ def describe(mf: ModelFile) -> dict[str, object]:
         "sprm_head": head,
         "step_token_ids": list(mf.step_token_ids),
         "think_ids": [mf.think_start_id, mf.think_end_id],
+        "about": about(mf.path).to_json(),  # from the provenance: task, domain, head quality
     }
+
+
+def _about_lines(a: dict) -> list[str]:
+    """What the provenance says the model can do and how far its head can be trusted."""
+    lines = []
+    if a["task"]:
+        lines.append(f"task (provenance): {a['task']}")
+    if a["domain"]:
+        lines.append(f"can do: {a['domain']}; other prompts get a number all the same")
+    if a["head_auc_within"] is not None:
+        verdict = "informative" if a["head_informative"] else "not informative on this model"
+        lines.append(
+            f"SPRM head measured: within-problem AUC {a['head_auc_within']:.2f} ({verdict}; "
+            f"mean log-prob {a['logprob_auc_within'] or 0:.2f}); steps are shown by "
+            + ("their SPRM score" if a["head_informative"] else "the model's own confidence")
+        )
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             f"{head['parameters']} parameters) on layer {head['feature_layer']}, from {head['source']}"
         )
     print(f"  step token ids {d['step_token_ids']}, <think>/</think> ids {d['think_ids']}")
+    for line in _about_lines(d["about"]):
+        print(f"  {line}")
     wb = d["weight_buffers"]
     repacked = f", {wb['repacked']} weights in CPU_REPACK" if wb["mode"] == "repack" else ""
     print(f"  weight buffers here: {wb['mode']}{repacked} ({wb['requested']}: {wb['reason']})")

@@ -126,7 +126,10 @@ class EventStream(Response):
                     yield sse(
                         c.chunk(
                             {"content": item.answer},
-                            metastone={"events": [], "result": extension(item, seed)},
+                            metastone={
+                                "events": [],
+                                "result": extension(item, seed, capped=self.job.capped),
+                            },
                         )
                     )
                     yield sse(c.chunk(finish=finish_reason(item)))

@@ -3,6 +3,7 @@ problem, and best-of-k accuracy by each selector. Pure numpy; no torch, no engin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -121,6 +122,6 @@ def samples_from_result(result, gold: str) -> ProblemSamples:
         answers=[c.answer for c in cands],
         correct=[not c.truncated and answers_equivalent(c.answer, gold) for c in cands],
         score=[c.score if c.score is not None else 0.0 for c in cands],
-        mean_logprob=[c.mean_logprob if c.mean_logprob is not None else 0.0 for c in cands],
+        mean_logprob=[c.mean_logprob if c.mean_logprob is not None else -math.inf for c in cands],
         step_scores=[list(c.step_scores) for c in cands],
     )
