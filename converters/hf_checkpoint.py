@@ -94,7 +94,9 @@ def read_config(hf_dir: Path) -> Qwen2Config:
     archs = cfg.get("architectures") or [cfg.get("model_type", "unknown")]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
         raise BadCheckpointError(
-            f"architecture {archs[0]} is not supported (expected one of {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"architecture {archs[0]} is not supported: convert writes MetaStone/Qwen2 checkpoints "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)}) only; a GGUF of another architecture (llama, "
+            "qwen3, gemma, phi3, ...: llama.cpp's convert_hf_to_gguf.py) runs as it is"
         )
     # transformers 5 writes rope settings under "rope_parameters"; 4.x checkpoints use the top level
     rope_params = cfg.get("rope_parameters") or {}

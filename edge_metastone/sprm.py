@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +97,13 @@ class StepRule:
             for j in range(1, n)
             if self.is_step_boundary(ids[j - 1], ids[j]) and start + 1 <= j - 1 <= end - 1
         ]
+
+
+def line_delimiters(token_texts: Iterable[tuple[int, str]]) -> list[int]:
+    """The ids of every token that ends a line: its text holds a newline and, whitespace aside,
+    at most one other character (`\\n`, `\\n\\n`, `\\r\\n`, `.\\n`, `\\n   `), as the reference's
+    line mode counts them (SPEC §1). The delimiters of a model that writes one step per line."""
+    return [t for t, text in token_texts if "\n" in text and len(text.strip()) <= 1]
 
 
 def trajectory_score(step_scores: Sequence[float]) -> float:

@@ -21,7 +21,12 @@ from edge_metastone.sprm import SprmHead
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = ("qwen2",)
+# Decoder-only architectures whose llama.cpp graph names every layer's residual-stream output
+# `l_out-{i}` (checked in llama.cpp's src/models/<arch>.cpp), so the SPRM features (layer L-2) can be
+# captured in-stream. Mistral's GGUFs are written as `llama`.
+SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama", "gemma", "gemma2", "gemma3", "phi3")
+# Tokenizer models llama.cpp's loaders accept for these: BPE (gpt2) and SentencePiece (llama)
+SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 SIDECAR_SUFFIX = ".sprm.gguf"
 _GGUF_MAGIC = b"GGUF"
 
@@ -100,7 +105,7 @@ _INT_TYPES = {_V.UINT8, _V.INT8, _V.UINT16, _V.INT16, _V.UINT32, _V.INT32, _V.UI
 _FLOAT_TYPES = {_V.FLOAT32, _V.FLOAT64}
 _MAX_DIM = 1 << 20
 # rope scaling types llama.cpp knows (src/llama-hparams / LLAMA_ROPE_SCALING_TYPES); others abort
-_ROPE_SCALING = ("none", "linear", "yarn")
+_ROPE_SCALING = ("none", "linear", "yarn", "longrope")
 
 
 class _Meta:
@@ -226,7 +231,8 @@ def _step_facts(m: _Meta, n_vocab: int) -> tuple[tuple[int, ...], int, int]:
 
 @dataclass(frozen=True)
 class ModelFile:
-    """The facts of a validated model file (a qwen2 GGUF) and its SPRM head, if any."""
+    """The facts of a validated model file (a GGUF of one of SUPPORTED_ARCHS) and its SPRM head,
+    if any."""
 
     path: Path
     arch: str
@@ -251,14 +257,16 @@ class ModelFile:
     bos_token: str = ""
     eos_token: str = ""
     default_strategy: str | None = None  # metastone.default_strategy, as written by the maker
+    adaptive: str | None = None  # metastone.adaptive (JSON), as written; checked where it is used
     normalizer: NormalForm | None = None  # metastone.tokenizer.normalizer
     # metastone.tokenizer.special_tokens: the tokenizer's named special tokens (None in older files)
     special_tokens: Mapping[str, str] | None = None
+    key_length: int = 0  # `{arch}.attention.key_length` (Gemma: not n_embd / n_head); 0: absent
 
     @property
     def head_dim(self) -> int:
         """Size of one attention head."""
-        return self.n_embd // self.n_head
+        return self.key_length or self.n_embd // self.n_head
 
     @property
     def has_head(self) -> bool:
@@ -297,7 +305,7 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
     """`open_model_file`'s body: every check, in order, then the facts."""
     m = _Meta(reader, path)
     arch = _check_arch(m)
-    n_embd, n_layers, n_head, n_head_kv = _check_hparams(m, arch)
+    n_embd, n_layers, n_head, n_head_kv, key_length = _check_hparams(m, arch)
     tokens = _check_vocabulary(m)
     n_vocab = len(tokens)
     _check_tensors(path, reader)
@@ -311,6 +319,7 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         raise m.bad(keys.TOKENIZER_NORMALIZER, f"is {normalizer!r}, not one of {NORMAL_FORMS}")
     template = m.str(gguf.Keys.Tokenizer.CHAT_TEMPLATE, "") or None
     strategy = m.str(keys.DEFAULT_STRATEGY, "") if _is_string(m, keys.DEFAULT_STRATEGY) else ""
+    adaptive = m.str(keys.ADAPTIVE, "") if _is_string(m, keys.ADAPTIVE) else ""
     llm = gguf.Keys.LLM
     return ModelFile(
         path=path,
@@ -336,8 +345,10 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         bos_token=bos,
         eos_token=eos,
         default_strategy=strategy or None,
+        adaptive=adaptive or None,
         normalizer=normalizer,  # type: ignore[arg-type]
         special_tokens=special,
+        key_length=key_length,
     )
 
 
@@ -347,7 +358,7 @@ def _check_arch(m: _Meta) -> str:
     if arch not in SUPPORTED_ARCHS:
         raise BadModelFileError(
             f"{m.path}: architecture {arch!r} is not supported "
-            f"(expected {', '.join(SUPPORTED_ARCHS)})"
+            f"(supported: {', '.join(SUPPORTED_ARCHS)})"
         )
     if not m.reader.tensors:
         raise BadModelFileError(f"{m.path}: the file has no tensors (a head-only sidecar?)")
@@ -359,15 +370,16 @@ def _hparam(m: _Meta, arch: str, key: str, hi: int = _MAX_DIM) -> int:
     return m.int(key.format(arch=arch), lo=1, hi=hi)
 
 
-def _check_hparams(m: _Meta, arch: str) -> tuple[int, int, int, int]:
-    """Hidden size, layers, heads and KV heads (checked to divide), with the norm and rope
-    settings llama.cpp would abort on checked too."""
+def _check_hparams(m: _Meta, arch: str) -> tuple[int, int, int, int, int]:
+    """Hidden size, layers, heads, KV heads (checked to divide) and the head size when the file
+    states it (0 if not), with the norm and rope settings llama.cpp would abort on checked too."""
     llm, att, rope = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
     n_embd = _hparam(m, arch, llm.EMBEDDING_LENGTH, 1 << 16)
     n_layers = _hparam(m, arch, llm.BLOCK_COUNT, 4096)
     n_head = _hparam(m, arch, att.HEAD_COUNT, 4096)
     n_head_kv = _hparam(m, arch, att.HEAD_COUNT_KV, 4096)
-    if n_embd % n_head or n_head % n_head_kv:
+    key_length = m.int(att.KEY_LENGTH.format(arch=arch), 0, lo=1, hi=1 << 16)
+    if (not key_length and n_embd % n_head) or n_head % n_head_kv:
         raise BadModelFileError(
             f"{m.path}: {n_head} heads / {n_head_kv} KV heads do not divide hidden size {n_embd}"
         )
@@ -377,7 +389,7 @@ def _check_hparams(m: _Meta, arch: str) -> tuple[int, int, int, int]:
     if rope_type not in _ROPE_SCALING:
         raise BadModelFileError(f"{m.path}: rope scaling type {rope_type!r} is not supported")
     m.float(rope.SCALING_FACTOR.format(arch=arch), 1.0)
-    return n_embd, n_layers, n_head, n_head_kv
+    return n_embd, n_layers, n_head, n_head_kv, key_length
 
 
 def _load_head(
@@ -483,18 +495,27 @@ def _is_string(m: _Meta, key: str) -> bool:
     return f is not None and f.types == [_V.STRING]
 
 
+_BYTE_TOKENS = frozenset(f"<0x{b:02X}>".encode() for b in range(256))
+
+
 def _check_vocabulary(m: _Meta) -> list[bytes]:
-    """A BPE vocabulary llama.cpp's qwen2 loader accepts; returns its tokens (read once)."""
+    """A BPE or SentencePiece vocabulary llama.cpp's loader accepts; returns its tokens (read
+    once)."""
     tk = gguf.Keys.Tokenizer
     model = m.str(tk.MODEL)
-    if model != "gpt2":
-        raise m.bad(tk.MODEL, f"is {model!r}; a qwen2 model uses the BPE tokenizer 'gpt2'")
+    if model not in SUPPORTED_TOKENIZERS:
+        raise m.bad(tk.MODEL, f"is {model!r}, not one of {', '.join(SUPPORTED_TOKENIZERS)}")
     tokens = m.strings(tk.LIST)
     if not tokens:
         raise BadModelFileError(f"{m.path}: the file has no vocabulary ({tk.LIST})")
     n = len(tokens)
-    if len(set(tokens)) != n:
+    unique = set(tokens)
+    if len(unique) != n:
         raise m.bad(tk.LIST, "holds duplicate tokens")
+    if model == "llama" and not _BYTE_TOKENS.issubset(unique):
+        # llama.cpp's SentencePiece tokenizer throws (an abort, through the C API) on a byte it
+        # has no <0xXX> token for
+        raise m.bad(tk.LIST, "is a SentencePiece vocabulary without its 256 byte tokens")
     for key, kinds in ((tk.TOKEN_TYPE, _INT_TYPES), (tk.SCORES, _FLOAT_TYPES)):
         arr = m.array(key, kinds)
         if arr is not None and len(arr) != n:

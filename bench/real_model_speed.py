@@ -1,0 +1,120 @@
+"""Single-sequence decode speed on the real model (SmolLM2-135M-Instruct Q4_1, tests/real_model.py):
+our engine at k=1 against stock llama-cpp-python's `Llama.generate`, same file, threads, prompt,
+token count and greedy decoding, measured side by side in this process.
+
+    python bench/real_model_speed.py [--tokens 256] [--rounds 5] [--threads 2] [--head SIDECAR]
+
+End-of-turn tokens are banned on our side so both sides run the full `--tokens` (`Llama.generate`
+does not stop at them by itself). Each side's time covers the prompt's prefill and every decode.
+Rounds alternate the two sides; the median of the per-round ratios is reported (target >= 0.95).
+Run it alone (under the CPU lock on a shared machine): llama.cpp's threads busy-wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from real_model import smollm2_gguf  # noqa: E402
+
+from edge_metastone.engine.engine import Engine  # noqa: E402
+from edge_metastone.engine.weight_buffers import stock_defaults  # noqa: E402
+from edge_metastone.limits import default_threads  # noqa: E402
+from edge_metastone.types import GenerationSettings, SamplingSettings  # noqa: E402
+
+PROMPT = [
+    {
+        "role": "user",
+        "content": "Add the numbers, one step per line, then give the answer.\n\n"
+        "2+3+4\n2+3=5\n5+4=9\nAnswer: 9\n\n6+1+2",
+    }
+]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def side_by_side(
+    a: Callable[[], object], b: Callable[[], object], rounds: int
+) -> tuple[float, float, float]:
+    """Median seconds of a and b, and the median of per-round ratios a/b (alternating order)."""
+    ta, tb, ratios = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            x, y = timed(a), timed(b)
+        else:
+            y, x = timed(b), timed(a)
+        ta.append(x)
+        tb.append(y)
+        ratios.append(x / y)
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="default: the pinned SmolLM2 file")
+    ap.add_argument("--head", type=Path, default=None, help="a sidecar head: score steps too")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    path = args.model or smollm2_gguf()
+    threads = args.threads or default_threads()
+    n = args.tokens
+
+    import llama_cpp
+
+    engine = Engine(path, head_path=args.head, n_threads=threads)
+    plan = engine.model.weight_plan
+    with stock_defaults(path, plan.mode):  # the engine's weight-buffer mode on both sides
+        llm = llama_cpp.Llama(
+            str(path),
+            n_ctx=1024,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+            logits_all=False,
+        )
+    _, prompt = engine.encode_chat(PROMPT)
+    ban = tuple((t, -1e9) for t in engine.eog_ids)
+    greedy = SamplingSettings(temperature=0.0, seed=0, logit_bias=ban)
+    settings = GenerationSettings(max_new_tokens=n, score_steps=engine.has_head)
+
+    def ours() -> None:
+        (c,) = engine.generate_all(prompt, 1, greedy, settings)
+        assert c.n_tokens == n, c.n_tokens
+
+    def theirs() -> None:
+        llm.reset()
+        for i, _tok in enumerate(llm.generate(prompt, temp=0.0, repeat_penalty=1.0)):
+            if i + 1 >= n:
+                break
+
+    ours()  # warm up both
+    theirs()
+    print(
+        f"model {path.name}: {engine.model_file.n_params / 1e6:.0f}M params, weights "
+        f"{plan.mode.value}, {threads} threads, prompt {len(prompt)} tokens, {n} tokens greedy, "
+        f"k=1, scoring {'on' if engine.has_head else 'off'}, rounds {args.rounds}"
+    )
+    ta, tb, r = side_by_side(ours, theirs, args.rounds)
+    print(f"ours           {n / ta:7.1f} tokens/s ({ta:.2f} s)")
+    print(f"llama-cpp-py   {n / tb:7.1f} tokens/s ({tb:.2f} s)")
+    print(f"ratio ours / stock {1 / r:.3f}   (target >= 0.95; median of per-round ratios)")
+    llm.close()
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
