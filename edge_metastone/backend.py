@@ -59,6 +59,11 @@ class Backend(Protocol):
         ...
 
     @property
+    def adaptive(self) -> str | None:
+        """The model's recorded adaptive-compute settings (`metastone.adaptive`, JSON), if any."""
+        ...
+
+    @property
     def rule(self) -> StepRule:
         """Which tokens end a step and open/close the think window (SPEC §1, §2)."""
         ...

@@ -15,6 +15,10 @@ STEP_TOKEN_IDS = "metastone.step_token_ids"
 THINK_START_ID = "metastone.think_start_id"
 THINK_END_ID = "metastone.think_end_id"
 DEFAULT_STRATEGY = "metastone.default_strategy"
+# JSON object: the model's measured adaptive-compute settings (search.adaptive.AdaptiveSettings:
+# waves, consensus, min_agree, sharpness, window, floor, calibrate_floor, floor_margin, selector,
+# measured); absent or unreadable: safe defaults.
+ADAPTIVE = "metastone.adaptive"
 PROVENANCE = "metastone.provenance"
 SPRM_TRAINED_WITH = "metastone.sprm.trained_with"
 # The tokenizer's Unicode normal form (NFC, NFD, NFKC or NFKD); absent: text is not normalized.

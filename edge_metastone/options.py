@@ -13,6 +13,7 @@ from typing import Any
 from edge_metastone.answers import extract_answer
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.scheduler import Effort
+from edge_metastone.search.adaptive import stopped_early
 from edge_metastone.search.base import StrategyName
 from edge_metastone.types import (
     Candidate,
@@ -83,7 +84,8 @@ class ReasonOptions:
         k = self.max_k
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise InvalidRequestError("max_k must be an integer >= 1", param="max_k")
-        if k is not None and self.effort is not Effort.AUTO and self.effort.k > k:
+        fixed = self.effort.mode.k  # None: auto and adaptive run within max_k
+        if k is not None and fixed is not None and fixed > k:
             raise InvalidRequestError(
                 f"effort {self.effort.value} generates k={self.effort.k} candidates, above "
                 f"max_k={k}",
@@ -136,6 +138,8 @@ class CandidateView:
     tokens: int
     finish_reason: str
     mean_logprob: float | None
+    step_confidence: list[float | None] = field(default_factory=list)  # Candidate.step_confidence
+    stopped_early: str | None = None  # why it was stopped before its end (pruned, halted)
 
     @property
     def truncated(self) -> bool:
@@ -155,6 +159,8 @@ class CandidateView:
             tokens=c.n_tokens,
             finish_reason=c.finish_reason.value,
             mean_logprob=c.mean_logprob,
+            step_confidence=list(c.step_confidence),
+            stopped_early=stopped_early(c),
         )
 
 
@@ -173,6 +179,11 @@ class ReasonResult:
     early_stop: bool
     timings: dict[str, float | str] = field(default_factory=dict)  # + kv_layout, kv_type
     predicted: dict[str, float] = field(default_factory=dict)
+    # where the calibration came from and what it cost (`Planner.prepare`; never in the budget)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    waves: list[dict[str, int]] = field(default_factory=list)  # adaptive: candidates, tokens
+    stop_reason: str = ""  # adaptive: why no further wave ran
+    answer_check_fallbacks: int = 0  # answer checks that fell back to comparing text
 
     @property
     def chosen_candidate(self) -> CandidateView:
@@ -197,6 +208,8 @@ class ReasonResult:
                     "tokens": c.tokens,
                     "finish_reason": c.finish_reason,
                     "mean_logprob": c.mean_logprob,
+                    "step_confidence": c.step_confidence,
+                    "stopped_early": c.stopped_early,
                 }
                 for c in self.candidates
             ],
@@ -204,4 +217,8 @@ class ReasonResult:
             "strategy": self.strategy,
             "scheduler": {"reason": self.scheduler_reason, "predicted": self.predicted},
             "early_stop": self.early_stop,
+            "calibration": self.calibration,
+            "waves": self.waves,
+            "stop_reason": self.stop_reason,
+            "answer_check_fallbacks": self.answer_check_fallbacks,
         }

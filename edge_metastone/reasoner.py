@@ -15,14 +15,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from edge_metastone.answers import counting_fallbacks
 from edge_metastone.backend import Backend
 from edge_metastone.bridge import stream
+from edge_metastone.calibration import ProgressHook
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.gate import RequestGate
 from edge_metastone.limits import MAX_THREADS, default_threads
+from edge_metastone.modelfile.about import model_max_new_tokens
 from edge_metastone.models import default_model_path
 from edge_metastone.options import (
-    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SAMPLING,
     CandidateView,
     Prompt,
@@ -30,10 +32,11 @@ from edge_metastone.options import (
     ReasonResult,
     options_of,
 )
-from edge_metastone.planner import Planner, planned_settings
+from edge_metastone.planner import Planner, adaptive_settings, planned_settings
 from edge_metastone.runtime import open_backend
-from edge_metastone.scheduler import MIB, Calibration, Plan
+from edge_metastone.scheduler import MIB, Calibration, Effort, Plan
 from edge_metastone.search import make_strategy
+from edge_metastone.search.adaptive import Adaptive
 from edge_metastone.search.base import SearchResult, StrategyName
 from edge_metastone.types import (
     Event,
@@ -61,9 +64,10 @@ class Reasoner:
         n_threads: int = 0,
         n_gpu_layers: int = 0,
         sampling: SamplingSettings = DEFAULT_SAMPLING,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: int | None = None,
         calibration: Calibration | None = None,
         weight_buffers: str | None = None,
+        on_calibration: ProgressHook | None = None,
     ) -> None:
         if not 0 <= n_threads <= MAX_THREADS:
             raise InvalidRequestError(f"threads must be between 0 (automatic) and {MAX_THREADS}")
@@ -74,11 +78,12 @@ class Reasoner:
         self.model_path = self.backend.path
         self.facts: ModelFacts = self.backend.facts
         self.sampling = sampling
-        self.max_new_tokens = max_new_tokens
+        # None: the model's own (its task's answer length, e.g. 160 for MetaStone-nano), else 1024
+        self.max_new_tokens = max_new_tokens or model_max_new_tokens(self.model_path)
         self._gate = RequestGate()
         self._lock = self._gate.lock  # held while a request (or the calibration) runs
         self._planner = Planner(
-            self.backend, self.n_threads, sampling, calibration, self._gate.lock
+            self.backend, self.n_threads, sampling, calibration, self._gate.lock, on_calibration
         )
 
     @property
@@ -93,13 +98,13 @@ class Reasoner:
 
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once, then cached on disk)."""
-        with self._gate.lock:
+        with self._gate.held():
             self._gate.check_open()
             return self._planner.calibration(refresh=refresh)
 
     def prompt_text(self, prompt: Prompt) -> str:
         """The exact text fed to the model: the chat template applied to the prompt."""
-        with self._gate.lock:
+        with self._gate.held():
             self._gate.check_open()
             return self.encode(prompt)[0]
 
@@ -131,23 +136,29 @@ class Reasoner:
         options: ReasonOptions | None = None,
         *,
         on_event: Callable[[Event], None] | None = None,
+        deadline: float | None = None,
         **fields: Any,
     ) -> ReasonResult:
         """Generate k candidates (k from the effort, or chosen within the budgets) and pick one.
 
         Settings come as a `ReasonOptions` or as its fields: `effort`, `latency_budget` (seconds),
         `memory_budget` (MB), `seed`, `strategy`, `max_new_tokens`, `allow_degrade`, `logprobs`,
-        `raw`, `temperature`, `top_p`, `stop`, `max_k`, `kv_cache`.
+        `raw`, `temperature`, `top_p`, `stop`, `max_k`, `kv_cache`. `deadline` (time.monotonic())
+        is a hard stop the planner does not see (a server's cap): the search halts there as at a
+        latency budget and chooses among the candidates so far.
         """
         o = options_of(options, fields)
         t0 = time.perf_counter()
-        run = _Run(o, self.max_new_tokens, time.monotonic())
+        run = _Run(o, self.max_new_tokens, time.monotonic(), deadline)
         strategy = make_strategy(o.strategy or self.default_strategy)
-        with self._gate.lock:  # requests queue here; the latency budget counts from arrival
+        with self._gate.held():  # requests queue here; the latency budget counts from arrival
             self._gate.check_open()
             run.timings["queue_s"] = time.perf_counter() - t0
             text, ids = self.encode(prompt, raw=o.raw)
-            plan = self._plan(run, len(ids))
+            plan = run.plan(self._planner, len(ids), self.max_new_tokens)
+            if plan.effort is Effort.ADAPTIVE:
+                adaptive = adaptive_settings(self.backend.adaptive, o, self.default_strategy)
+                strategy = Adaptive(adaptive, make_strategy(adaptive.selector))
             control = GenerationControl()  # this request's own handle (and timings)
             cands, early = strategy.run(
                 self.backend,
@@ -155,28 +166,17 @@ class Reasoner:
                 plan.k,
                 o.sampling(self.sampling),
                 planned_settings(run.settings, plan),
-                deadline=run.deadline,
+                deadline=run.stop_at,
                 on_event=self._gate.hook(on_event),
                 control=control,
             )
-        res = strategy.choose(self.backend, cands, plan.k, early)  # answer checks: off the lock
+            self._planner.observe(plan, control.timings)  # a wrong calibration gets re-checked
+        with counting_fallbacks() as fallbacks:  # answer checks: off the lock
+            res = strategy.choose(self.backend, cands, plan.k, early)
         tm = {**control.timings.as_dict(), **run.timings}
         tm["total_s"] = time.perf_counter() - t0
-        return _result(res, plan, text, tm)
-
-    def _plan(self, run: _Run, prompt_tokens: int) -> Plan:
-        """Plan with what is left of the latency budget after waiting in the queue."""
-        left = run.deadline - time.monotonic() if run.deadline is not None else None
-        if left is not None and left <= 0:
-            raise BudgetError(
-                f"the latency budget ({run.options.latency_budget} s) ran out while waiting for "
-                "the model"
-            )
-        t1 = time.perf_counter()
-        o = dataclasses.replace(run.options, latency_budget=left)
-        plan = self._planner.plan(prompt_tokens, o, self.max_new_tokens)
-        run.timings["plan_s"] = time.perf_counter() - t1
-        return plan
+        out = _result(res, plan, text, tm, run.stopped_by, run.calibration)
+        return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n)
 
     def close(self) -> None:
         """Cancel any running generation, wait for it to unwind, then free the model."""
@@ -210,22 +210,58 @@ def _open(
 class _Run:
     """One request's derived settings: its generation settings and deadline."""
 
-    def __init__(self, o: ReasonOptions, default_max_new: int, arrival: float) -> None:
+    def __init__(
+        self, o: ReasonOptions, default_max_new: int, arrival: float, hard: float | None
+    ) -> None:
         self.options = o
         self.settings = o.generation(default_max_new)
         self.deadline = arrival + o.latency_budget if o.latency_budget else None
+        by_budget = hard is None or (self.deadline is not None and self.deadline <= hard)
+        self.stop_at = self.deadline if by_budget else hard  # where the search halts
+        self.stopped_by = "the latency budget" if by_budget else "the request's time limit"
         self.timings: dict[str, float] = {}
+        self.calibration: dict[str, Any] = {}  # Planner.prepare's note for the result
+
+    def plan(self, planner: Planner, prompt_tokens: int, default_max_new: int) -> Plan:
+        """Plan with what is left of the latency budget after waiting in the queue. The
+        calibration is made ready first, its time left out of the request's limits (the result's
+        `calibration` note says so)."""
+        left = self.deadline - time.monotonic() if self.deadline is not None else None
+        if left is not None and left <= 0:
+            raise BudgetError(
+                f"the latency budget ({self.options.latency_budget} s) ran out while waiting for "
+                "the model"
+            )
+        t1 = time.monotonic()
+        self.calibration = planner.prepare(prompt_tokens, self.options)
+        self.timings["calibration_s"] = spent = time.monotonic() - t1
+        if self.stop_at is not None:
+            self.stop_at += spent
+        if self.deadline is not None:  # `left` stays what it was before the calibration
+            self.deadline += spent
+        t1 = time.perf_counter()
+        o = dataclasses.replace(self.options, latency_budget=left)
+        plan = planner.plan(prompt_tokens, o, default_max_new)
+        self.timings["plan_s"] = time.perf_counter() - t1
+        return plan
 
 
-def _result(res: SearchResult, plan: Plan, text: str, tm: dict[str, Any]) -> ReasonResult:
+def _result(
+    res: SearchResult,
+    plan: Plan,
+    text: str,
+    tm: dict[str, Any],
+    stopped_by: str,
+    calibration: dict[str, Any],
+) -> ReasonResult:
     """The search's outcome as the user sees it."""
     views = [CandidateView.of(c) for c in res.candidates]
     pred = plan.prediction
-    early = " - stopped early at the latency budget" if res.early_stop else ""
+    early = f" - stopped early at {stopped_by}" if res.early_stop else ""
     return ReasonResult(
         answer=views[res.chosen].answer,
         effort=plan.effort.value if plan.effort else "single",
-        k=plan.k,
+        k=len(res.candidates) if res.waves else plan.k,  # adaptive: the candidates it ran
         chosen=res.chosen,
         prompt_text=text,
         candidates=views,
@@ -236,4 +272,7 @@ def _result(res: SearchResult, plan: Plan, text: str, tm: dict[str, Any]) -> Rea
         predicted={"latency_s": pred.latency_s, "memory_mb": pred.memory_bytes / MIB}
         if pred
         else {},
+        calibration=calibration,
+        waves=list(res.waves),
+        stop_reason=res.stop_reason,
     )

@@ -36,7 +36,7 @@ from edge_metastone.types import KVLayout, KVType, ModelFacts
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5  # 5: checked measurements, the `suspect` mark
 CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
 ATTENTION_BATCHES = (1, 8, 32)  # batch sizes at which the cost of an attended cell is measured
 MIB = 2**20
@@ -45,22 +45,54 @@ KV_ELEMENT_BYTES = {KVType.F16: 2.0, KVType.Q8_0: 34 / 32, KVType.Q4_0: 18 / 32}
 
 
 class Effort(str, enum.Enum):
-    """The paper's effort modes (k candidates), and `auto` (the scheduler chooses)."""
+    """The paper's effort modes (k candidates), and `auto` (the scheduler chooses); how each is
+    planned is its row in `MODES`."""
 
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
     AUTO = "auto"
+    ADAPTIVE = "adaptive"  # waves of candidates until the answer is settled (search.adaptive)
+
+    @property
+    def mode(self) -> Mode:
+        """How the scheduler plans this effort."""
+        return MODES[self]
 
     @property
     def k(self) -> int:
         """Candidates generated in this mode."""
-        if self is Effort.AUTO:
-            raise ValueError("auto has no fixed k")
-        return {Effort.LOW: 2, Effort.MEDIUM: 8, Effort.HIGH: 32}[self]
+        k = MODES[self].k
+        if k is None:
+            raise ValueError(f"{self.value} has no fixed k")
+        return k
 
 
-FIXED_EFFORTS = (Effort.LOW, Effort.MEDIUM, Effort.HIGH)
+@dataclass(frozen=True)
+class Mode:
+    """One effort mode's row: what `choose` does with it.
+
+    - `k`: the candidates it generates (None: the scheduler picks them);
+    - `ladder`: auto may pick it (the highest k that fits the budgets);
+    - `chooses`: the scheduler picks the effort from the ladder, so it needs a calibration.
+
+    A mode with a k runs as asked: over a latency budget it runs until the deadline and returns
+    the best candidate so far; only a memory budget it cannot fit refuses it.
+    """
+
+    k: int | None
+    ladder: bool = True
+    chooses: bool = False
+
+
+MODES: dict[Effort, Mode] = {
+    Effort.LOW: Mode(2),
+    Effort.MEDIUM: Mode(8),
+    Effort.HIGH: Mode(32),
+    Effort.AUTO: Mode(None, ladder=False, chooses=True),
+    Effort.ADAPTIVE: Mode(None, ladder=False),  # planned by edge_metastone.adaptive_budget
+}
+FIXED_EFFORTS = tuple(e for e, m in MODES.items() if m.ladder)  # auto's ladder, lowest first
 
 
 def kv_bytes(facts: ModelFacts, n_ctx: int, kv_type: KVType = KVType.F16) -> int:
@@ -96,6 +128,8 @@ class Calibration:
     quantized_attn_factor: float = 1.0
     key: str = ""
     measured_at: float = field(default_factory=time.time)
+    # why a run disagreed with this calibration's prediction: re-checked before it is used again
+    suspect: str = ""
 
     def step_time(self, batch: int) -> float:
         """Seconds per decode step at `batch` live sequences (log-linear between measured sizes)."""
@@ -132,6 +166,7 @@ class Calibration:
             quantized_attn_factor=float(d.get("quantized_attn_factor", 1.0)),
             key=str(d.get("key", "")),
             measured_at=float(d.get("measured_at", 0.0)),
+            suspect=str(d.get("suspect", "")),
         )
 
 
@@ -292,9 +327,10 @@ def choose(
     layouts: Sequence[KVLayout] = (KVLayout.UNIFIED, KVLayout.STREAMS),
     kv_types: Sequence[KVType] = (KVType.F16, KVType.Q8_0),
 ) -> Plan:
-    """The effort to run: the requested one if it fits, or (auto) the highest that fits both budgets.
-    Each plan names its KV layout and type (see `_option`); `layouts` and `kv_types` are what the
-    backend can run (the first type is the default)."""
+    """The effort to run: the requested one (over a latency budget it runs until the deadline), or
+    (auto) the highest of `efforts` that fits both budgets. Each plan names its KV layout and type
+    (see `_option`); `layouts` and `kv_types` are what the backend can run (the first type is the
+    default)."""
     if req.prompt_tokens + req.max_new_tokens > facts.n_ctx_train:
         raise BudgetError(
             f"prompt ({req.prompt_tokens}) + max_new_tokens ({req.max_new_tokens}) exceeds the "
@@ -302,10 +338,16 @@ def choose(
         )
     opts = [_option(facts, cal, req, e.k, budget, layouts, kv_types) for e in efforts]
     preds = tuple(o.fit or o.default for o in opts)
-    if effort is not Effort.AUTO:
+    if not effort.mode.chooses:
         o = dict(zip(efforts, opts, strict=True)).get(effort) or _option(
             facts, cal, req, effort.k, budget, layouts, kv_types
         )
+        if o.fit is None:  # the ways that fit the memory budget alone
+            memory_only = Budget(memory_bytes=budget.memory_bytes)
+            o = _Option(
+                o.default, _option(facts, cal, req, effort.k, memory_only, layouts, kv_types).fit
+            )
+            return _anytime(effort, o, budget, preds)
         return _fixed(effort, o, budget, preds)
     fitting = [(e, o) for e, o in zip(efforts, opts, strict=True) if o.fit is not None]
     if fitting:
@@ -315,12 +357,23 @@ def choose(
 
 def _fixed(effort: Effort, o: _Option, budget: Budget, preds: tuple[Prediction, ...]) -> Plan:
     """The requested effort, when it fits."""
-    limits = _limits(budget)
+    assert o.fit is not None
+    why = f"{effort.value} requested; predicted {_describe(o.fit)}{_limits(budget)}{o.why()}"
+    return Plan(effort, o.fit.k, o.fit, why, preds)
+
+
+def _anytime(effort: Effort, o: _Option, budget: Budget, preds: tuple[Prediction, ...]) -> Plan:
+    """The requested effort over its latency budget: it runs, stops at the deadline and returns
+    the best candidate so far. Only a memory budget that no way of running it fits refuses it."""
     if o.fit is None:
         raise BudgetError(
-            f"effort {effort.value} does not fit: predicted {_describe(o.default)}{limits}"
+            f"effort {effort.value} does not fit the memory budget: predicted "
+            f"{_describe(o.default)}{_limits(budget)}"
         )
-    why = f"{effort.value} requested; predicted {_describe(o.fit)}{limits}{o.why()}"
+    why = (
+        f"{effort.value} requested; predicted {_describe(o.fit)}{_limits(budget)}{o.why()}: "
+        "over the latency budget, it runs until the deadline and returns the best candidate so far"
+    )
     return Plan(effort, o.fit.k, o.fit, why, preds)
 
 
@@ -348,17 +401,26 @@ def _single(
     lowest: Prediction,
     preds: tuple[Prediction, ...],
 ) -> Plan:
-    """Nothing fits: one candidate when the caller allows it, else a clear error."""
+    """Auto, nothing fits: one candidate when the caller allows it (over the latency budget it runs
+    until the deadline), else a clear error naming `--allow-degrade`. One candidate over the memory
+    budget is refused either way."""
     single = predict(facts, cal, req, 1)
     limits = _limits(budget)
-    if budget.allow_degrade and _fits(single, budget):
-        logger.warning("no effort mode fits the budget; running a single candidate")
-        reason = f"no effort mode fits ({_describe(lowest)}{limits}); degraded to k=1"
-        return Plan(None, 1, single, reason, preds)
-    raise BudgetError(
-        f"no effort mode fits the budget: the lowest needs {_describe(lowest)}{limits}"
-        + ("" if budget.allow_degrade else "; allow k=1 to run a single candidate")
-    )
+    if budget.memory_bytes is not None and single.memory_bytes > budget.memory_bytes:
+        raise BudgetError(
+            f"nothing fits the memory budget, not even one candidate: {_describe(single)}{limits}"
+        )
+    in_time = _fits(single, budget)
+    if not budget.allow_degrade:
+        runs = "runs one candidate" + ("" if in_time else " until the deadline")
+        raise BudgetError(
+            f"no effort mode fits the budget: the lowest needs {_describe(lowest)}{limits}; "
+            f"--allow-degrade (allow_degrade) {runs}, predicted {_describe(single)}"
+        )
+    logger.warning("no effort mode fits the budget; running a single candidate")
+    late = "" if in_time else f" ({_describe(single)}): it runs until the deadline"
+    reason = f"no effort mode fits ({_describe(lowest)}{limits}); degraded to k=1{late}"
+    return Plan(None, 1, single, reason, preds)
 
 
 def _limits(budget: Budget) -> str:

@@ -96,6 +96,9 @@ class GenerationSettings:
     keep_features: bool = False  # return each scored position's layer-(L-2) feature (training)
     kv_layout: KVLayout = KVLayout.AUTO  # see KVLayout; the one that ran is in the timings
     kv_type: KVType = KVType.F16  # q8_0 / q4_0 halve / quarter the KV cache's memory
+    # the most candidates this generation may start: k in the first wave, then more waves while
+    # the caller asks for them (`GenerationControl.extend` after a `WaveEvent`); None: k
+    max_candidates: int | None = None
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -117,6 +120,12 @@ class GenerationSettings:
             raise InvalidRequestError("max_answer_tokens must be >= 0", param="max_answer_tokens")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings", param="stop")
+        m = self.max_candidates
+        _check(
+            m is None or (isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1),
+            "max_candidates",
+            "max_candidates must be an integer >= 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,7 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"  # the model ended its turn
     LENGTH = "length"  # max_new_tokens (or the answer budget) reached
     STOP = "stop"  # a stop string appeared
-    PRUNED = "pruned"  # a search strategy dropped it
+    PRUNED = "pruned"  # dropped mid-generation: a search strategy's rule or low confidence
     HALTED = "halted"  # the caller stopped the whole generation (e.g. out of time)
 
 
@@ -168,8 +177,16 @@ class Candidate:
     step_scores: list[float]
     score: float | None  # trajectory score; None when the model has no head or scoring is off
     finish_reason: FinishReason
-    mean_logprob: float | None = None  # the policy's mean token log-probability (settings.logprobs)
+    # the policy's mean token log-probability over the tokens it scored, the end-of-turn token
+    # included (settings.logprobs); None when it scored none
+    mean_logprob: float | None = None
     step_features: np.ndarray | None = None  # [n_steps, C] float32 (settings.keep_features)
+    # each scored token's log-probability, the end-of-turn token last (settings.logprobs)
+    token_logprobs: list[float] | None = field(default=None, repr=False)
+    stop_note: str = ""  # why it was stopped before its end (pruned or halted), for people
+    # per scored step: the model's own confidence, the geometric mean probability of the step's
+    # tokens (settings.logprobs; None for a step in the prompt); [] without logprobs
+    step_confidence: list[float | None] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
@@ -203,6 +220,7 @@ class StepEvent:
     score: float
     n_steps: int
     running_score: float
+    confidence: float | None = None  # the step's own confidence (StepConfidence; logprobs)
 
 
 @dataclass(frozen=True)
@@ -215,7 +233,21 @@ class FinishEvent:
     text_tail: str = ""
 
 
-Event = TokenEvent | StepEvent | FinishEvent
+@dataclass(frozen=True)
+class WaveEvent:
+    """Adaptive compute: wave `wave` (1-based) of `size` candidates starts (`phase` "start"), its
+    candidates have all ended (`phase` "end"; the caller may then `GenerationControl.extend`), or
+    the caller settled the choice (`phase` "stop", with its `reason`). `candidates` counts every
+    candidate started so far."""
+
+    wave: int
+    phase: str
+    size: int
+    candidates: int
+    reason: str = ""
+
+
+Event = TokenEvent | StepEvent | FinishEvent | WaveEvent
 
 
 @dataclass
@@ -230,6 +262,8 @@ class Timings:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
+    prefill_tokens: int = 0  # tokens run through the model to fill prompt caches (once a prompt)
+    waves: int = 0  # waves of candidates started (1 for a fixed k)
     kv_layout: str = ""  # the KV layout that ran: unified or streams (KVLayout)
     kv_type: str = ""  # the KV cache's element type: f16, q8_0, q4_0 (f32 in parity mode)
     weight_buffers: str = ""  # llama.cpp: where the weights live (extra, repack, plain)
@@ -249,16 +283,30 @@ class GenerationControl:
 
     def __init__(self) -> None:
         self.pruned: set[int] = set()
+        self.prune_notes: dict[int, str] = {}
         self.halted = False
+        self.halt_note = ""
         self.timings = Timings()
+        self.requested = 0  # more candidates asked for after a wave (taken by the next wave)
+        # online termination: a candidate whose mean token log-probability over its last
+        # `window` tokens falls below `min_confidence` is pruned (None: off)
+        self.min_confidence: float | None = None
+        self.window = 16
 
-    def prune(self, candidate: int) -> None:
-        """End candidate `candidate` at the next step."""
+    def prune(self, candidate: int, note: str = "") -> None:
+        """End candidate `candidate` at the next step (`note`: why, for people)."""
         self.pruned.add(candidate)
+        if note:
+            self.prune_notes[candidate] = note
 
-    def halt(self) -> None:
-        """End every live candidate at the next step."""
+    def extend(self, n: int) -> None:
+        """After a wave ended: start n more candidates (within `max_candidates`)."""
+        self.requested += n
+
+    def halt(self, note: str = "") -> None:
+        """End every live candidate at the next step (`note`: why, for people)."""
         self.halted = True
+        self.halt_note = self.halt_note or note
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from edge_metastone.types import (
     ScoreResult,
     StepEvent,
     TokenEvent,
+    WaveEvent,
 )
 
 EOS = 0
@@ -78,6 +79,7 @@ class FakeBackend:
         self.round_s = round_s  # a decode step's duration
         self.generated = 0
         self.calls = 0
+        self.prefills = 0  # prompt passes (one per generate call, whatever its waves)
         self.settings_seen: list[GenerationSettings] = []
         self.live_generations = 0  # > 0 while a generation runs (close() must never see that)
         self.closed = False
@@ -104,6 +106,8 @@ class FakeBackend:
     @property
     def default_strategy(self) -> str | None:
         return self._default_strategy
+
+    adaptive: str | None = None  # metastone.adaptive
 
     @property
     def rule(self) -> StepRule:
@@ -157,11 +161,38 @@ class FakeBackend:
         ).value
         control.timings.kv_type = settings.kv_type.value
         try:
-            yield from self._run(list(prompt_ids), k, settings, control, candidate_offset)
+            yield from self._waves(list(prompt_ids), k, settings, control, candidate_offset)
         finally:
             self.live_generations -= 1
             control.timings.prompt_tokens += len(prompt_ids)
             control.timings.total_s += time.perf_counter() - t0
+
+    def _waves(
+        self,
+        prompt: list[int],
+        k: int,
+        settings: GenerationSettings,
+        control: GenerationControl,
+        offset: int,
+    ) -> Iterator[Event]:
+        """The real loop's waves: a WaveEvent "start"/"end" around each wave when
+        `settings.max_candidates` allows more than k, and more while the caller extends."""
+        capacity = max(k, settings.max_candidates or k)
+        started, size = 0, k
+        self.prefills += 1
+        while True:
+            control.timings.waves += 1
+            if capacity > k:
+                yield WaveEvent(control.timings.waves, "start", size, started + size)
+            yield from self._run(prompt, size, settings, control, offset + started)
+            started += size
+            if started >= capacity or control.halted:
+                return
+            yield WaveEvent(control.timings.waves, "end", size, started)
+            size = min(control.requested, capacity - started)
+            control.requested = 0
+            if size <= 0 or control.halted:
+                return
 
     def _run(
         self,
@@ -228,6 +259,9 @@ class FakeBackend:
                         trajectory_score(steps) if scored else None,
                         reason,
                         s.logprob if settings.logprobs else None,
+                        token_logprobs=[s.logprob] * (len(ids[i]) + 1)
+                        if settings.logprobs
+                        else None,
                     ),
                 )
                 live.remove(i)

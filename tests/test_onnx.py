@@ -3,6 +3,7 @@ engine, per-candidate sampling, untrusted model directories, and every front on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -368,3 +369,23 @@ def test_real_vocabulary_directory_renders_and_stops_as_the_gguf(qwen_hf, qwen_g
         settings = GenerationSettings(max_new_tokens=6, score_steps=False, stop=("cafe\u0301",))
         (cand,) = generate_all(onnx, ids, 1, sampling, settings)
         assert cand.finish_reason is FinishReason.STOP and cand.text == ""
+
+
+def test_waves_on_onnx_equal_one_batch_over_one_prompt_pass(f32, prompt_ids):
+    """Adaptive compute's waves run in the same decode loop on onnxruntime: a later wave starts
+    from the kept prompt cache, and its candidates equal a one-batch run's."""
+    from edge_metastone.types import FinishEvent, GenerationControl, WaveEvent
+
+    sampling = SamplingSettings(temperature=1.0, top_p=1.0, seed=3)
+    settings = GenerationSettings(max_new_tokens=10, logprobs=True)
+    whole = f32.generate_all(prompt_ids, 6, sampling, settings)
+    control, done = GenerationControl(), []
+    waved = dataclasses.replace(settings, max_candidates=6)
+    for ev in f32.generate(prompt_ids, 2, sampling, waved, control=control):
+        if isinstance(ev, WaveEvent) and ev.phase == "end":
+            control.extend(4)
+        elif isinstance(ev, FinishEvent):
+            done.append(ev.result)
+    done.sort(key=lambda c: c.index)
+    assert [c.token_ids for c in done] == [c.token_ids for c in whole]
+    assert control.timings.prefill_tokens == len(prompt_ids) + 4 and control.timings.waves == 2

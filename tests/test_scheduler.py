@@ -124,8 +124,42 @@ def test_nothing_fits():
 
 def test_fixed_effort_checked_against_budget():
     assert choose(Effort.LOW, FACTS, CAL, REQ, Budget(latency_s=60)).k == 2
-    with pytest.raises(BudgetError, match="effort high does not fit"):
-        choose(Effort.HIGH, FACTS, CAL, REQ, Budget(latency_s=60))
+    # over a latency budget a fixed effort still runs: it stops at the deadline (README)
+    plan = choose(Effort.HIGH, FACTS, CAL, REQ, Budget(latency_s=60))
+    assert plan.effort is Effort.HIGH and plan.k == 32
+    assert "until the deadline" in plan.reason and "best candidate so far" in plan.reason
+    # a memory budget it cannot fit in any layout or KV type still refuses it
+    with pytest.raises(BudgetError, match="effort high does not fit the memory budget"):
+        choose(Effort.HIGH, FACTS, CAL, REQ, Budget(latency_s=60, memory_bytes=1300 * MIB))
+
+
+def test_fixed_effort_over_latency_keeps_the_layout_that_fits_memory():
+    """Over its latency budget, a fixed effort runs the way that fits its memory budget."""
+    req = Request(prompt_tokens=400, max_new_tokens=1000)
+    unified = predict(FACTS, CAL, req, 8, KVLayout.UNIFIED)
+    plan = choose(Effort.MEDIUM, FACTS, CAL, req, Budget(1.0, unified.memory_bytes))
+    assert plan.prediction == unified and "until the deadline" in plan.reason
+
+
+def test_auto_refusal_names_allow_degrade_and_degrade_runs_to_the_deadline():
+    """Auto refuses only without --allow-degrade (and the message names it); with it, one
+    candidate runs even when it is predicted over the budget, until the deadline."""
+    with pytest.raises(BudgetError, match="--allow-degrade") as e:
+        choose(Effort.AUTO, FACTS, CAL, REQ, Budget(latency_s=10))
+    assert "until the deadline" in str(e.value)  # k=1 needs ~50 s: it would run to the deadline
+    with pytest.raises(BudgetError, match=r"--allow-degrade .*runs one candidate, predicted"):
+        choose(Effort.AUTO, FACTS, CAL, Request(100, 100), Budget(latency_s=5.3))
+    plan = choose(Effort.AUTO, FACTS, CAL, REQ, Budget(latency_s=10, allow_degrade=True))
+    assert plan.degraded and plan.k == 1 and "until the deadline" in plan.reason
+
+
+def test_effort_modes_are_a_table():
+    """k and what auto may pick come from `MODES`: a new mode is one row."""
+    assert [e.k for e in scheduler.FIXED_EFFORTS] == [2, 8, 32]
+    assert Effort.AUTO.mode.chooses and not Effort.MEDIUM.mode.chooses
+    assert all(scheduler.MODES[e].k == e.k for e in scheduler.FIXED_EFFORTS)
+    with pytest.raises(ValueError, match="no fixed k"):
+        _ = Effort.AUTO.k
 
 
 def test_context_too_long():

@@ -45,8 +45,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "edge_metastone.runtime",
         "converters",
     ),
-    # policy: the scheduler and its calibration, the search strategies
-    ("edge_metastone.scheduler", "edge_metastone.calibration", "edge_metastone.search"),
+    # policy: the scheduler and its calibration, the search strategies, adaptive compute's budget
+    (
+        "edge_metastone.scheduler",
+        "edge_metastone.calibration",
+        "edge_metastone.search",
+        "edge_metastone.adaptive_budget",
+    ),
     # reasoning: options and results, the planner, the request gate, the stream bridge, Reasoner
     (
         "edge_metastone.options",

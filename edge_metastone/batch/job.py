@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_metastone.answers import answers_equivalent
+from edge_metastone.answers import answers_equivalent, counting_fallbacks
 from edge_metastone.batch.jobfile import Item, record_seed, short_text
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import Effort
@@ -110,6 +110,8 @@ def _result_record(res: ReasonResult, item: Item, full: bool) -> dict[str, Any]:
             "tokens": c.tokens,
             "finish_reason": c.finish_reason,
         }
+        if c.stopped_early:
+            d["stopped_early"] = c.stopped_early
         if item.answer is not None:  # truncated candidates count as wrong (as in training)
             d["correct"] = not c.truncated and right(c.answer)
         if full:
@@ -123,6 +125,8 @@ def _result_record(res: ReasonResult, item: Item, full: bool) -> dict[str, Any]:
         "tokens": sum(c.tokens for c in res.candidates),
         "early_stop": res.early_stop,
     }
+    if res.waves:  # adaptive: candidates and tokens after each wave, and why it stopped
+        rec["waves"], rec["stop_reason"] = res.waves, res.stop_reason
     if item.answer is not None:
         rec["gold"] = item.answer
         rec["correct"] = cands[res.chosen]["correct"]
@@ -144,7 +148,11 @@ def make_record(
     t0 = time.perf_counter()
     try:
         res = reasoner.reason(item.prompt, dataclasses.replace(options, effort=mode, seed=seed))
-        rec = {**head, "seed": seed, **_result_record(res, item, full)}
+        with counting_fallbacks() as grading:
+            rec = {**head, "seed": seed, **_result_record(res, item, full)}
+        fallbacks = res.answer_check_fallbacks + grading.n
+        if fallbacks:  # answers compared as text where math-verify ran out of time
+            rec["answer_check_fallbacks"] = fallbacks
         if res.effort != mode.value:
             rec["ran_effort"] = res.effort
     except EdgeMetastoneError as e:  # this request only (too long, bad messages, budget)

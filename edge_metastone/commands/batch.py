@@ -64,9 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_modes(text: str) -> tuple[Effort, ...]:
-    """`low,medium,high` as effort modes (fixed modes only, each once)."""
+    """`low,medium,high,adaptive` as effort modes (no auto; each once)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
-    allowed = [e.value for e in FIXED_EFFORTS]
+    allowed = [e.value for e in (*FIXED_EFFORTS, Effort.ADAPTIVE)]
     bad = [n for n in names if n not in allowed]
     if not names or bad or len(set(names)) != len(names):
         raise EdgeMetastoneError(

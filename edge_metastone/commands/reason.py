@@ -9,8 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from edge_metastone.commands import add_weight_buffers, print_json
 from edge_metastone.errors import EdgeMetastoneError
+from edge_metastone.modelfile.about import ModelAbout, about
+from edge_metastone.models.arithmetic import DOMAIN
 from edge_metastone.scheduler import Effort
 from edge_metastone.search.base import StrategyName
+from edge_metastone.sprm import SCORE_FLOOR
 from edge_metastone.types import KVType
 
 if TYPE_CHECKING:
@@ -20,13 +23,27 @@ if TYPE_CHECKING:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the command."""
     p = sub.add_parser(
-        "reason", help="answer a prompt with k scored candidates (test-time scaling)"
+        "reason",
+        help="answer a prompt with k scored candidates (test-time scaling)",
+        description="Answer a prompt with k candidates and pick one. Without --model it runs the "
+        f"embedded MetaStone-nano, which can do {DOMAIN} (e.g. 'What is (17+25)*3-40?'); it "
+        "answers any other prompt with a number all the same, so such a prompt gets a warning.",
     )
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the question ('-': read stdin)")
     p.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
     add_reason_options(p)
+    add_recalibrate(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(run=run)
+
+
+def add_recalibrate(p: argparse.ArgumentParser) -> None:
+    """The `--recalibrate` flag of `reason` and `serve`."""
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="measure this machine again before the first request (see `edge-metastone calibrate`)",
+    )
 
 
 def add_reason_options(
@@ -47,13 +64,16 @@ def add_reason_options(
         "--effort",
         choices=[e.value for e in Effort],
         default=effort_default,
-        help="low/medium/high = k 2/8/32 (default medium); auto = highest that fits the budgets",
+        help="low/medium/high = k 2/8/32 (default medium); adaptive = waves of candidates until "
+        "the answer is settled (the model's recorded settings, up to 32); auto = the highest "
+        "that fits the budgets (adaptive where the model measured it as accurate as high)",
     )
     p.add_argument(
         "--strategy",
         choices=[s.value for s in StrategyName],
         default=None,
-        help="default: best-of-k by SPRM score (logprob without a head)",
+        help="default: the selector recorded in the model file (metastone.default_strategy; "
+        "logprob for the embedded model), else best-of-k by SPRM score (logprob without a head)",
     )
     p.add_argument("--latency-budget", type=float, default=None, metavar="SECONDS")
     p.add_argument("--memory-budget", type=float, default=None, metavar="MB")
@@ -114,19 +134,49 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Reason and print."""
+    from edge_metastone.commands.calibrate import ProgressBar
     from edge_metastone.reasoner import Reasoner
 
     prompt = read_prompt(args)
     options = reason_options(args)
     with Reasoner(
-        args.model, head=args.head, n_threads=args.threads, n_gpu_layers=args.gpu_layers
+        args.model,
+        head=args.head,
+        n_threads=args.threads,
+        n_gpu_layers=args.gpu_layers,
+        on_calibration=ProgressBar(),
     ) as r:
+        if args.recalibrate:
+            r.calibration(refresh=True)
+        facts = about(r.model_path)
+        warnings = prompt_warnings(facts, prompt, raw=args.raw)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
         result = r.reason(prompt, options)
     if args.json:
-        print_json(result.to_json(), ensure_ascii=False)
+        print_json({**result.to_json(), "warnings": warnings}, ensure_ascii=False)
         return 0
-    print(format_result(result))
+    print(format_result(result, facts))
     return 0
+
+
+def prompt_warnings(facts: ModelAbout, prompt: str, *, raw: bool = False) -> list[str]:
+    """What a person should know before trusting the answer: a prompt outside the model's task
+    (the embedded model answers every prompt with a number)."""
+    why = None if raw else facts.outside_task(prompt)
+    return [why] if why else []
+
+
+def _chosen_by(result) -> str:
+    """The selector and the number it used for the chosen candidate."""
+    c = result.chosen_candidate
+    name = result.strategy
+    if name == "logprob" or (c.score is None and c.mean_logprob is not None):
+        return f"{name}: mean token log-prob {_logprob(c)}, the highest of {result.k}"
+    if name in ("vote", "weighted-vote"):
+        n = sum(x.answer == c.answer for x in result.candidates)
+        return f"{name}: {n} of {result.k} candidates answer {c.answer or '(none)'}"
+    return f"{name}: SPRM score {_sprm(c)}"
 
 
 def _short(text: str, width: int = 24) -> str:
@@ -134,16 +184,52 @@ def _short(text: str, width: int = 24) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def format_result(result) -> str:
-    """The chosen answer, every candidate's answer and score, and the timings, for a person."""
+def _sprm(c) -> str:
+    """A candidate's SPRM trajectory score; a geometric mean with a step at the floor is not a
+    measurement: shown as ~0."""
+    if c.score is None:
+        return "n/a"
+    if any(s <= SCORE_FLOOR for s in c.step_scores):
+        return "~0"
+    return f"{c.score:.3g}"
+
+
+def _least_sure(c) -> str:
+    conf = [x for x in c.step_confidence if x is not None]
+    return f"{min(conf):.3f}" if conf else "n/a"
+
+
+def _logprob(c) -> str:
+    return f"{c.mean_logprob:.3f}" if c.mean_logprob is not None else "n/a"
+
+
+def format_result(result, facts: ModelAbout | None = None) -> str:
+    """The chosen answer and every candidate's answer, the number the selector chose by, the
+    model's confidence in its least sure step, the SPRM score (labelled where the model's head
+    was measured uninformative), and the timings, for a person."""
+    facts = facts or ModelAbout()
+    sprm = "SPRM" if facts.head_informative else "SPRM*"
     lines = [result.answer if result.answer else "(no answer)", ""]
-    lines.append(f"  {'cand':>4}  {'answer':<24}  {'score':>6}  {'steps':>5}  {'tokens':>6}  end")
+    lines.append(
+        f"  {'cand':>4}  {'answer':<24}  {'log-prob':>8}  {'least-sure':>10}  {sprm:>6}"
+        f"  {'steps':>5}  {'tokens':>6}  end"
+    )
     for c in result.candidates:
         mark = "*" if c.index == result.chosen else " "
-        score = f"{c.score:.3g}" if c.score is not None else "n/a"
         lines.append(
-            f"{mark} {c.index:>4}  {_short(c.answer):<24}  {score:>6}  {len(c.step_scores):>5}"
-            f"  {c.tokens:>6}  {c.finish_reason}"
+            f"{mark} {c.index:>4}  {_short(c.answer):<24}  {_logprob(c):>8}  {_least_sure(c):>10}"
+            f"  {_sprm(c):>6}  {len(c.step_scores):>5}  {c.tokens:>6}  {c.finish_reason}"
+        )
+    lines += ["", f"chosen by {_chosen_by(result)}"]
+    lines.append(
+        "log-prob: mean token log-probability; least-sure: the model's confidence in its least "
+        "sure step (geometric-mean probability of the step's tokens)"
+    )
+    if not facts.head_informative:
+        auc = facts.head_auc_within or 0.0
+        lines.append(
+            f"SPRM*: {facts.sprm_label}: its head separated right from wrong candidates of a "
+            f"problem with AUC {auc:.2f} when measured (0.5 is chance)"
         )
     t = result.timings
     tokens = sum(c.tokens for c in result.candidates)
@@ -158,4 +244,18 @@ def format_result(result) -> str:
         + "]",
         f"[scheduler: {result.scheduler_reason}]",
     ]
+    if result.waves:
+        ws = ", ".join(f"{w['candidates']} ({w['tokens']} tokens)" for w in result.waves)
+        lines.append(f"[adaptive: candidates after each wave: {ws}; {result.stop_reason}]")
+    stopped = [c for c in result.candidates if c.stopped_early]
+    if stopped:
+        lines.append(
+            f"[stopped early: {', '.join(f'{c.index} ({c.stopped_early})' for c in stopped)}]"
+        )
+    cal = result.calibration
+    if cal.get("seconds"):
+        lines.append(
+            f"[calibration {cal['status']} first, in {cal['seconds']:.1f} s, not counted in the "
+            "latency budget" + ("" if cal.get("verified", True) else "; not cached") + "]"
+        )
     return "\n".join(lines)

@@ -62,7 +62,12 @@ class DecodingBackend:
             tokenize=self.tokenize,
             tokenize_text=self.tokenize_text,
             control_texts=self.control_texts,
+            normalize=self._normalize,
         )
+
+    def _normalize(self, text: str) -> str:
+        """`text` in the tokenizer's normal form, control tokens' spellings kept as they are."""
+        return normalize(text, self.normalizer, self.control_texts)
 
     def generate(
         self,

@@ -39,6 +39,30 @@ def token_logprob(logits: np.ndarray, tok: int) -> float:
     return float(logits[tok] - m - np.log(np.exp(logits - m).sum()))
 
 
+class StepConfidence:
+    """The model's own confidence in each reasoning step: the geometric mean probability of the
+    step's tokens (exp of their mean log-probability), from the step's first token through its
+    delimiter. Needs `settings.logprobs`; a step in the prompt has none."""
+
+    __slots__ = ("by_pos", "start")
+
+    def __init__(self) -> None:
+        self.by_pos: dict[int, float] = {}  # scored position -> confidence
+        self.start = 0  # index (among generated tokens) of the current step's first token
+
+    def close(self, scored_pos: int, delimiter: int, logprobs: list[float]) -> None:
+        """A step boundary: the step scored at `scored_pos` ends with generated token `delimiter`;
+        `logprobs` holds the generated tokens' log-probabilities through it (or is empty)."""
+        part = logprobs[self.start : delimiter + 1]
+        if part and len(logprobs) > delimiter:
+            self.by_pos[scored_pos] = math.exp(sum(part) / len(part))
+        self.start = delimiter + 1
+
+    def of(self, positions: list[int]) -> list[float | None]:
+        """The confidences of the steps scored at `positions` (None for a step in the prompt)."""
+        return [self.by_pos.get(p) for p in positions]
+
+
 @dataclass
 class CandidateRun:
     """What the candidates of one generate() call share: the prompt, its step scores and features,
@@ -68,10 +92,12 @@ class CandidateStream:
 
     __slots__ = (
         "answer_tokens",
+        "confidence",
         "ends",
         "features_by_pos",
         "index",
-        "logprob_sum",
+        "logprobs",
+        "note",
         "online",
         "pos",
         "prev",
@@ -86,6 +112,7 @@ class CandidateStream:
         "think",
         "tokens",
         "utf8",
+        "window_sum",
     )
 
     def __init__(
@@ -108,15 +135,37 @@ class CandidateStream:
         self.online: list[float] = []
         self.think = dataclasses.replace(run.think)
         self.answer_tokens = 0
-        self.logprob_sum = 0.0
+        self.logprobs: list[float] = []  # each scored token's log-probability (settings.logprobs)
+        self.window_sum = 0.0  # of the last `control.window` of them
+        self.note = ""  # why it stopped early
+        self.confidence = StepConfidence()  # each step's own confidence (settings.logprobs)
         self.reason: FinishReason | None = None
 
     def halted(self, control: GenerationControl) -> bool:
         """Finish as halted or pruned when `control` says so; True when it did."""
-        if control.halted or self.index in control.pruned:
-            self.reason = FinishReason.HALTED if control.halted else FinishReason.PRUNED
+        if control.halted:
+            self.reason, self.note = FinishReason.HALTED, control.halt_note
+            return True
+        if self.index in control.pruned:
+            self.reason = FinishReason.PRUNED
+            self.note = control.prune_notes.get(self.index, "")
             return True
         return False
+
+    def scored(self, logprob: float, w: int, floor: float | None) -> bool:
+        """Record the log-probability of the token just sampled; True when the running
+        confidence (its mean over the last `w` tokens) fell below `floor`: the candidate is then
+        pruned (online termination; `GenerationControl.min_confidence`)."""
+        self.logprobs.append(logprob)
+        self.window_sum += logprob - (self.logprobs[-w - 1] if len(self.logprobs) > w else 0.0)
+        if floor is None or len(self.logprobs) < w or self.window_sum / w >= floor:
+            return False
+        self.reason = FinishReason.PRUNED
+        self.note = (
+            f"low confidence: mean log-probability {self.window_sum / w:.2f} over its last {w} "
+            f"tokens, below {floor:.2f}"
+        )
+        return True
 
     def accept(self, tok: int, data: bytes) -> Iterator[Event]:
         """Take the sampled token `tok` (not end-of-generation), whose bytes are `data`: score the
@@ -125,15 +174,21 @@ class CandidateStream:
         settings = run.settings
         pos = self.pos + 1
         if run.steps and run.rule.is_step_boundary(self.prev, tok):
+            self.confidence.close(self.pos, pos - len(run.prompt), self.logprobs)
             feature = self.runtime.feature(self.slot) if settings.keep_features else None
             if feature is not None:
                 self.features_by_pos[self.pos] = feature.copy()  # a row of a batch output
-            if run.scoring and (score := self._scored()) is not None:
+            if run.scoring and (score := _step_score(self)) is not None:
                 self.scores_by_pos[self.pos] = score
                 if self.think.in_window(self.pos):
                     self.online.append(score)
                     yield StepEvent(
-                        self.index, self.pos, score, len(self.online), trajectory_score(self.online)
+                        self.index,
+                        self.pos,
+                        score,
+                        len(self.online),
+                        trajectory_score(self.online),
+                        self.confidence.by_pos.get(self.pos),
                     )
         self.think.note(run.rule, tok, pos)
         self.tokens.append(tok)
@@ -164,49 +219,59 @@ class CandidateStream:
         if len(self.tokens) >= settings.max_new_tokens or (self.think.end_pos >= 0 and over_answer):
             self.reason = FinishReason.LENGTH
 
-    def _scored(self) -> float | None:
-        t0 = time.perf_counter()
-        score = self.runtime.step_score(self.slot)
-        if score is not None and not math.isfinite(score):
-            raise EdgeMetastoneError(
-                f"the model produced a non-finite step score at token {self.pos} "
-                "(its weights or head are broken)"
-            )
-        self.run.timings.score_s += time.perf_counter() - t0
-        return score
-
     def finish(self) -> FinishEvent:
         """The finished candidate, with the text not streamed yet."""
-        run = self.run
-        settings = run.settings
         if self.reason is None:
             self.reason = FinishReason.LENGTH
         if self.reason is not FinishReason.STOP:
             self.text += self.utf8.decode(b"", final=True)
             if self.ends:
                 self.ends[-1] = len(self.text)
-        positions: list[int] = []
-        steps: list[float] = []
-        score: float | None = None
-        features: np.ndarray | None = None
-        if run.steps:
-            positions = run.rule.scored_positions(run.prompt + self.tokens)
-        if run.scoring:
-            steps = [self.scores_by_pos[p] for p in positions]
-            score = trajectory_score(steps)
-        if settings.keep_features:
-            rows = [self.features_by_pos[p] for p in positions]
-            features = np.stack(rows) if rows else np.empty((0, run.feature_width), np.float32)
-        n = len(self.tokens)
-        candidate = Candidate(
-            index=self.index,
-            token_ids=list(self.tokens),
-            text=self.text,
-            step_positions=positions,
-            step_scores=steps,
-            score=score,
-            finish_reason=self.reason,
-            mean_logprob=(self.logprob_sum / n if n else 0.0) if settings.logprobs else None,
-            step_features=features,
-        )
+        candidate = _candidate(self)
         return FinishEvent(self.index, candidate, candidate.text[self.streamed :])
+
+
+def _candidate(seq: CandidateStream) -> Candidate:
+    """A finished stream's record: step positions and scores, features, log-probabilities."""
+    run = seq.run
+    settings = run.settings
+    positions: list[int] = []
+    steps: list[float] = []
+    score: float | None = None
+    features: np.ndarray | None = None
+    if run.steps:
+        positions = run.rule.scored_positions(run.prompt + seq.tokens)
+    if run.scoring:
+        steps = [seq.scores_by_pos[p] for p in positions]
+        score = trajectory_score(steps)
+    if settings.keep_features:
+        rows = [seq.features_by_pos[p] for p in positions]
+        features = np.stack(rows) if rows else np.empty((0, run.feature_width), np.float32)
+    lps = seq.logprobs
+    return Candidate(
+        index=seq.index,
+        token_ids=list(seq.tokens),
+        text=seq.text,
+        step_positions=positions,
+        step_scores=steps,
+        score=score,
+        finish_reason=seq.reason,
+        mean_logprob=sum(lps) / len(lps) if settings.logprobs and lps else None,
+        step_features=features,
+        token_logprobs=list(lps) if settings.logprobs else None,
+        stop_note=seq.note,
+        step_confidence=seq.confidence.of(positions) if settings.logprobs else [],
+    )
+
+
+def _step_score(seq: CandidateStream) -> float | None:
+    """The head's score of the step `seq`'s last token ends, checked finite."""
+    t0 = time.perf_counter()
+    score = seq.runtime.step_score(seq.slot)
+    if score is not None and not math.isfinite(score):
+        raise EdgeMetastoneError(
+            f"the model produced a non-finite step score at token {seq.pos} "
+            "(its weights or head are broken)"
+        )
+    seq.run.timings.score_s += time.perf_counter() - t0
+    return score

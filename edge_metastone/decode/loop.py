@@ -23,6 +23,7 @@ from edge_metastone.types import (
     GenerationControl,
     GenerationRequest,
     Timings,
+    WaveEvent,
 )
 
 
@@ -43,33 +44,39 @@ def check_request(req: GenerationRequest, n_ctx: int) -> None:
 def decode_loop(
     runtime: Runtime, req: GenerationRequest, control: GenerationControl
 ) -> Iterator[Event]:
-    """Yield token, step and finish events of `req`'s k candidates; candidate i samples with the
-    seed (seed, candidate_offset + i). Timings add up in `control.timings`."""
+    """Yield token, step and finish events of `req`'s candidates; candidate i samples with the
+    seed (seed, candidate_offset + i). Timings add up in `control.timings`.
+
+    Waves (adaptive compute): with `settings.max_candidates` above k, the first wave is k
+    candidates; when all of a wave's candidates have ended the loop yields a `WaveEvent` "end",
+    and if the caller then asked for more (`control.extend`), it forks them from the kept prompt
+    cache and runs them as the next wave, until `max_candidates`."""
     check_request(req, runtime.n_ctx)
     t_start = time.perf_counter()
     tm = control.timings
     tm.prompt_tokens += len(req.prompt)
     scoring = req.settings.score_steps and runtime.has_head
-    steps = runtime.open_steps(req.prompt, req.k, req.settings, scoring, tm)
+    capacity = max(req.k, req.settings.max_candidates or req.k)
+    steps = runtime.open_steps(req.prompt, capacity, req.settings, scoring, tm)
     seqs: list[CandidateStream] = []
     try:
-        seqs = _start(runtime, steps, req, scoring, tm)
-        live = seqs
-        while live:
-            for seq in live:
-                tok = _next_token(seq, steps, control)
-                if tok is not None:
-                    yield from seq.accept(tok, steps.token_bytes(tok))
-            for seq in live:
-                if seq.reason is not None:
-                    yield seq.finish()
-                    steps.free(seq.slot)
-            live = [seq for seq in live if seq.reason is None]
-            if live:
-                t0 = time.perf_counter()
-                steps.decode([(seq.slot, seq.prev, seq.pos) for seq in live])
-                tm.decode_s += time.perf_counter() - t0
-                tm.decode_steps += 1
+        run, live = _start(runtime, steps, req, scoring, tm, capacity)
+        seqs, size = list(live), req.k
+        waves = capacity > req.k  # a fixed k runs one wave and yields no WaveEvent
+        while True:
+            tm.waves += 1
+            if waves:
+                yield WaveEvent(tm.waves, "start", size, len(seqs))
+            yield from _wave(steps, live, control)
+            if len(seqs) >= capacity or control.halted:
+                break
+            yield WaveEvent(tm.waves, "end", size, len(seqs))
+            size = min(control.requested, capacity - len(seqs))
+            control.requested = 0
+            if size <= 0 or control.halted:
+                break
+            live = _more(steps, run, req, len(seqs), size)
+            seqs += live
     finally:
         for seq in seqs:
             seq.sampler.close()
@@ -77,15 +84,38 @@ def decode_loop(
         tm.total_s += time.perf_counter() - t_start
 
 
+def _wave(steps: Steps, live: list[CandidateStream], control: GenerationControl) -> Iterator[Event]:
+    """Run candidates until every one has ended: sample, accept, finish the ended ones, decode
+    the rest as one batch."""
+    tm = control.timings
+    while live:
+        for seq in live:
+            tok = _next_token(seq, steps, control)
+            if tok is not None:
+                yield from seq.accept(tok, steps.token_bytes(tok))
+        for seq in live:
+            if seq.reason is not None:
+                yield seq.finish()
+                steps.free(seq.slot)
+        live = [seq for seq in live if seq.reason is None]
+        if live:
+            t0 = time.perf_counter()
+            steps.decode([(seq.slot, seq.prev, seq.pos) for seq in live])
+            tm.decode_s += time.perf_counter() - t0
+            tm.decode_steps += 1
+
+
 def _start(
-    runtime: Runtime, steps: Steps, req: GenerationRequest, scoring: bool, tm: Timings
-) -> list[CandidateStream]:
-    """Samplers, the prompt's pass (its step scores and features), the fork to k slots, and one
-    stream per candidate."""
-    samplers = [steps.sampler(req.sampling, req.candidate_offset + s) for s in range(req.k)]
-    if req.sampling.repeat_penalty != 1.0:
-        for sampler in samplers:
-            sampler.accept_all(req.prompt)
+    runtime: Runtime,
+    steps: Steps,
+    req: GenerationRequest,
+    scoring: bool,
+    tm: Timings,
+    capacity: int,
+) -> tuple[CandidateRun, list[CandidateStream]]:
+    """The prompt's pass (its step scores and features), the fork to the first wave's k slots
+    (the prompt cache kept for later waves when `capacity` > k), and one stream per candidate."""
+    samplers = _samplers(steps, req, 0, req.k)
     try:
         t0 = time.perf_counter()
         prompt, rule = req.prompt, runtime.rule
@@ -93,7 +123,8 @@ def _start(
             j - 1 for j in range(1, len(prompt)) if rule.is_step_boundary(prompt[j - 1], prompt[j])
         }
         pre = steps.prefill(prompt, wanted)
-        steps.fork(req.k)
+        steps.fork(0, req.k)
+        tm.prefill_tokens += len(prompt)
         tm.prefill_s += time.perf_counter() - t0
     except BaseException:
         for sampler in samplers:
@@ -102,22 +133,56 @@ def _start(
     run = CandidateRun(
         prompt, rule, req.settings, scoring, tm, steps.feature_width, pre.scores, pre.features
     )
-    return [
+    return run, [
         CandidateStream(req.candidate_offset + s, run, steps, s, samplers[s]) for s in range(req.k)
     ]
 
 
+def _more(
+    steps: Steps, run: CandidateRun, req: GenerationRequest, first: int, n: int
+) -> list[CandidateStream]:
+    """The next wave: slots first..first+n-1 forked from the kept prompt cache."""
+    samplers = _samplers(steps, req, first, n)
+    try:
+        t0 = time.perf_counter()
+        steps.fork(first, n)
+        run.timings.prefill_tokens += n  # the prompt's last token again, in each new slot
+        run.timings.prefill_s += time.perf_counter() - t0
+    except BaseException:
+        for sampler in samplers:
+            sampler.close()
+        raise
+    return [
+        CandidateStream(req.candidate_offset + first + s, run, steps, first + s, samplers[s])
+        for s in range(n)
+    ]
+
+
+def _samplers(steps: Steps, req: GenerationRequest, first: int, n: int) -> list:
+    """Candidates first..first+n-1's samplers, primed with the prompt where they need history."""
+    offset = req.candidate_offset + first
+    samplers = [steps.sampler(req.sampling, offset + s) for s in range(n)]
+    if req.sampling.repeat_penalty != 1.0:
+        for sampler in samplers:
+            sampler.accept_all(req.prompt)
+    return samplers
+
+
 def _next_token(seq: CandidateStream, steps: Steps, control: GenerationControl) -> int | None:
-    """Sample `seq`'s next token; None when it finished instead (halted, pruned, end of turn)."""
+    """Sample `seq`'s next token; None when it finished instead (halted, pruned, end of turn, or
+    its running confidence fell below the floor)."""
     if seq.halted(control):
         return None
     tm = seq.run.timings
     t0 = time.perf_counter()
     tok = steps.sample(seq.slot, seq.sampler)
+    eog = steps.is_eog(tok)
+    low = False
     if seq.run.settings.logprobs:
-        seq.logprob_sum += token_logprob(steps.logits(seq.slot), tok)
+        lp = token_logprob(steps.logits(seq.slot), tok)
+        low = seq.scored(lp, control.window, None if eog else control.min_confidence)
     tm.sample_s += time.perf_counter() - t0
-    if steps.is_eog(tok):
+    if eog:
         seq.reason = FinishReason.EOS
         return None
-    return tok
+    return None if low else tok

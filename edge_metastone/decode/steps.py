@@ -40,7 +40,8 @@ class Sampler(Protocol):
 
 
 class Steps(Protocol):
-    """One generation's steps on one runtime. Slots are numbered 0..k-1, one per candidate."""
+    """One generation's steps on one runtime. Slots are numbered 0..k-1, one per candidate (k: the
+    most candidates the generation may start)."""
 
     feature_width: int  # C of a step feature
 
@@ -50,8 +51,10 @@ class Steps(Protocol):
         every slot's."""
         ...
 
-    def fork(self, k: int) -> None:
-        """Copy the prompt's cache from slot 0 to slots 1..k-1."""
+    def fork(self, first: int, n: int) -> None:
+        """Give slots first..first+n-1 the prompt's cache, last logits, feature and step score:
+        the first wave (first 0) from slot 0's prefill; a later wave (adaptive compute, when
+        `settings.max_candidates` was set) from the prompt cache kept for it."""
         ...
 
     def sampler(self, sampling: SamplingSettings, candidate: int) -> Sampler:

@@ -3,7 +3,6 @@ llama.cpp implementation of `edge_metastone.backend.Backend`)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from edge_metastone.errors import MissingHeadError
 from edge_metastone.limits import default_threads
 from edge_metastone.modelfile.read import ModelFile, open_model_file
 from edge_metastone.normalization import NormalForm
-from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule
+from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule, line_delimiters
 from edge_metastone.types import (
     GenerationSettings,
     KVLayout,
@@ -30,8 +29,9 @@ from edge_metastone.types import (
 
 
 def step_rule(mf: ModelFile, model: Model) -> StepRule:
-    """The file's step facts; for a plain Qwen2-family GGUF without them, the tokenizer's own
-    (`.\\n\\n` tokenized, and `<think>` / `</think>` where each is one token)."""
+    """The file's step facts; for a plain GGUF without them, the tokenizer's own: `.\\n\\n` where
+    it is one token (the Qwen2 family), else every token that ends a line (one step per line:
+    Llama, Gemma, ...); and `<think>` / `</think>` where each is one token."""
     if mf.step_token_ids:
         return StepRule.of(mf.step_token_ids, mf.think_start_id, mf.think_end_id)
 
@@ -40,6 +40,11 @@ def step_rule(mf: ModelFile, model: Model) -> StepRule:
         return ids[0] if len(ids) == 1 else -1
 
     step_ids = model.tokenize(STEP_DELIMITER, parse_special=False)
+    if len(step_ids) != 1:  # split (`.` + `\n\n`): `.` alone would end a step at every period
+        texts = (model.token_to_bytes(t, special=False) for t in range(model.n_vocab))
+        step_ids = line_delimiters(
+            (t, b.decode("utf-8", errors="replace")) for t, b in enumerate(texts)
+        )
     return StepRule.of(step_ids, single(THINK_START), single(THINK_END))
 
 
@@ -88,10 +93,21 @@ class Engine(DecodingBackend):
         self.facts = model_facts(mf)
         self.template = ChatTemplate(mf.chat_template, variables=mf.template_variables)
         self.rule = step_rule(mf, model)
-        self.tokenize = model.tokenize  # special tokens in the text are parsed
-        self.tokenize_text = functools.partial(model.tokenize, parse_special=False)
         layer = mf.head.feature_layer if mf.head is not None else model.n_layer - 2
         self._setup = LlamaSetup(model, mf.head, layer, n_threads, parity)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Text -> ids, control-token markup in it parsed."""
+        return self._open_model().tokenize(text)
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """Plain text -> ids: markup in it stays text."""
+        return self._open_model().tokenize(text, parse_special=False)
+
+    def _open_model(self) -> Model:
+        """The model, or a clear error once it is closed (its memory is freed)."""
+        self.model.ptr  # noqa: B018 - raises "model is closed"
+        return self.model
 
     @property
     def path(self) -> Path:
@@ -118,9 +134,14 @@ class Engine(DecodingBackend):
         return self.model_file.default_strategy
 
     @property
+    def adaptive(self) -> str | None:
+        """The file's `metastone.adaptive` (JSON), if any."""
+        return self.model_file.adaptive
+
+    @property
     def eog_ids(self) -> tuple[int, ...]:
         """Token ids that end a turn."""
-        return self.model.eog_ids
+        return self._open_model().eog_ids
 
     @property
     def feature_layer(self) -> int:
@@ -135,7 +156,7 @@ class Engine(DecodingBackend):
     @property
     def control_texts(self) -> tuple[str, ...]:
         """Control tokens' spellings."""
-        return self.model.control_texts
+        return self._open_model().control_texts
 
     @property
     def n_ctx(self) -> int:
@@ -144,7 +165,7 @@ class Engine(DecodingBackend):
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """Token ids -> text (control tokens spelled out)."""
-        return self.model.detokenize(token_ids)
+        return self._open_model().detokenize(token_ids)
 
     def open_steps(
         self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
@@ -161,7 +182,7 @@ class Engine(DecodingBackend):
 
     def score_text(self, text: str, *, parity: bool = True) -> ScoreResult:
         """Tokenize a full text (prompt and response, markup parsed) and score it."""
-        return self.score_tokens(self.model.tokenize(text), parity=parity)
+        return self.score_tokens(self.tokenize(text), parity=parity)
 
     def close(self) -> None:
         """Free the model."""

@@ -45,7 +45,8 @@ class LlamaSetup:
 
 
 class LlamaSteps:
-    """One generation's context, batch and feature capture; slot s is llama.cpp sequence s."""
+    """One generation's context, batch and feature capture; slot s is llama.cpp sequence s. With
+    waves (`settings.max_candidates`), sequence k keeps the prompt's cells for the later waves."""
 
     def __init__(
         self,
@@ -58,7 +59,9 @@ class LlamaSteps:
     ) -> None:
         model, parity = setup.model, setup.parity
         layout = resolve_layout(settings.kv_layout, k, n_prompt, settings.max_new_tokens)
-        n_batch = max(min(n_prompt, PREFILL_BATCH), k)
+        self.keeper = k if settings.max_candidates is not None else None
+        n_seq = k + 1 if self.keeper is not None else k
+        n_batch = max(min(n_prompt, PREFILL_BATCH), n_seq)  # llama.cpp: n_seq_max <= n_batch
         keep = settings.keep_features
         self.model, self.head, self.scoring = model, setup.head, scoring
         self.feature_width = model.n_embd
@@ -69,9 +72,9 @@ class LlamaSteps:
         )
         self.streams = layout is KVLayout.STREAMS
         ctx_settings = ContextSettings(
-            n_ctx=kv_cells(n_prompt, settings.max_new_tokens, k, layout),
+            n_ctx=kv_cells(n_prompt, settings.max_new_tokens, n_seq, layout),
             n_batch=n_batch,
-            n_seq_max=k,
+            n_seq_max=n_seq,
             n_threads=setup.n_threads,
             parity=parity,
             kv_unified=not self.streams,
@@ -96,6 +99,7 @@ class LlamaSteps:
             raise
         self.rows = [0] * k  # slot -> batch row of its last logits and feature
         self.features: list[np.ndarray | None] = [None] * k
+        self.prompt: list[int] = []
 
     def prefill(self, prompt: list[int], wanted: set[int]) -> Prefilled:
         """Decode the prompt in sequence 0; keep the features of its step boundaries (they count
@@ -110,22 +114,24 @@ class LlamaSteps:
                     if start + i in wanted or start + i == len(prompt) - 1:
                         feats[start + i] = rows[i]
         last = feats.get(len(prompt) - 1)
+        self.prompt = prompt
         self.rows = [last_row] * len(self.rows)
         self.features = [last] * len(self.rows)
         kept = {i: feats[i].copy() for i in wanted if i in feats}
-        return Prefilled(self._score_prompt(kept) if self.scoring else {}, kept)
+        return Prefilled(_score_prompt(self.head, kept) if self.scoring else {}, kept)
 
-    def _score_prompt(self, feats: dict[int, np.ndarray]) -> dict[int, float]:
-        if not feats:
-            return {}
-        order = sorted(feats)
-        values = self.head.scores(np.stack([feats[i] for i in order]))
-        return {i: float(v) for i, v in zip(order, values, strict=True)}
-
-    def fork(self, k: int) -> None:
-        """Copy sequence 0's cells to sequences 1..k-1."""
-        for s in range(1, k):
-            llama_cpp.llama_memory_seq_cp(self.ctx.memory, 0, s, -1, -1)
+    def fork(self, first: int, n: int) -> None:
+        """Give sequences first..first+n-1 the prompt. The first wave copies sequence 0's cells
+        (and to the keeper); a later one copies the keeper's cells but the last, then decodes the
+        prompt's last token in each new sequence for its logits and feature."""
+        mem = self.ctx.memory
+        if first == 0:
+            for s in range(1, n):
+                llama_cpp.llama_memory_seq_cp(mem, 0, s, -1, -1)
+            if self.keeper is not None:
+                llama_cpp.llama_memory_seq_cp(mem, 0, self.keeper, -1, -1)
+            return
+        _fork_from_keeper(self, first, n)
 
     def sampler(self, sampling: SamplingSettings, candidate: int) -> Sampler:
         """llama.cpp's own sampler chain for one candidate."""
@@ -151,7 +157,7 @@ class LlamaSteps:
         """One batch of the live sequences' new tokens; their features from the same pass."""
         self.batch.clear()
         if self.streams:
-            self._add_streams(rows)
+            _add_streams(self, rows)
         else:
             for slot, tok, pos in rows:
                 self.rows[slot] = self.batch.add(tok, pos, (slot,), True)
@@ -160,18 +166,6 @@ class LlamaSteps:
             feats = self.capture.take()
             for slot, _, _ in rows:
                 self.features[slot] = feats[self.rows[slot]]
-
-    def _add_streams(self, rows: Sequence[tuple[int, int, int]]) -> None:
-        """The live sequences' tokens in increasing id order (captured rows then follow batch
-        order), with placeholders in short gaps between them."""
-        prev = None
-        for slot, tok, pos in rows:
-            if prev is not None and 0 < slot - prev - 1 <= MAX_FILLED_GAP:
-                for gap in range(prev + 1, slot):
-                    llama_cpp.llama_memory_seq_rm(self.ctx.memory, gap, -1, -1)
-                    self.batch.add(_FILLER_TOKEN, 0, (gap,), False)
-            self.rows[slot] = self.batch.add(tok, pos, (slot,), True)
-            prev = slot
 
     def free(self, slot: int) -> None:
         """Remove the sequence's cells."""
@@ -189,3 +183,42 @@ class LlamaSteps:
         """Free the batch and the context."""
         self.batch.close()
         self.ctx.close()
+
+
+def _fork_from_keeper(steps: LlamaSteps, first: int, n: int) -> None:
+    """A later wave: sequences first..first+n-1 get the keeper's cells but the last, then the
+    prompt's last token is decoded in each, for its logits and feature (one row a candidate)."""
+    mem, last = steps.ctx.memory, len(steps.prompt) - 1
+    steps.batch.clear()
+    for s in range(first, first + n):
+        llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+        llama_cpp.llama_memory_seq_cp(mem, steps.keeper, s, -1, -1)
+        llama_cpp.llama_memory_seq_rm(mem, s, last, -1)
+        steps.rows[s] = steps.batch.add(steps.prompt[last], last, (s,), True)
+    steps.ctx.decode(steps.batch)
+    if steps.capture is not None:
+        feats = steps.capture.take()
+        for s in range(first, first + n):
+            steps.features[s] = feats[steps.rows[s]]
+
+
+def _score_prompt(head: SprmHead, feats: dict[int, np.ndarray]) -> dict[int, float]:
+    """The head's scores of the prompt's step features, by position."""
+    if not feats:
+        return {}
+    order = sorted(feats)
+    values = head.scores(np.stack([feats[i] for i in order]))
+    return {i: float(v) for i, v in zip(order, values, strict=True)}
+
+
+def _add_streams(steps: LlamaSteps, rows: Sequence[tuple[int, int, int]]) -> None:
+    """The live sequences' tokens in increasing id order (captured rows then follow batch order),
+    with placeholders in short gaps between them."""
+    prev = None
+    for slot, tok, pos in rows:
+        if prev is not None and 0 < slot - prev - 1 <= MAX_FILLED_GAP:
+            for gap in range(prev + 1, slot):
+                llama_cpp.llama_memory_seq_rm(steps.ctx.memory, gap, -1, -1)
+                steps.batch.add(_FILLER_TOKEN, 0, (gap,), False)
+        steps.rows[slot] = steps.batch.add(tok, pos, (slot,), True)
+        prev = slot

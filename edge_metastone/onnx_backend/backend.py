@@ -82,6 +82,11 @@ class OnnxBackend(DecodingBackend):
         return self.md.default_strategy
 
     @property
+    def adaptive(self) -> str | None:
+        """`metastone.adaptive` from metastone.json, if any."""
+        return self.md.adaptive
+
+    @property
     def feature_layer(self) -> int:
         """The layer whose output the head reads (L-2)."""
         return self.md.feature_layer

@@ -51,6 +51,7 @@ class OnnxModelDir:
     n_bytes: int
     special_tokens: dict[str, str] | None = None  # the tokenizer's named special tokens
     normalizer: str | None = None  # the tokenizer's Unicode normal form (stop strings get it)
+    adaptive: str | None = None  # metastone.adaptive (JSON), as the exporter copied it
 
     @property
     def template_variables(self) -> dict[str, str]:
@@ -192,6 +193,7 @@ def read_model_dir(path: Path) -> OnnxModelDir:
         n_bytes=n_bytes,
         special_tokens=_special_tokens(meta, where),
         normalizer=_normalizer(meta, where),
+        adaptive=_str(meta, keys.ADAPTIVE, where),
     )
 
 

@@ -89,6 +89,9 @@ class OnnxSteps:
         self.scoring, self.keep = scoring, settings.keep_features
         self.feature_width = md.hidden_size
         self.cache: KVCache | None = None
+        self.capacity = k
+        self.kept: PromptPass | None = None  # the prompt's pass, for later waves
+        self.waves = settings.max_candidates is not None
         self.rows = [0]
         self.last_logits: list[np.ndarray] = []
         self.step_logits: list[float | None] = []
@@ -101,9 +104,10 @@ class OnnxSteps:
         )
         last = len(prompt) - 1
         self.cache = pre.cache
-        self.last_logits = [pre.logits]
-        self.step_logits = [pre.step_logits.get(last)]
-        self.features = [pre.features.get(last)]
+        self.kept = pre if self.waves else None
+        self.last_logits = [pre.logits] * self.capacity
+        self.step_logits = [pre.step_logits.get(last)] * self.capacity
+        self.features = [pre.features.get(last)] * self.capacity
         scores = {}
         if self.scoring:
             order = sorted(p for p in pre.step_logits if p in wanted)
@@ -111,13 +115,12 @@ class OnnxSteps:
             scores = dict(zip(order, (float(v) for v in values), strict=True))
         return Prefilled(scores, {p: f for p, f in pre.features.items() if p in wanted})
 
-    def fork(self, k: int) -> None:
-        """The prompt's cache repeated to k rows."""
-        self.cache = self.cache.repeat(k)
-        self.rows = list(range(k))
-        self.last_logits *= k
-        self.step_logits *= k
-        self.features *= k
+    def fork(self, first: int, n: int) -> None:
+        """The prompt's cache repeated to n rows, slots first..first+n-1. A later wave starts when
+        every earlier row has ended: its rows replace theirs, and its slots still hold the
+        prompt's last logits, step logit and feature from `prefill`."""
+        self.cache = (self.cache if first == 0 else self.kept.cache).repeat(n)
+        self.rows = list(range(first, first + n))
 
     def sampler(self, sampling: SamplingSettings, candidate: int) -> NumpySampler:
         """A numpy sampler in llama.cpp's chain order for one candidate."""

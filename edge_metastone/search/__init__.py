@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edge_metastone.search.base import Strategy, StrategyName
 from edge_metastone.search.best_of_k import BestOfK
+from edge_metastone.search.confidence import ConfidenceVote
 from edge_metastone.search.logprob import LogProb
 from edge_metastone.search.prune import StepPruning
 from edge_metastone.search.vote import Vote
@@ -14,6 +15,7 @@ STRATEGIES: dict[StrategyName, type] = {
     StrategyName.VOTE: Vote,
     StrategyName.WEIGHTED_VOTE: Vote,
     StrategyName.LOGPROB: LogProb,
+    StrategyName.CONFIDENCE_VOTE: ConfidenceVote,
 }
 
 

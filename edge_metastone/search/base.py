@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from edge_metastone.backend import Backend
@@ -19,6 +19,7 @@ from edge_metastone.types import (
     GenerationSettings,
     SamplingSettings,
     StepEvent,
+    WaveEvent,
 )
 
 
@@ -30,6 +31,7 @@ class StrategyName(str, enum.Enum):
     VOTE = "vote"  # majority vote over extracted answers
     WEIGHTED_VOTE = "weighted-vote"  # vote weighted by SPRM trajectory score
     LOGPROB = "logprob"  # the policy's own mean token log-probability
+    CONFIDENCE_VOTE = "confidence-vote"  # vote weighted by the policy's confidence (DeepConf)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class SearchResult:
     strategy: StrategyName
     reason: str
     early_stop: bool = False
+    waves: list[dict[str, int]] = field(default_factory=list)  # adaptive: per wave
+    stop_reason: str = ""  # adaptive: why no further wave ran
 
     @property
     def answer_candidate(self) -> Candidate:
@@ -103,16 +107,24 @@ def run_candidates(
     on_event: EventHook | None = None,
     on_step: Callable[[StepEvent, GenerationControl], None] | None = None,
     on_finish: Callable[[Candidate], None] | None = None,
+    on_wave: Callable[[WaveEvent], None] | None = None,
     control: GenerationControl | None = None,
 ) -> tuple[list[Candidate], bool]:
     """Consume the engine's events; halt before `deadline` (time.monotonic()). Returns (candidates, early_stop).
-    `control` is the caller's handle on the run (its timings); a fresh one when not given."""
+    `control` is the caller's handle on the run (its timings); a fresh one when not given.
+    `on_wave` sees each `WaveEvent` after `on_event` (at a wave's end it may ask for more)."""
     control = control or GenerationControl()
     done: list[Candidate] = []
     last = time.monotonic()
     step_time = 0.0
     seen_in_step: set[int] = set()
     for ev in engine.generate(prompt_ids, k, sampling, settings, control=control):
+        if isinstance(ev, WaveEvent):
+            if on_event is not None:
+                on_event(ev)
+            if on_wave is not None:
+                on_wave(ev)
+            continue
         if on_event is not None:
             on_event(ev)
         if isinstance(ev, FinishEvent):
@@ -131,7 +143,7 @@ def run_candidates(
                 seen_in_step.clear()
             seen_in_step.add(cand)
             if time.monotonic() + step_time >= deadline:
-                control.halt()
+                control.halt("the latency budget ran out")
     early = any(c.finish_reason is FinishReason.HALTED for c in done)
     return sorted(done, key=lambda c: c.index), early
 
@@ -166,9 +178,17 @@ def select_by_score(cands: Sequence[Candidate]) -> int:
     return _select_by(cands, lambda c: c.score)
 
 
+def finished_well(c: Candidate) -> bool:
+    """It ended its turn (or at a stop string) after writing something."""
+    return not c.truncated and bool(c.text.strip())
+
+
 def select_by_logprob(cands: Sequence[Candidate]) -> int:
-    """Highest mean token log-probability, ties to the lowest index."""
-    return _select_by(cands, lambda c: c.mean_logprob)
+    """Highest mean token log-probability among the candidates that finished well (an empty or
+    truncated one ranks after every one that did), ties to the lowest index."""
+    pool = selection_pool(cands)
+    pool = [c for c in pool if finished_well(c)] or pool
+    return _select_by(pool, lambda c: c.mean_logprob)
 
 
 def position_of(cands: Sequence[Candidate], index: int) -> int:

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.options import ReasonOptions, ReasonResult
 from edge_metastone.scheduler import Effort
+from edge_metastone.search.adaptive import stopped_early
 from edge_metastone.server.errors import ApiError, bad_request
-from edge_metastone.types import Event, FinishEvent, StepEvent, TokenEvent
+from edge_metastone.types import Event, FinishEvent, StepEvent, TokenEvent, WaveEvent
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -175,7 +176,7 @@ class Completion:
         self.created = int(time.time())
         self.model = model
 
-    def response(self, result: ReasonResult, seed: int) -> dict[str, Any]:
+    def response(self, result: ReasonResult, seed: int, *, capped: bool = False) -> dict[str, Any]:
         """The non-streaming `chat.completion` object."""
         return {
             "id": self.id,
@@ -191,7 +192,7 @@ class Completion:
                 }
             ],
             "usage": usage(result),
-            "metastone": extension(result, seed),
+            "metastone": extension(result, seed, capped=capped),
         }
 
     def chunk(
@@ -238,10 +239,11 @@ def usage(result: ReasonResult) -> dict[str, int]:
     }
 
 
-def extension(result: ReasonResult, seed: int) -> dict[str, Any]:
+def extension(result: ReasonResult, seed: int, *, capped: bool = False) -> dict[str, Any]:
     """The `metastone` field: `reason --json`'s object (every candidate, its text, token ids and
-    step scores; the scheduler's decision; timings) plus the seed that reproduces it."""
-    return {**result.to_json(), "seed": seed}
+    step scores; the scheduler's decision; timings), the seed that reproduces it, and `capped`:
+    True when the server's `--max-request-seconds` stopped the generation."""
+    return {**result.to_json(), "seed": seed, "capped": capped}
 
 
 def event_json(ev: Event) -> dict[str, Any]:
@@ -256,6 +258,7 @@ def event_json(ev: Event) -> dict[str, Any]:
             "score": _finite(ev.score),
             "n_steps": ev.n_steps,
             "running_score": _finite(ev.running_score),
+            "confidence": ev.confidence,
         }
     if isinstance(ev, FinishEvent):
         return {
@@ -265,6 +268,16 @@ def event_json(ev: Event) -> dict[str, Any]:
             "finish_reason": ev.result.finish_reason.value,
             "score": _finite(ev.result.score),
             "tokens": ev.result.n_tokens,
+            "stopped_early": stopped_early(ev.result),
+        }
+    if isinstance(ev, WaveEvent):  # adaptive compute: a wave starts or ends, or the run settled
+        return {
+            "type": "wave",
+            "wave": ev.wave,
+            "phase": ev.phase,
+            "size": ev.size,
+            "candidates": ev.candidates,
+            "reason": ev.reason,
         }
     raise ApiError(500, f"unknown event {type(ev).__name__}", type="server_error")
 

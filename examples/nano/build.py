@@ -8,7 +8,9 @@
 3. train its SPRM head with `edge-metastone train-sprm`'s pipeline (SPR loss, on its own samples);
 4. measure the selectors on a validation set (medium effort) and record the best as
    `metastone.default_strategy`, with `metastone.provenance`;
-5. with --install, copy the result into the package.
+5. measure adaptive compute on the validation set and record its settings as `metastone.adaptive`
+   (record_adaptive.py);
+6. with --install, copy the result into the package.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+from record_adaptive import record as record_adaptive  # noqa: E402
 from task import problems  # noqa: E402
 from train_backbone import main as train_backbone_main  # noqa: E402
 
@@ -123,15 +126,18 @@ def build(args: argparse.Namespace) -> Path:
         "build_seconds": round(time.perf_counter() - t0, 1),
     }
     final = work / "default.gguf"
+    labelled = work / f"nano-{args.outtype}-labelled.gguf"
     write_model_copy(
         with_head,
-        final,
+        labelled,
         extra={
             keys.DEFAULT_STRATEGY: strategy,
             keys.PROVENANCE: json.dumps(prov, sort_keys=True),
             "general.name": "MetaStone-nano",
         },
     )
+    n_adaptive = 2 if toy else args.adaptive_problems
+    record_adaptive(labelled, final, args.seed + 2, n_adaptive, max_new_tokens=96 if toy else 256)
     (work / "provenance.json").write_text(json.dumps(prov, indent=2))
     print(json.dumps({"selectors_at_medium": selectors, "default_strategy": strategy}))
     if args.install:
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m"])
     ap.add_argument("--train-problems", type=int, default=1000)
     ap.add_argument("--val-problems", type=int, default=150)
+    ap.add_argument("--adaptive-problems", type=int, default=300)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--epochs", type=int, default=40)
