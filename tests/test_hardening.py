@@ -323,6 +323,19 @@ def test_queued_request_plans_with_the_time_it_has_left(tiny_gguf):
         assert "while waiting" in str(errors[0])
 
 
+def _parked_at_gate(t: threading.Thread) -> bool:
+    """True when thread `t` is inside `Reasoner.calibration` and its innermost frame is the
+    request gate (where it waits for the model)."""
+    frame = sys._current_frames().get(t.ident)
+    if frame is None or not frame.f_code.co_filename.endswith("gate.py"):
+        return False
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return "calibration" in names
+
+
 def test_calibration_waits_for_a_running_generation(tiny_gguf, private_cache):
     with Reasoner(tiny_gguf("q8_0"), max_new_tokens=300) as r:
         import edge_metastone.planner as planner_module
@@ -354,11 +367,11 @@ def test_calibration_waits_for_a_running_generation(tiny_gguf, private_cache):
             try:
                 # condition: the calibration thread is parked in a calibration() frame (at the
                 # lock) on 50 looks in a row, or it started measuring beside the generation
-                seen = 0
+                seen, looks = 0, 0
                 while seen < 50 and not measured.is_set():
-                    frame = sys._current_frames().get(t.ident)
-                    at_lock = frame is not None and frame.f_code.co_name == "calibration"
-                    seen = seen + 1 if at_lock else 0
+                    looks += 1
+                    assert looks < 30_000, "the calibration thread never reached the gate"
+                    seen = seen + 1 if _parked_at_gate(t) else 0
                     time.sleep(0.002)
                 beside = measured.is_set()
             finally:
