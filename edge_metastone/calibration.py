@@ -514,9 +514,11 @@ def calibration_for(
             s.total = s.done
             s.report("done", line)
             return Outcome(cal, CalibrationStatus.RECHECKED, s.elapsed(), (), True, line)
-        logger.warning(
-            "the cached calibration is wrong (%s; %s): measuring again", old.suspect, found
-        )
+        wrong = f"the cached calibration is wrong ({old.suspect}; {found}): measuring again"
+        if progress is not None:  # the person watching the bar reads it there, in its words
+            s.report("measuring again", wrong)
+        else:
+            logger.warning("%s", wrong)
     else:
         logger.info("calibrating this machine for %s (once)", backend.path.name)
     out = measure(backend, n_threads, sampling, shape=shape, progress=progress, meter=meter)
