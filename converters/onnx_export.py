@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -503,15 +504,23 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         tmp.rename(out_dir)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    old.rmdir()
+    old = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(8)}.old")
     out_dir.rename(old)
     try:
         tmp.rename(out_dir)
     except BaseException:
         old.rename(out_dir)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove `path` whole, even when a Ctrl-C comes in the middle (it is raised after)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def export_onnx(
@@ -565,7 +574,7 @@ def export_onnx(
         _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            _remove_tree(tmp)
     n_bytes = sum(f.stat().st_size for f in out_dir.iterdir())
     logger.info("wrote %s (%s, %.1f MiB)", out_dir, out_type, n_bytes / 2**20)
     return OnnxExportResult(out_dir, out_type, n_bytes, head is not None)

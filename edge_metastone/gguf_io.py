@@ -117,13 +117,14 @@ def add_step_keys(
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds,
+    and remove it on any error (Ctrl-C included)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.close(fd)
         yield tmp
         umask = os.umask(0)
         os.umask(umask)

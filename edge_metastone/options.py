@@ -21,6 +21,7 @@ from edge_metastone.types import (
     GenerationSettings,
     KVType,
     SamplingSettings,
+    finite_number,
 )
 
 # MetaStone-S1's recommended sampling (temperature 0.6, top-p 0.95).
@@ -65,9 +66,7 @@ class ReasonOptions:
             ("memory_budget", "MB", MAX_MEMORY_MB),
         ):
             v = getattr(self, name)
-            if v is not None and not (
-                isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= most
-            ):
+            if v is not None and not (finite_number(v) and 0 < v <= most):
                 limit = f", at most {most:g}" if math.isfinite(most) else ""
                 raise InvalidRequestError(
                     f"{name} must be a finite positive number ({unit}{limit})", param=name

@@ -41,6 +41,7 @@ from edge_metastone.search.base import SearchResult, StrategyName
 from edge_metastone.types import (
     Event,
     GenerationControl,
+    GenerationSettings,
     ModelFacts,
     SamplingSettings,
 )
@@ -71,6 +72,8 @@ class Reasoner:
     ) -> None:
         if not 0 <= n_threads <= MAX_THREADS:
             raise InvalidRequestError(f"threads must be between 0 (automatic) and {MAX_THREADS}")
+        if max_new_tokens:  # checked before the model loads (None or 0: the model's own)
+            GenerationSettings(max_new_tokens=max_new_tokens)
         self.n_threads = n_threads or default_threads()
         self.backend = backend or _open(model, head, self.n_threads, n_gpu_layers, weight_buffers)
         if backend is not None and (model is not None or head is not None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,22 @@ def _check(ok: bool, param: str, message: str) -> None:
     """Refuse a setting: an `InvalidRequestError` naming it."""
     if not ok:
         raise InvalidRequestError(message, param=param)
+
+
+def finite_number(v: object) -> bool:
+    """A real number that is a finite float: not NaN, not infinite, not an integer too large
+    for a float (bools are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def whole_number(v: object, low: int) -> bool:
+    """An integer >= `low` (bools and integral floats are not)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
 
 
 @dataclass(frozen=True)
@@ -39,17 +56,14 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-                raise InvalidRequestError(f"{name} must be a finite number", param=name)
+            _check(finite_number(getattr(self, name)), name, f"{name} must be a finite number")
         for name in ("top_k", "repeat_last_n", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
-                raise InvalidRequestError(f"{name} must be an integer >= 0", param=name)
+            _check(whole_number(getattr(self, name), 0), name, f"{name} must be an integer >= 0")
         _check(self.temperature >= 0, "temperature", "temperature must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "top_p must be in (0, 1]")
         _check(0 <= self.min_p < 1, "min_p", "min_p must be in [0, 1)")
         _check(self.repeat_penalty > 0, "repeat_penalty", "repeat_penalty must be > 0")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +73,21 @@ class SamplingSettings:
     def candidate_seed(self, candidate: int) -> int:
         """The 32-bit seed of candidate `candidate`: a function of (seed, candidate) only."""
         return int(np.random.SeedSequence([self.seed, candidate]).generate_state(1)[0])
+
+
+def _logit_bias(pairs: Iterable[tuple[int, float]]) -> tuple[tuple[int, float], ...]:
+    """`pairs` as (token id, bias) tuples. A NaN or infinite bias is refused: a large finite one
+    (OpenAI's API allows -100) bans a token."""
+    try:
+        given = [tuple(p) for p in pairs]
+    except TypeError:
+        given = [()]
+    _check(
+        all(len(p) == 2 and whole_number(p[0], 0) and finite_number(p[1]) for p in given),
+        "logit_bias",
+        "logit_bias must be (token id >= 0, finite number) pairs",
+    )
+    return tuple((int(t), float(b)) for t, b in given)
 
 
 class KVType(str, enum.Enum):
@@ -103,7 +132,7 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         n = self.max_new_tokens
         _check(
-            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1,
+            whole_number(n, 1),
             "max_new_tokens",
             "max_new_tokens must be an integer >= 1",
         )
@@ -116,13 +145,17 @@ class GenerationSettings:
                 raise InvalidRequestError(
                     f"{name} must be one of {allowed} (got {value!r})", param=name
                 ) from None
-        if self.max_answer_tokens is not None and self.max_answer_tokens < 0:
-            raise InvalidRequestError("max_answer_tokens must be >= 0", param="max_answer_tokens")
+        a = self.max_answer_tokens
+        _check(
+            a is None or whole_number(a, 0),
+            "max_answer_tokens",
+            "max_answer_tokens must be an integer >= 0",
+        )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings", param="stop")
         m = self.max_candidates
         _check(
-            m is None or (isinstance(m, numbers.Integral) and not isinstance(m, bool) and m >= 1),
+            m is None or whole_number(m, 1),
             "max_candidates",
             "max_candidates must be an integer >= 1",
         )

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,29 @@ def cli_json(*args: str) -> dict:
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def parked_at_gate(t: threading.Thread, inside: str) -> bool:
+    """True when thread `t` waits at the request gate (its innermost frame is in gate.py, where a
+    request queues for the model) from inside a function named `inside` (`reason`, `calibration`)."""
+    frame = sys._current_frames().get(t.ident)
+    if frame is None or not frame.f_code.co_filename.endswith("gate.py"):
+        return False
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return inside in names
+
+
+def wait_until(condition, what: str, timeout: float = 120.0) -> float:
+    """Poll `condition()` until it holds; returns time.monotonic() then. Fails after `timeout`
+    seconds (a bound for a broken test, not a timing the test relies on)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"waited {timeout:g} s for {what}"
+        time.sleep(0.002)
+    return time.monotonic()
 
 
 @pytest.fixture(scope="session")

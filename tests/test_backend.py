@@ -11,7 +11,7 @@ import time
 import pytest
 from fake_backend import FakeBackend, Script
 
-from conftest import REPO, run_cli
+from conftest import REPO, parked_at_gate, run_cli, wait_until
 from edge_metastone.backend import Backend
 from edge_metastone.errors import BadModelFileError, InvalidRequestError
 from edge_metastone.reasoner import Reasoner
@@ -171,18 +171,23 @@ def test_a_queued_request_plans_with_the_time_it_has_left():
     fake = FakeBackend([Script([0.5] * 20, every=10)], round_s=0.001)
     with Reasoner(backend=fake, calibration=CAL, max_new_tokens=100) as r:
         idle = r.plan(10, effort="auto", latency_budget=1.7)
-        done = threading.Event()
+        out: dict = {}
 
-        def hold() -> None:
-            with r._lock:
-                done.wait(0.4)
+        def request() -> None:
+            try:
+                out["result"] = r.reason("x" * 3, effort="auto", latency_budget=1.7)
+            except Exception as e:
+                out["error"] = e
 
-        t = threading.Thread(target=hold)
-        t.start()
-        time.sleep(0.05)
-        res = r.reason("x" * 3, effort="auto", latency_budget=1.7)
+        with r._lock:  # another request holds the model for 0.4 s after this one queued
+            t = threading.Thread(target=request)
+            t.start()
+            parked = wait_until(lambda: parked_at_gate(t, "reason"), "the request to queue")
+            wait_until(lambda: time.monotonic() > parked + 0.4, "0.4 s in the queue")
+            assert parked_at_gate(t, "reason") and not out
         t.join()
-        assert res.timings["queue_s"] >= 0.3
+        res = out["result"]
+        assert res.timings["queue_s"] >= 0.4
         assert res.k < idle.k, (res.k, idle.k, res.scheduler_reason)
 
 

@@ -25,7 +25,7 @@ from edge_metastone.calibration import (
 from edge_metastone.commands.calibrate import render
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.scheduler import MIB, Calibration, load_cached
-from edge_metastone.types import SamplingSettings, Timings
+from edge_metastone.types import KVLayout, KVType, SamplingSettings, Timings
 
 SAMPLING = SamplingSettings(temperature=0.6, top_p=0.95)
 SCRIPT = [Script([0.5] * 4, every=5)]  # 20 tokens per candidate
@@ -107,6 +107,39 @@ def test_a_run_of_the_requests_shape_checks_the_table(model):
     out = calibration_for(fake(model), 2, SAMPLING, meter=meter)
     assert not out.verified and any("a real run of k=8" in p for p in out.problems)
     assert out.calibration.step_seconds[8] == pytest.approx(true_step(8, 32), rel=0.1)
+
+
+class Machine(Meter):
+    """A synthetic machine with known costs: step s (from 0) of b candidates over a prompt of P
+    cells takes base(b) + ATTENDED x b x (P + s) seconds, the attended part x Q8 with a q8_0
+    cache, plus MASKED x b x (b - 1) x s in one unified cache (each step adds b - 1 cells every
+    candidate is masked out of)."""
+
+    ATTENDED, MASKED, Q8 = 2e-8, 3e-9, 1.5
+
+    def __call__(self, backend, prompt, b, sampling, steps, layout, kv_type) -> np.ndarray:
+        self.calls.append((b, steps))
+        s = np.arange(max(steps, 1), dtype=np.float64)
+        attended = self.ATTENDED * (self.Q8 if kv_type is KVType.Q8_0 else 1.0)
+        masked = self.MASKED * b * (b - 1) * s if layout is KVLayout.UNIFIED else 0.0
+        return 1e-3 * (1 + b / 8) + attended * b * (len(prompt) + s) + masked
+
+
+def test_the_derived_costs_are_the_machines_own(model):
+    """Every cost the calibration derives, each a difference of measurements that the code floors
+    at 0, comes out as the synthetic machine's own value: a sign or a term wrong shows here."""
+    out = calibration_for(fake(model), 2, SAMPLING, meter=Machine())
+    cal = out.calibration
+    assert out.verified and out.stored, out.problems
+    assert cal.attn_s_per_seq_cell == pytest.approx(dict.fromkeys((1, 8, 32), Machine.ATTENDED))
+    assert cal.masked_s_per_seq_cell == pytest.approx(Machine.MASKED, rel=1e-6)
+    # the q8_0 run over the long prompt less the f16 step over the short one, per extra cell:
+    # the short prompt's 41.5 cells are counted at f16's cost, so the factor reads 1.543, not 1.5
+    q8 = (Machine.Q8 * (512 + 9.5) - (32 + 9.5)) / (512 - 32)
+    assert cal.quantized_attn_factor == pytest.approx(q8, rel=1e-9)
+    # the step table: the median of 20 steps (s = 9.5) over the 32-token prompt
+    for b, seconds in cal.step_seconds.items():
+        assert seconds == pytest.approx(1e-3 * (1 + b / 8) + Machine.ATTENDED * b * 41.5), b
 
 
 def test_step_problems_tolerate_noise():

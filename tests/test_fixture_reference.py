@@ -185,7 +185,35 @@ def _pieces_text(tok, pieces):
     return text, starts, ids
 
 
-def test_reference_score_positions_and_values(ref):
+@torch.no_grad()
+def _layer_output(model, ids: list[int], layer: int) -> np.ndarray:
+    """[T, C] float32: decoder layer `layer`'s output, hooked out of the HF model (SPEC §1's
+    "residual-stream output of decoder layer L-2"), not read from `hidden_states`."""
+    captured = {}
+    hook = model.model.layers[layer].register_forward_hook(
+        lambda _m, _i, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        hook.remove()
+    return captured["h"][0].float().numpy()
+
+
+def _numpy_head(tiny_dir: Path, features: np.ndarray) -> np.ndarray:
+    """sigmoid(Linear(ReLU(Linear(x)))) in float64 numpy from score_module.pt's raw arrays (SPEC
+    §1: dropout off at inference)."""
+    state = torch.load(tiny_dir / "score_module.pt", map_location="cpu", weights_only=True)
+    w = {k: v.double().numpy() for k, v in state.items()}
+    hidden = np.maximum(features.astype(np.float64) @ w["0.weight"].T + w["0.bias"], 0.0)
+    logits = (hidden @ w["3.weight"].T + w["3.bias"])[:, 0]
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def test_reference_score_positions_and_values(tiny_dir, ref):
+    """`reference_score` against values made here from the spec, not from its own parts: positions
+    counted by hand from the pieces, features hooked out of layer L-2 of the float32 HF model, the
+    head applied in numpy. Tolerance 1e-6 on scores (float32 head vs float64)."""
     model, tok, head = ref
     pieces = [
         "Question: what is 3 + 4 - 2?\n",
@@ -203,12 +231,14 @@ def test_reference_score_positions_and_values(ref):
     text, starts, ids = _pieces_text(tok, pieces)
     result = reference_score(model, tok, head, text)
     assert result["token_ids"] == ids
-    assert result["positions"] == [starts[4] - 1, starts[7] - 1]
-    _, feats = reference_forward(model, ids)
-    assert result["step_scores"] == head_scores(head, feats[result["positions"]])
-    assert all(0.0 < s < 1.0 for s in result["step_scores"])
-    expected = math.exp(np.mean(np.log(result["step_scores"])))
-    assert result["score"] == pytest.approx(expected, rel=1e-12)
+    positions = [starts[4] - 1, starts[7] - 1]  # the tokens just before the two scored delimiters
+    assert result["positions"] == positions
+    feats = _layer_output(model, ids, model.config.num_hidden_layers - 2)[positions]
+    expected = _numpy_head(tiny_dir, feats)
+    diff = float(np.abs(np.asarray(result["step_scores"]) - expected).max())
+    assert diff < 1e-6, f"max |reference step score - numpy head on layer L-2| = {diff:.3g}"
+    assert expected.min() > 1e-3 and expected.max() < 1 - 1e-3  # not saturated: the values tell
+    assert result["score"] == pytest.approx(math.sqrt(expected[0] * expected[1]), rel=1e-6)
 
 
 def test_reference_score_no_steps(ref):

@@ -3,7 +3,6 @@ queueing and answer checks under concurrency."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from fuzz_models import rewrite
 
-from conftest import run_cli
+from conftest import parked_at_gate, run_cli, wait_until
 from edge_metastone import keys
 from edge_metastone.answers import answers_equivalent, group_answers
 from edge_metastone.chat import ChatTemplate
@@ -317,23 +316,14 @@ def test_queued_request_plans_with_the_time_it_has_left(tiny_gguf):
         with r._lock:  # another request holds the model
             t = threading.Thread(target=queued)
             t.start()
-            time.sleep(0.8)
+            # conditions, not a guessed sleep: the request is queued at the gate, and it stays
+            # there until its budget, counted from its arrival (before the gate), has run out
+            parked = wait_until(lambda: parked_at_gate(t, "reason"), "the request to queue")
+            wait_until(lambda: time.monotonic() > parked + 0.5, "the budget to run out")
+            assert parked_at_gate(t, "reason") and not errors
         t.join(timeout=60)
         assert len(errors) == 1 and isinstance(errors[0], BudgetError)
         assert "while waiting" in str(errors[0])
-
-
-def _parked_at_gate(t: threading.Thread) -> bool:
-    """True when thread `t` is inside `Reasoner.calibration` and its innermost frame is the
-    request gate (where it waits for the model)."""
-    frame = sys._current_frames().get(t.ident)
-    if frame is None or not frame.f_code.co_filename.endswith("gate.py"):
-        return False
-    names = []
-    while frame is not None:
-        names.append(frame.f_code.co_name)
-        frame = frame.f_back
-    return "calibration" in names
 
 
 def test_calibration_waits_for_a_running_generation(tiny_gguf, private_cache):
@@ -371,7 +361,7 @@ def test_calibration_waits_for_a_running_generation(tiny_gguf, private_cache):
                 while seen < 50 and not measured.is_set():
                     looks += 1
                     assert looks < 30_000, "the calibration thread never reached the gate"
-                    seen = seen + 1 if _parked_at_gate(t) else 0
+                    seen = seen + 1 if parked_at_gate(t, "calibration") else 0
                     time.sleep(0.002)
                 beside = measured.is_set()
             finally:

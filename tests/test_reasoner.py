@@ -1,8 +1,10 @@
-"""The Reasoner API and `reason` CLI on the tiny fixture (real llama.cpp)."""
+"""The Reasoner API and `reason` CLI on the tiny fixture (real llama.cpp); the strategies end to
+end on hand-built candidates (the scripted fake backend)."""
 
 from __future__ import annotations
 
 import pytest
+from fake_backend import FakeBackend, Script
 
 from conftest import cli_json, run_cli
 from edge_metastone.engine.scoring import score_tokens
@@ -94,25 +96,56 @@ def test_reason_stream(reasoner):
     assert direct.chosen == final.chosen and direct.answer == final.answer
 
 
-def test_strategies_run_end_to_end(reasoner):
-    for strategy in ("prune", "vote", "weighted-vote", "logprob"):
-        res = reasoner.reason(
-            "What is 2+3?", effort="low", seed=5, strategy=strategy, logprobs=True
-        )
-        assert res.strategy == strategy
-        a, b = res.candidates
-        higher_score = 0 if a.score >= b.score else 1
-        only_b_answered = not a.answer.strip() and bool(b.answer.strip())
-        only_a_answered = bool(a.answer.strip()) and not b.answer.strip()
-        if strategy == "prune":  # k=2 keeps 2 alive: nothing pruned, the best score wins
-            expected = higher_score
-        elif strategy == "logprob":
-            expected = 0 if a.mean_logprob >= b.mean_logprob else 1
-        elif strategy == "vote":  # one vote each (or one class): ties go to the lowest index
-            expected = 1 if only_b_answered else 0
-        else:  # weighted: an empty answer never wins; otherwise the heavier score
-            expected = 1 if only_b_answered else 0 if only_a_answered else higher_score
-        assert res.chosen == expected, (strategy, a.answer, b.answer, a.score, b.score)
+def _boxed(answer: int) -> str:
+    return f"</think> \\boxed{{{answer}}}"
+
+
+# Hand-built candidates, each strategy's choice known in advance (k=8, effort medium; one step
+# every 10 tokens; max_new_tokens=100). The traps: 0 ends its turn at once with the best possible
+# mean log-probability (0.0); 6 has the next best (-0.05) but is cut at 100 tokens, and its running
+# score is far behind the leaders at its third step.
+#            steps (SPRM)              text                   mean log-prob
+KNOWN = [
+    Script([], "", logprob=0.0),  # 0: empty
+    Script([0.3, 0.3], _boxed(7), logprob=-0.6),  # 1
+    Script([0.95, 0.9, 0.9, 0.9], _boxed(8), logprob=-1.5),  # 2: the best SPRM score
+    Script([0.4, 0.4], _boxed(9), logprob=-0.2),  # 3: the best log-prob that finished well
+    Script([0.35, 0.3], _boxed(7), logprob=-0.5),  # 4
+    Script([0.9, 0.85, 0.85, 0.85], _boxed(8), logprob=-1.6),  # 5
+    Script([0.1] * 20, "x" * 40 + _boxed(9), logprob=-0.05),  # 6: truncated (200 tokens)
+    Script([0.2, 0.2], _boxed(7), logprob=-0.7),  # 7
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "chosen", "answer"),
+    [
+        ("best-of-k", 2, "8"),  # geometric means: 2 0.912 > 5 0.862 > 3 0.4
+        ("prune", 2, "8"),  # 6 pruned at its 3rd step (0.1 < 0.6 x 0.912); 2 still best
+        ("vote", 1, "7"),  # 7 has three votes (1, 4, 7), 8 two, 9 one; its first member
+        ("weighted-vote", 2, "8"),  # by score: 8 1.77 > 7 0.82 > 9 0.4 (+ 6's 0.1); heaviest 2
+        ("logprob", 3, "9"),  # not 0 (empty) nor 6 (truncated), though both rank higher
+        # weights exp(lp - top) among those that finished well: 7 has 0.67+0.74+0.61 = 2.02,
+        # 9 has 1.0, 8 has 0.27+0.25; the heaviest member of 7 is 4 (-0.5)
+        ("confidence-vote", 4, "7"),
+    ],
+)
+def test_strategies_choose_the_known_candidate_end_to_end(strategy, chosen, answer):
+    """Each strategy through the whole Reasoner on hand-built candidates, against its expected
+    choice written down by hand (not recomputed with the code's own rules)."""
+    fake = FakeBackend(KNOWN)
+    with Reasoner(backend=fake, calibration=CAL) as r:
+        res = r.reason("What is 2+3?", effort="medium", strategy=strategy, max_new_tokens=100)
+    assert res.strategy == strategy and res.k == 8
+    assert (res.chosen, res.answer) == (chosen, answer), res.candidates[res.chosen]
+    ends = [c.finish_reason for c in res.candidates]
+    assert ends[0] == "eos" and res.candidates[0].tokens == 0
+    if strategy == "prune":
+        assert ends[6] == "pruned" and res.candidates[6].tokens == 30
+        assert ends.count("pruned") == 1
+    else:
+        assert ends[6] == "length" and res.candidates[6].tokens == 100
+        assert ends.count("eos") == 7
 
 
 def test_reason_cli_json(tiny_gguf):
@@ -238,10 +271,11 @@ def test_calibration_measures_and_caches(tiny_gguf, private_cache):
     with Reasoner(tiny_gguf("q8_0"), sampling=STEPPY, max_new_tokens=16) as r:
         cal = r.calibration()
         assert r.calibration() is cal
+    # what each cost is, derived from known step times, is checked exactly in test_calibration
+    # (test_the_derived_costs_are_the_machines_own); here: a real measurement, and its cache
     assert set(cal.step_seconds) == {1, 2, 4, 8, 16, 32}
-    assert all(s > 0 for s in cal.step_seconds.values())
-    assert all(a >= 0 for a in cal.attn_s_per_seq_cell.values())
-    assert cal.prefill_tokens_per_s > 0 and cal.base_rss_bytes > 0
+    assert set(cal.attn_s_per_seq_cell) == {1, 8, 32}
+    assert all(s > 0 for s in cal.step_seconds.values()) and cal.base_rss_bytes > 0
     assert (private_cache / "calibration" / f"{cal.key}.json").is_file()
     with Reasoner(tiny_gguf("q8_0"), sampling=STEPPY, max_new_tokens=16) as r2:
         assert r2.calibration() == cal  # read back from disk, not measured again

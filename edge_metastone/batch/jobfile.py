@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_metastone.errors import EdgeMetastoneError
+from edge_metastone.paths import write_text_atomic
+from edge_metastone.types import finite_number
 
 MAX_PROMPT_CHARS = 1_000_000  # a prompt is text for a model, not a data dump
 MAX_ERROR_CHARS = 300
@@ -54,10 +56,14 @@ def _messages(value: Any) -> list[dict[str, str]] | str:
     return out
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_line(n: int, raw: bytes) -> Item:
     """One input line as an `Item` (never raises: a bad line becomes an item with an error)."""
     try:
-        rec = json.loads(raw.decode("utf-8"))
+        rec = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         return Item(n, None, error="not UTF-8 text")
     except ValueError as e:
@@ -70,8 +76,9 @@ def parse_line(n: int, raw: bytes) -> Item:
     bad = lambda msg: Item(n, rid, error=msg)  # noqa: E731
     answer = rec.get("answer")
     if answer is not None:
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            return bad("'answer' must be a string or a number")
+        number = (isinstance(answer, int) and not isinstance(answer, bool)) or finite_number(answer)
+        if not (isinstance(answer, str) or number):  # 1e309 reads as inf, NaN is refused above
+            return bad("'answer' must be a string or a finite number")
         answer = str(answer)
     if "prompt" in rec and "messages" in rec:
         return bad("give 'prompt' or 'messages', not both")
@@ -200,9 +207,7 @@ class ResultLog:
                 f"{self.path} exists but has no {self.options_path.name}: not a batch output; "
                 "pass another -o"
             )
-        tmp = self.options_path.with_name(self.options_path.name + ".partial")
-        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.options_path)
+        write_text_atomic(self.options_path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
         _fsync_dir(self.path)
 
     def _read_complete(self) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ from enum import Enum
 from pathlib import Path
 
 from edge_metastone.errors import BadModelFileError, InvalidRequestError
-from edge_metastone.paths import cache_dir
+from edge_metastone.paths import cache_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -509,7 +509,6 @@ def _store_canary(
     path = _canary_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
         record = {
             "ok": result.ok,
             "detail": result.detail,
@@ -518,8 +517,7 @@ def _store_canary(
             "build": build,
             "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(record))
     except OSError as e:
         logger.info("could not cache the weight-buffer canary: %s", e)
 
