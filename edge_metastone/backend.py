@@ -64,6 +64,11 @@ class Backend(Protocol):
         ...
 
     @property
+    def selector(self) -> str | None:
+        """The model's fitted combined selector (`metastone.selector`, JSON), if any."""
+        ...
+
+    @property
     def rule(self) -> StepRule:
         """Which tokens end a step and open/close the think window (SPEC §1, §2)."""
         ...

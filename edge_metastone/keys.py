@@ -19,6 +19,11 @@ DEFAULT_STRATEGY = "metastone.default_strategy"
 # waves, consensus, min_agree, sharpness, window, floor, calibrate_floor, floor_margin, selector,
 # measured); absent or unreadable: safe defaults.
 ADAPTIVE = "metastone.adaptive"
+# JSON object: the fitted combined selector (search.combined.Selector: version, features, weights,
+# bias, window, measured), a logistic combination of the head's step scores and the model's own
+# token log-probabilities that `combined` / `combined-vote` use; written by train-sprm with its
+# validation numbers. Absent or unreadable: those strategies are unavailable.
+SELECTOR = "metastone.selector"
 PROVENANCE = "metastone.provenance"
 SPRM_TRAINED_WITH = "metastone.sprm.trained_with"
 # The tokenizer's Unicode normal form (NFC, NFD, NFKC or NFKD); absent: text is not normalized.

@@ -39,11 +39,19 @@ from edge_metastone.scheduler import (
 )
 from edge_metastone.search.adaptive import AdaptiveSettings
 from edge_metastone.search.base import StrategyName
+from edge_metastone.search.combined import Selector
 from edge_metastone.types import GenerationSettings, KVType, SamplingSettings, Timings
 
 logger = logging.getLogger(__name__)
 
-_NEEDS_HEAD = {StrategyName.BEST_OF_K, StrategyName.PRUNE, StrategyName.WEIGHTED_VOTE}
+_NEEDS_HEAD = {
+    StrategyName.BEST_OF_K,
+    StrategyName.PRUNE,
+    StrategyName.WEIGHTED_VOTE,
+    StrategyName.COMBINED,
+    StrategyName.COMBINED_VOTE,
+}
+_NEEDS_SELECTOR = {StrategyName.COMBINED, StrategyName.COMBINED_VOTE}
 
 
 class Planner:
@@ -133,18 +141,8 @@ class Planner:
                 self._calibration = mark_suspect(cal, why, cached=self._stored)
 
     def default_strategy(self) -> StrategyName:
-        """The model file's measured best selector (`metastone.default_strategy`) when it names
-        one this model can run; else best-of-k by SPRM score, or log-probability without a head."""
-        named = self.backend.default_strategy
-        has_head = self.backend.has_head
-        try:
-            choice = StrategyName(named) if named else None
-        except ValueError:
-            logger.warning("ignoring unknown default strategy %r in the model file", named)
-            choice = None
-        if choice is not None and (has_head or choice not in _NEEDS_HEAD):
-            return choice
-        return StrategyName.BEST_OF_K if has_head else StrategyName.LOGPROB
+        """The selector a request without one gets (`default_strategy`)."""
+        return default_strategy(self.backend)
 
     def plan(self, prompt_tokens: int, o: ReasonOptions, max_new_tokens: int) -> Plan:
         """The scheduler's choice for a request of this size (no generation). A fixed effort under
@@ -196,6 +194,25 @@ class Planner:
                 f"(it has {', '.join(t.value for t in have)})"
             )
         return (o.kv_cache,)
+
+
+def default_strategy(backend: Backend) -> StrategyName:
+    """The model file's measured best selector (`metastone.default_strategy`) when it names one
+    this model can run (the combined ones: with a readable `metastone.selector`); else best-of-k
+    by SPRM score, or log-probability without a head."""
+    named = backend.default_strategy
+    has_head = backend.has_head
+    try:
+        choice = StrategyName(named) if named else None
+    except ValueError:
+        logger.warning("ignoring unknown default strategy %r in the model file", named)
+        choice = None
+    if choice in _NEEDS_SELECTOR and Selector.from_json(backend.selector) is None:
+        logger.warning("default strategy %r needs a recorded selector; none is readable", named)
+        choice = None
+    if choice is not None and (has_head or choice not in _NEEDS_HEAD):
+        return choice
+    return StrategyName.BEST_OF_K if has_head else StrategyName.LOGPROB
 
 
 def needs_calibration(o: ReasonOptions) -> bool:

@@ -108,6 +108,7 @@ class FakeBackend:
         return self._default_strategy
 
     adaptive: str | None = None  # metastone.adaptive
+    selector: str | None = None  # metastone.selector
 
     @property
     def rule(self) -> StepRule:

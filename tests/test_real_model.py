@@ -33,6 +33,8 @@ from edge_metastone.engine.llama import Model
 from edge_metastone.engine.scoring import forward_features
 from edge_metastone.modelfile.read import SUPPORTED_ARCHS, open_model_file
 from edge_metastone.sprm import line_delimiters
+from edge_metastone.training.collect import CollectSettings, Problem, prompt_ids, sample_problem
+from edge_metastone.types import FinishEvent
 
 pytestmark = pytest.mark.slow
 
@@ -288,6 +290,58 @@ def test_train_sprm_writes_a_sidecar_head_that_scores(smol, hf, tmp_path):
     ref_scores = mf.head.scores(ref[scored["positions"]])
     diff = np.abs(np.array(scored["step_scores"]) - ref_scores).max()
     assert diff < 0.05, f"step scores: max difference {diff:.2e} from the head on HF features"
+
+    # the combined selector, fitted on the held-out problem and recorded, reaches `reason`
+    sel = json.loads(mf.selector)
+    assert sel == report["selector"] and sel["measured"]["problems"] == 1
+    assert mf.default_strategy == report["default_strategy"] == sel["measured"]["default_strategy"]
+    proc = run_cli(
+        "reason", "--model", str(smol), "--head", str(side), "--effort", "low", "--json",
+        "--max-new-tokens", "24", "--seed", "3", "--threads", "2", "What is 2+3?",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["strategy"] == report["default_strategy"]
+    proc = run_cli(
+        "reason", "--model", str(smol), "--head", str(side), "--effort", "low", "--json",
+        "--strategy", "combined-vote", "--max-new-tokens", "24", "--threads", "2", "What is 2+3?",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["strategy"] == "combined-vote"
+
+
+class Recording:
+    """A backend that keeps the candidates it generated."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.cands = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def generate(self, *args, **kw):
+        for ev in self.backend.generate(*args, **kw):
+            if isinstance(ev, FinishEvent):
+                self.cands.append(ev.result)
+            yield ev
+
+
+def test_collection_keeps_only_the_steps_a_candidate_wrote(smol):
+    """SmolLM2 has no think window, so every line of the prompt is a scored step (SPEC §1); the
+    training data must hold only the candidates' own steps (the prompt's are the same for the
+    right and the wrong ones)."""
+    problem = Problem(TRAIN_PROMPT.format(q="6+1+2"), "9")
+    settings = CollectSettings(samples=2, max_new_tokens=24, temperature=0.7)
+    with Engine(smol, n_threads=2) as engine:
+        rec = Recording(engine)
+        data = sample_problem(rec, problem, settings)
+        ids = prompt_ids(engine, problem, settings)
+    n_prompt = len(engine.rule.scored_positions(ids))
+    assert n_prompt >= 5  # the prompt's own lines
+    wrote = [sum(i >= len(ids) - 1 for i in c.step_positions) for c in rec.cands]
+    assert list(data.steps) == wrote, (list(data.steps), wrote, n_prompt)
+    for c, feats in zip(rec.cands, data.candidate_features(), strict=True):
+        assert np.array_equal(feats, c.step_features[len(c.step_positions) - len(feats) :])
+    assert [len(v) for v in data.candidate_logprobs()] == [len(c.token_logprobs) for c in rec.cands]
 
 
 def test_stated_head_size_is_used(tiny_gguf, tmp_path):

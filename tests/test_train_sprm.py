@@ -24,6 +24,7 @@ from edge_metastone.engine.engine import Engine
 from edge_metastone.engine.scoring import forward_features
 from edge_metastone.modelfile.copy import write_model_copy
 from edge_metastone.modelfile.read import open_model_file
+from edge_metastone.reasoner import Reasoner
 from edge_metastone.sprm import SprmHead, StepRule
 from edge_metastone.training.collect import ProblemData
 from edge_metastone.training.loss import bce_loss, spr_loss
@@ -165,6 +166,15 @@ def test_planted_signal_is_learned_and_input_untouched(planted, tmp_path):
     side = gguf.GGUFReader(out)
     assert side.get_field(keys.SPRM_TRAINED_WITH).contents() == "spr"
     assert json.loads(Path(report["report_file"]).read_text())["validation"] == v
+    # the combined selector, fitted on the validation problems, recorded with its numbers
+    sel = json.loads(side.get_field(keys.SELECTOR).contents())
+    assert sel == report["selector"] and json.loads(mf.selector) == sel
+    m = sel["measured"]
+    assert m["problems"] == v["problems"] and not m["validation_is_training_set"]
+    assert m["auc_within"]["head"] > 0.9 and m["auc_within"]["combined"] > 0.8, m
+    assert m["default_strategy"] == report["default_strategy"] == mf.default_strategy
+    with Reasoner(model=planted, head=out, n_threads=1) as r:
+        assert r.default_strategy.value == report["default_strategy"]
 
 
 def test_train_sprm_refuses_to_overwrite_its_input(planted, tmp_path):

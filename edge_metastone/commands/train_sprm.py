@@ -15,8 +15,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train an SPRM head with the SPR loss from final-answer correctness (CPU)",
         description=(
             "Sample candidates per problem, label them by final-answer correctness, train the "
-            "head (SPEC §1's SPR loss), report, and write a model copy or, for OUT ending in "
-            ".sprm.gguf, a sidecar head. The input is never modified. Needs torch "
+            "head (SPEC §1's SPR loss) on the training problems, fit the selector that combines "
+            "it with the model's own log-probabilities on the held-out ones, report, and write "
+            "a model copy or, for OUT ending in .sprm.gguf, a sidecar head, recording the "
+            "selector and the best measured strategy. The input is never modified. Needs torch "
             "(pip install 'edge-metastone[train]')."
         ),
     )
@@ -28,6 +30,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="prompts are pre-rendered text, fed as they are (default: each is a user message "
+        "in the model's chat template)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end a candidate where TEXT appears (repeatable; \\n is a newline; e.g. a few-shot "
+        "prompt's separator '\\n\\n')",
+    )
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=256)
@@ -72,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        raw=args.raw,
+        stop=tuple(_unescape(s) for s in args.stop),
     )
     train = TrainSettings(
         loss=args.loss,
@@ -102,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unescape(text: str) -> str:
+    """`\\n` and `\\t` typed on a command line as the characters."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _f(v: object) -> str:
     return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -124,5 +147,14 @@ def format_report(result: dict) -> str:
         f"with both right and wrong candidates)",
         f"  mean log-prob   within problem {_f(v['logprob_auc_within'])}",
         "  best-of-k: " + ", ".join(f"{name} {_f(acc)}" for name, acc in v["best_of_k"].items()),
+    ]
+    m = result["selector"]["measured"]
+    auc = m["auc_within"]
+    lines += [
+        f"selector (head + log-probability, {m['folds']}-fold cross-fitted on "
+        f"{m['problems']} problems): within-problem AUC head {_f(auc['head'])}, log-prob "
+        f"{_f(auc['logprob'])}, combined {_f(auc['combined'])}",
+        "  accuracy: " + ", ".join(f"{name} {_f(acc)}" for name, acc in m["accuracy"].items()),
+        f"  default strategy recorded: {result['default_strategy']}",
     ]
     return "\n".join(lines)

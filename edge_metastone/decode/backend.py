@@ -39,6 +39,12 @@ class DecodingBackend:
         raise NotImplementedError
 
     @property
+    def selector(self) -> str | None:
+        """The model file's `metastone.selector` (JSON), if any (a runtime whose model is no
+        `ModelFile` overrides this)."""
+        return getattr(getattr(self, "model_file", None), "selector", None)
+
+    @property
     def n_ctx(self) -> int:
         """The model's context length."""
         raise NotImplementedError

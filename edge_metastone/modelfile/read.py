@@ -258,6 +258,7 @@ class ModelFile:
     eos_token: str = ""
     default_strategy: str | None = None  # metastone.default_strategy, as written by the maker
     adaptive: str | None = None  # metastone.adaptive (JSON), as written; checked where it is used
+    selector: str | None = None  # metastone.selector (JSON) of the head's file; checked where used
     normalizer: NormalForm | None = None  # metastone.tokenizer.normalizer
     # metastone.tokenizer.special_tokens: the tokenizer's named special tokens (None in older files)
     special_tokens: Mapping[str, str] | None = None
@@ -318,8 +319,9 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
     if normalizer is not None and normalizer not in NORMAL_FORMS:
         raise m.bad(keys.TOKENIZER_NORMALIZER, f"is {normalizer!r}, not one of {NORMAL_FORMS}")
     template = m.str(gguf.Keys.Tokenizer.CHAT_TEMPLATE, "") or None
-    strategy = m.str(keys.DEFAULT_STRATEGY, "") if _is_string(m, keys.DEFAULT_STRATEGY) else ""
-    adaptive = m.str(keys.ADAPTIVE, "") if _is_string(m, keys.ADAPTIVE) else ""
+    # a sidecar head's own measured choice first: the model file's was measured with its head
+    strategy = _recorded(facts, keys.DEFAULT_STRATEGY) or _recorded(m, keys.DEFAULT_STRATEGY)
+    adaptive = _recorded(m, keys.ADAPTIVE)
     llm = gguf.Keys.LLM
     return ModelFile(
         path=path,
@@ -346,6 +348,7 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         eos_token=eos,
         default_strategy=strategy or None,
         adaptive=adaptive or None,
+        selector=_recorded(facts, keys.SELECTOR) or None,
         normalizer=normalizer,  # type: ignore[arg-type]
         special_tokens=special,
         key_length=key_length,
@@ -493,6 +496,11 @@ def special_tokens_problem(value: object) -> str | None:
 def _is_string(m: _Meta, key: str) -> bool:
     f = m.reader.get_field(key)
     return f is not None and f.types == [_V.STRING]
+
+
+def _recorded(m: _Meta, key: str) -> str:
+    """An optional string key a maker recorded ("" when absent or not a string)."""
+    return m.str(key, "") if _is_string(m, key) else ""
 
 
 _BYTE_TOKENS = frozenset(f"<0x{b:02X}>".encode() for b in range(256))

@@ -87,6 +87,11 @@ class OnnxBackend(DecodingBackend):
         return self.md.adaptive
 
     @property
+    def selector(self) -> str | None:
+        """`metastone.selector` from metastone.json, if any."""
+        return self.md.selector
+
+    @property
     def feature_layer(self) -> int:
         """The layer whose output the head reads (L-2)."""
         return self.md.feature_layer

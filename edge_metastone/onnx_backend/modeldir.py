@@ -52,6 +52,7 @@ class OnnxModelDir:
     special_tokens: dict[str, str] | None = None  # the tokenizer's named special tokens
     normalizer: str | None = None  # the tokenizer's Unicode normal form (stop strings get it)
     adaptive: str | None = None  # metastone.adaptive (JSON), as the exporter copied it
+    selector: str | None = None  # metastone.selector (JSON), when one was recorded
 
     @property
     def template_variables(self) -> dict[str, str]:
@@ -194,6 +195,7 @@ def read_model_dir(path: Path) -> OnnxModelDir:
         special_tokens=_special_tokens(meta, where),
         normalizer=_normalizer(meta, where),
         adaptive=_str(meta, keys.ADAPTIVE, where),
+        selector=_str(meta, keys.SELECTOR, where),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edge_metastone.search.base import Strategy, StrategyName
 from edge_metastone.search.best_of_k import BestOfK
+from edge_metastone.search.combined import Combined
 from edge_metastone.search.confidence import ConfidenceVote
 from edge_metastone.search.logprob import LogProb
 from edge_metastone.search.prune import StepPruning
@@ -16,6 +17,8 @@ STRATEGIES: dict[StrategyName, type] = {
     StrategyName.WEIGHTED_VOTE: Vote,
     StrategyName.LOGPROB: LogProb,
     StrategyName.CONFIDENCE_VOTE: ConfidenceVote,
+    StrategyName.COMBINED: Combined,
+    StrategyName.COMBINED_VOTE: Combined,
 }
 
 
@@ -24,4 +27,6 @@ def make_strategy(name: StrategyName | str) -> Strategy:
     name = StrategyName(name)
     if name is StrategyName.WEIGHTED_VOTE:
         return Vote(weighted=True)
+    if name is StrategyName.COMBINED_VOTE:
+        return Combined(vote=True)
     return STRATEGIES[name]()

@@ -32,6 +32,8 @@ class StrategyName(str, enum.Enum):
     WEIGHTED_VOTE = "weighted-vote"  # vote weighted by SPRM trajectory score
     LOGPROB = "logprob"  # the policy's own mean token log-probability
     CONFIDENCE_VOTE = "confidence-vote"  # vote weighted by the policy's confidence (DeepConf)
+    COMBINED = "combined"  # the fitted combination of head and log-probability (search.combined)
+    COMBINED_VOTE = "combined-vote"  # vote weighted by that combination's P(right)
 
 
 @dataclass(frozen=True)

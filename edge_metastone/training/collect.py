@@ -1,6 +1,8 @@
-"""Sample k candidates per problem with the engine, keep each scored step's layer-(L-2) feature,
-label candidates by final-answer correctness, and cache it all on disk one problem at a time, so
-a killed run resumes where it stopped.
+"""Sample k candidates per problem with the engine, keep the layer-(L-2) feature of each step the
+candidate wrote (a step in the prompt is the same for every candidate, right or wrong: a model
+without a think window scores its prompt's lines too, SPEC §1, and none of them is trained on),
+and its token log-probabilities; label candidates by final-answer correctness, and cache it all
+on disk one problem at a time, so a killed run resumes where it stopped.
 
 Cache layout (DIR): `settings.json` (what the samples depend on; a mismatch is refused),
 one `<key>.npz` per problem (written atomically), and `journal.log` (one line per problem sampled).
@@ -23,11 +25,12 @@ import numpy as np
 from edge_metastone.answers import answers_equivalent, extract_answer
 from edge_metastone.backend import Backend, generate_all
 from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
-from edge_metastone.types import GenerationSettings, SamplingSettings
+from edge_metastone.types import Candidate, GenerationSettings, SamplingSettings
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 100_000
+CACHE_FORMAT = 2  # 2: response steps only, token log-probabilities kept
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,17 @@ class CollectSettings:
     top_p: float = 0.95
     max_new_tokens: int = 512
     seed: int = 0
+    raw: bool = False  # prompts are pre-rendered text (no chat template), as `reason --raw`
+    stop: tuple[str, ...] = ()  # stop strings (a few-shot prompt's separator)
 
     def __post_init__(self) -> None:
         if self.samples < 2:
             raise InvalidRequestError("samples per problem must be >= 2")
         if self.max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be >= 1")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty strings")
 
 
 @dataclass(frozen=True)
@@ -106,10 +114,16 @@ class ProblemData:
     mean_logprob: np.ndarray  # [k] float
     tokens: np.ndarray  # [k] int
     answers: list[str]
+    token_logprobs: np.ndarray  # [sum(n_logprobs)] float: each candidate's, concatenated
+    n_logprobs: np.ndarray  # [k] int
 
     def candidate_features(self) -> list[np.ndarray]:
         """The features split per candidate."""
         return np.split(self.features, np.cumsum(self.steps)[:-1])
+
+    def candidate_logprobs(self) -> list[np.ndarray]:
+        """The token log-probabilities split per candidate."""
+        return np.split(self.token_logprobs, np.cumsum(self.n_logprobs)[:-1])
 
     def save(self, path: Path) -> None:
         """Write atomically: a killed writer leaves no half file."""
@@ -124,6 +138,8 @@ class ProblemData:
                 mean_logprob=self.mean_logprob,
                 tokens=self.tokens,
                 answers=np.array(self.answers, dtype=str),
+                token_logprobs=self.token_logprobs,
+                n_logprobs=self.n_logprobs,
             )
         os.replace(tmp, path)
 
@@ -140,6 +156,8 @@ class ProblemData:
                 mean_logprob=z["mean_logprob"],
                 tokens=z["tokens"],
                 answers=[str(a) for a in z["answers"]],
+                token_logprobs=z["token_logprobs"],
+                n_logprobs=z["n_logprobs"],
             )
 
 
@@ -147,9 +165,25 @@ def _problem_seed(seed: int, key: str) -> int:
     return int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
+def prompt_ids(backend: Backend, problem: Problem, settings: CollectSettings) -> list[int]:
+    """The problem's prompt as the model sees it: its chat template applied, or raw text."""
+    if settings.raw:
+        return backend.tokenize(problem.prompt)
+    return backend.encode_chat([{"role": "user", "content": problem.prompt}])[1]
+
+
+def response_features(c: Candidate, n_prompt: int) -> np.ndarray:
+    """The features of the steps `c` wrote: position i is scored for the delimiter at i+1, so
+    i >= n_prompt-1 (the first token generated may end a step the prompt's last token holds)."""
+    if c.step_features is None:
+        raise EdgeMetastoneError("the backend returned no step features (keep_features)")
+    keep = [r for r, i in enumerate(c.step_positions) if i >= n_prompt - 1]
+    return c.step_features[keep]
+
+
 def sample_problem(backend: Backend, problem: Problem, settings: CollectSettings) -> ProblemData:
     """Generate `samples` candidates for one problem and label them."""
-    _, ids = backend.encode_chat([{"role": "user", "content": problem.prompt}])
+    ids = prompt_ids(backend, problem, settings)
     sampling = SamplingSettings(
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -157,6 +191,7 @@ def sample_problem(backend: Backend, problem: Problem, settings: CollectSettings
     )
     gen = GenerationSettings(
         max_new_tokens=settings.max_new_tokens,
+        stop=settings.stop,
         keep_features=True,
         logprobs=True,
         score_steps=False,
@@ -168,7 +203,8 @@ def sample_problem(backend: Backend, problem: Problem, settings: CollectSettings
         not t and answers_equivalent(a, problem.answer)
         for a, t in zip(answers, truncated, strict=True)
     ]
-    feats = [c.step_features for c in cands]
+    feats = [response_features(c, len(ids)) for c in cands]
+    lps = [np.asarray(c.token_logprobs or [], dtype=np.float32) for c in cands]
     return ProblemData(
         key=problem.key,
         features=np.concatenate(feats).astype(np.float32, copy=False),
@@ -178,6 +214,8 @@ def sample_problem(backend: Backend, problem: Problem, settings: CollectSettings
         mean_logprob=np.array([c.mean_logprob or 0.0 for c in cands], dtype=np.float64),
         tokens=np.array([c.n_tokens for c in cands], dtype=np.int32),
         answers=answers,
+        token_logprobs=np.concatenate(lps),
+        n_logprobs=np.array([len(v) for v in lps], dtype=np.int32),
     )
 
 
@@ -257,5 +295,11 @@ def collect(
 
 
 def identity(model_path: Path, settings: CollectSettings, feature_layer: int) -> dict[str, Any]:
-    """The cache's settings.json content."""
-    return {"model": model_identity(model_path), "feature_layer": feature_layer, **asdict(settings)}
+    """The cache's settings.json content (as JSON reads it back: lists, not tuples)."""
+    ident = {
+        "format": CACHE_FORMAT,
+        "model": model_identity(model_path),
+        "feature_layer": feature_layer,
+        **asdict(settings),
+    }
+    return json.loads(json.dumps(ident))

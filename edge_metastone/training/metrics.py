@@ -52,6 +52,7 @@ class ProblemSamples:
     score: list[float]  # trajectory score by the head under test
     mean_logprob: list[float]
     step_scores: list[list[float]]
+    token_logprobs: list[list[float]] | None = None  # per candidate (the combined selector's)
 
 
 Selector = Callable[[ProblemSamples], int]

@@ -1,7 +1,9 @@
-"""`train-sprm` end to end: collect (resumable) -> split by problem -> train -> report -> write.
+"""`train-sprm` end to end: collect (resumable) -> split by problem -> train the head -> fit the
+combined selector on the validation problems -> report -> write.
 
 The input model file is only read. The head goes into a copy of the model (metadata, SPEC §2) or,
-when the output name ends in `.sprm.gguf`, into a sidecar head file.
+when the output name ends in `.sprm.gguf`, into a sidecar head file, with the fitted selector
+(`metastone.selector`) and the best measured strategy (`metastone.default_strategy`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from edge_metastone.training.collect import (
     identity,
     read_problems,
 )
-from edge_metastone.training.train import TrainSettings, report, split, train_head, training_steps
+from edge_metastone.training.selector_fit import fit_selector
+from edge_metastone.training.train import (
+    TrainSettings,
+    report,
+    samples_for,
+    split,
+    train_head,
+    training_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +91,11 @@ def train_sprm(
         **trained,
     }
     head_facts = _head_facts(Path(data_path), len(data), collect_settings, train_settings)
-    _write_head(model_path, out_path, head, rule, mf.arch, head_facts)
+    recorded = {
+        keys.SELECTOR: json.dumps(trained["selector"], sort_keys=True),
+        keys.DEFAULT_STRATEGY: trained["default_strategy"],
+    }
+    _write_head(model_path, out_path, head, rule, mf.arch, head_facts, recorded)
     report_path = out_path.with_name(out_path.name + ".report.json")
     report_path.write_text(json.dumps(result, indent=2) + "\n")
     result["report_file"] = str(report_path)
@@ -158,6 +172,11 @@ def _train(
         "validation_is_training_set": not val_keys,
         "validation": report(val_data, head),
     }
+    selector, best = fit_selector(
+        samples_for(val_data, head), seed=train_settings.seed, in_sample=not val_keys
+    )
+    trained["selector"] = json.loads(selector.to_json())
+    trained["default_strategy"] = best.value
     if init is not None:
         trained["validation_before"] = report(val_data, init)
     return head, trained
@@ -198,13 +217,16 @@ def _write_head(
     rule: StepRule,
     arch: str,
     head_facts: dict[str, Any],
+    recorded: dict[str, str],
 ) -> None:
-    """The head into a sidecar file (`*.sprm.gguf`) or into a copy of the model."""
+    """The head into a sidecar file (`*.sprm.gguf`) or into a copy of the model, with the
+    `recorded` string keys (the selector and the default strategy)."""
     prov = provenance(model_path)
     prov["sprm"] = head_facts
     extra = {
         keys.SPRM_TRAINED_WITH: head_facts["trained_with"],
         keys.PROVENANCE: json.dumps(prov, sort_keys=True),
+        **recorded,
     }
     if out_path.name.endswith(SIDECAR_SUFFIX):
         write_head_sidecar(out_path, head, rule, arch=arch, extra=extra)

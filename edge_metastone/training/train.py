@@ -145,6 +145,7 @@ def samples_for(data: Sequence[ProblemData], head: SprmHead | None) -> list[Prob
     out = []
     for d in data:
         per_cand = d.candidate_features()
+        lps = [[float(v) for v in lp] for lp in d.candidate_logprobs()]
         step_scores = [
             [float(s) for s in head.scores(f)] if head is not None and len(f) else []
             for f in per_cand
@@ -156,6 +157,7 @@ def samples_for(data: Sequence[ProblemData], head: SprmHead | None) -> list[Prob
                 score=[trajectory_score(s) for s in step_scores],
                 mean_logprob=[float(v) for v in d.mean_logprob],
                 step_scores=step_scores,
+                token_logprobs=lps,
             )
         )
     return out
