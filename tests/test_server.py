@@ -435,3 +435,31 @@ def test_default_model_path_is_what_nano_serves(nano):
     card = httpx.get(nano.url + "/v1/models").json()["data"][0]
     assert card["metastone"]["file"] == default_model_path().name
     assert card["metastone"]["has_head"] and card["metastone"]["efforts"]["high"] == 32
+
+
+def test_serve_without_max_new_tokens_uses_the_models_own_limit_and_warns_off_task():
+    """`serve` with no --max-new-tokens gives a request without max_tokens the model's own limit
+    (MetaStone-nano's 160, as `Reasoner()`), and an out-of-task prompt still gets an answer, with
+    the warning `reason` prints, in `metastone.warnings` (whole and streamed)."""
+    from edge_metastone.modelfile.about import model_max_new_tokens
+
+    with ServerProcess() as server:
+        card = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+        default = model_max_new_tokens(default_model_path())
+        assert card["metastone"]["default_max_tokens"] == default == 160
+        france = [{"role": "user", "content": "What is the capital of France?"}]
+        off = post(server, {"messages": france, "effort": "low", "seed": 0}).json()
+        [warning] = off["metastone"]["warnings"]
+        assert "outside what MetaStone-nano can do" in warning
+        assert "operands of one or two digits" in warning
+        assert off["metastone"]["k"] == 2 and "content" in off["choices"][0]["message"]
+        assert all(c["tokens"] <= default for c in off["metastone"]["candidates"])
+        inside = [{"role": "user", "content": "What is (17+25)*3-40?"}]
+        ok = post(server, {"messages": inside, "effort": "low", "seed": 0}).json()
+        assert ok["metastone"]["warnings"] == []
+        stream = client(server).chat.completions.create(
+            model="default", messages=france, seed=0, stream=True, extra_body={"effort": "low"}
+        )
+        assert read_stream(stream)["result"]["warnings"] == [warning]
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr, server.stderr

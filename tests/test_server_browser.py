@@ -25,6 +25,14 @@ FLAGS = [
     "--disable-sync",
 ]
 PROMPT = "What is (58+27)*4-96?"  # seed 1: the candidates disagree (234, 244)
+OFF_TASK = "What is the capital of France?"  # MetaStone-nano answers it with a number
+SCREENSHOTS = (
+    "server_page.png",
+    "server_page_auto.png",
+    "server_page_420.png",
+    "server_page_warning.png",
+    "server_page_warning_420.png",
+)
 
 
 def _browser_or_skip():
@@ -124,6 +132,23 @@ def _check_stop(page) -> None:
     assert not page.locator("#answer-box").is_visible()
 
 
+def _check_off_task(page) -> None:
+    """A prompt outside the model's task: the server's warning stands above the answer, which
+    is still shown, but not as a confident one."""
+    page.fill("#prompt", OFF_TASK)
+    page.select_option("#effort", "low")
+    page.click("#run")
+    page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+    warning = page.inner_text("#warning")
+    assert page.locator("#warning").is_visible()
+    assert "outside what MetaStone-nano can do" in warning, warning
+    assert "operands of one or two digits" in warning and "do not trust the answer" in warning
+    assert page.locator("#answer-box").is_visible()
+    assert "doubtful" in page.get_attribute("#answer-box", "class")
+    # nothing sticks out sideways (the page's width is the window's)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
 def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
     sync_playwright = _browser_or_skip()
     with (
@@ -156,6 +181,11 @@ def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
             _check_first_run(page, direct)
             assert "medium requested" in page.inner_text("#scheduler")
             assert "tokens/s" in page.inner_text("#status")
+            assert not page.locator("#warning").is_visible()  # an arithmetic prompt: no warning
+
+            _check_off_task(page)
+            page.screenshot(path=str(tmp_path / "server_page_warning.png"), full_page=True)
+            page.fill("#prompt", PROMPT)
 
             # an error: the old answer and tally do not stay on screen under it
             page.route(
@@ -168,6 +198,7 @@ def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
             page.wait_for_selector("#status[data-state=error]", timeout=30_000)
             assert not page.locator("#answer-box").is_visible()
             assert not page.locator("#tally").is_visible()
+            assert not page.locator("#warning").is_visible()  # nor the last run's warning
             page.unroute("**/v1/chat/completions")
 
             _check_stop(page)
@@ -178,17 +209,22 @@ def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
             page.click("#run")
             page.wait_for_selector("#status[data-state=done]", timeout=120_000)
             assert "auto chose" in page.inner_text("#scheduler")
+            assert not page.locator("#warning").is_visible()
+            assert "doubtful" not in page.get_attribute("#answer-box", "class")
             page.screenshot(path=str(tmp_path / "server_page_auto.png"), full_page=True)
 
             page.set_viewport_size({"width": 420, "height": 860})
             title = page.locator("header#top h1").bounding_box()
             assert title["height"] < 30, title  # one line: not "edge-" / "metastone"
             page.screenshot(path=str(tmp_path / "server_page_420.png"), full_page=True)
+            page.fill("#budget", "")
+            _check_off_task(page)
+            page.screenshot(path=str(tmp_path / "server_page_warning_420.png"), full_page=True)
         finally:
             browser.close()
     keep = os.environ.get("EDGE_METASTONE_SCREENSHOTS")
     if keep:  # e.g. bench/results: the screenshots published with the README
-        for name in ("server_page.png", "server_page_auto.png", "server_page_420.png"):
+        for name in SCREENSHOTS:
             shutil.copy(tmp_path / name, Path(keep) / name)
 
 

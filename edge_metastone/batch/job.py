@@ -56,13 +56,14 @@ class BatchJob:
         return self.model if self.model is not None else default_model_path()
 
     def identity(self, input_sha256: str) -> dict[str, Any]:
-        """Everything a record depends on (threads and Ray do not change results)."""
-        from edge_metastone.options import DEFAULT_MAX_NEW_TOKENS
+        """Everything a record depends on (threads and Ray do not change results). The token
+        limit is the one the run uses: the given one, else the model's own, as the Reasoner
+        picks it, so a run without --max-new-tokens and one that names the same value match."""
+        from edge_metastone.modelfile.about import model_max_new_tokens
         from edge_metastone.training.collect import model_identity
 
-        o = dataclasses.replace(
-            self.options, max_new_tokens=self.options.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        )
+        used = self.options.max_new_tokens or model_max_new_tokens(self.model_path)
+        o = dataclasses.replace(self.options, max_new_tokens=used)
         opts = {
             k: (v.value if hasattr(v, "value") else list(v) if isinstance(v, tuple) else v)
             for k, v in dataclasses.asdict(o).items()

@@ -89,7 +89,13 @@ def add_reason_options(
         help="KV cache element type (default f16, or q8_0 when a --memory-budget needs it)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per candidate (default: the model's own: its task's answer length, 160 for "
+        "the embedded model; 1024 for a model without one)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
     p.add_argument(
         "--gpu-layers",

@@ -65,8 +65,9 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=1024,
-        help="tokens per candidate when a request gives no max_tokens (default 1024)",
+        default=None,
+        help="tokens per candidate when a request gives no max_tokens (default: the model's own: "
+        "its task's answer length, 160 for the embedded model; 1024 for a model without one)",
     )
     p.add_argument(
         "--max-tokens-limit",

@@ -15,14 +15,18 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from edge_metastone.modelfile.about import ModelAbout, about
 from edge_metastone.options import Prompt, ReasonOptions, ReasonResult
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.server.errors import ApiError, shutting_down, unavailable
+from edge_metastone.server.schema import ServedResult
 from edge_metastone.types import Event, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -103,6 +107,28 @@ class Job:
             self.tokens += 1
         if self.stream:
             self.channel.put("event", ev)
+
+
+@functools.lru_cache(maxsize=8)
+def _about(model_path: Path) -> ModelAbout:
+    return about(model_path)  # read once per model file: its name and task
+
+
+def prompt_warnings(model_path: Path, prompt: Prompt) -> tuple[str, ...]:
+    """What `reason` warns of, for a request: its last user message outside the model's known
+    task (the embedded model answers any prompt with a number all the same)."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        text = users[-1] if users else ""
+    why = _about(model_path).outside_task(text)
+    return (why,) if why else ()
+
+
+def with_warnings(result: ReasonResult, prompt: Prompt, reasoner: Reasoner) -> ServedResult:
+    """`result` with what `reason` would warn of for `prompt` (the response's `warnings`)."""
+    return ServedResult.of(result, prompt_warnings(reasoner.model_path, prompt))
 
 
 @dataclasses.dataclass
@@ -244,7 +270,7 @@ class GenerationService:
             if job.cancelled is not None:  # e.g. the reasoner closed under a cancelled request
                 return "cancelled", job.cancelled
             return "error", e
-        return self._capped(job, result, deadline)
+        return self._capped(job, with_warnings(result, job.prompt, self.reasoner), deadline)
 
     def _capped(self, job: Job, result: ReasonResult, deadline: float | None) -> tuple[str, Any]:
         """The result, marked when the time cap (not the request's own budget) stopped it; an

@@ -271,11 +271,13 @@ class Run {
     r.candidates.forEach((c, i) => this.card(i).final(c, i === r.chosen, r));
     this.group(r);
     tally(r);
+    const doubtful = warn(r.warnings || []);
     const chosen = r.candidates[r.chosen];
     $("answer").textContent = r.answer || "(no answer)";
     $("answer-meta").textContent =
       `candidate #${r.chosen} of ${r.k} · ${selectorValue(r, chosen)}` +
       (r.early_stop ? " · stopped early at the latency budget" : "");
+    $("answer-box").classList.toggle("doubtful", doubtful);
     $("answer-box").hidden = false;
     const sched = $("scheduler");
     sched.replaceChildren();
@@ -290,6 +292,20 @@ class Run {
       `queued ${(t.queue_s * 1000).toFixed(0)} ms · prefill ${(t.prefill_s * 1000).toFixed(0)} ms`,
       "done");
   }
+}
+
+function warn(warnings) {  // the server's warnings (a prompt outside the model's task); true if any
+  const el = $("warning");
+  el.replaceChildren();
+  for (const w of warnings) {
+    const line = document.createElement("div");
+    const b = document.createElement("b");
+    b.textContent = "Warning: ";
+    line.append(b, `${w}. The model answers such prompts all the same: do not trust the answer below.`);
+    el.append(line);
+  }
+  el.hidden = warnings.length === 0;
+  return warnings.length > 0;
 }
 
 function status(text, state) {
@@ -312,8 +328,9 @@ function request() {
   return body;
 }
 
-function failed(text) {  // an error line, and no answer from this or an earlier run
+function failed(text) {  // an error line, and no answer (or warning) from this or an earlier run
   $("answer-box").hidden = true;
+  $("warning").hidden = true;
   status(text, "error");
 }
 
@@ -354,6 +371,7 @@ async function run(ev) {
   $("run").disabled = true;
   $("stop").disabled = false;
   $("answer-box").hidden = true;
+  $("warning").hidden = true;
   $("tally").hidden = true;
   $("scheduler").textContent = "";
   status("waiting for the model…", "waiting");

@@ -1,0 +1,201 @@
+"""The README and docs/ as a reader meets them: the Python examples run as written, every option
+`--help` prints is in the command synopses, every model-file key is documented, and every link
+points inside the repository at something that exists."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_metastone import keys
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+DOCS = REPO / "docs"
+CLI_DOC = DOCS / "cli.md"
+MODEL_FILE_DOC = DOCS / "model-file.md"
+COMMANDS = (
+    "convert",
+    "inspect",
+    "score",
+    "reason",
+    "batch",
+    "train-sprm",
+    "serve",
+    "calibrate",
+    "doctor",
+)
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
+
+
+def _blocks(text: str, lang: str) -> list[str]:
+    return [body for kind, body in FENCE.findall(text) if kind == lang]
+
+
+def _python_examples() -> list[tuple[str, int, str]]:
+    out = []
+    for path in (README, *sorted(DOCS.glob("*.md"))):
+        for i, code in enumerate(_blocks(path.read_text(encoding="utf-8"), "python")):
+            out.append((path.relative_to(REPO).as_posix(), i, code))
+    return out
+
+
+@pytest.mark.parametrize(("where", "n", "code"), _python_examples(), ids=lambda x: str(x)[:24])
+def test_python_examples_run_as_written(where, n, code, tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(code, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,  # no file of the repository's may be needed beside it
+    )
+    assert proc.returncode == 0, f"{where} python block {n}:\n{proc.stderr[-3000:]}"
+    assert proc.stdout.strip(), f"{where} python block {n} printed nothing"
+
+
+def test_the_readme_example_asks_what_the_embedded_model_can_do():
+    from edge_metastone.models.arithmetic import outside_arithmetic
+
+    [code] = _blocks(README.read_text(encoding="utf-8"), "python")
+    assert "Reasoner()" in code and ".gguf" not in code  # the embedded model, no missing file
+    questions = re.findall(r'"(What is [^"]*)"', code)
+    assert questions and all(outside_arithmetic(q) is None for q in questions), questions
+
+
+def _help_options(command: str) -> list[tuple[str, ...]]:
+    """Each option `edge-metastone COMMAND --help` lists, as its spellings (`-o`, `--output`)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_metastone", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="200"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    options = []
+    for line in proc.stdout.split("options:", 1)[1].splitlines():
+        m = re.match(r"^  (-[^ ].*?)(?:  |$)", line)
+        if m:
+            flags = tuple(f.split()[0] for f in m.group(1).split(", "))
+            if "--help" not in flags:
+                options.append(flags)
+    assert options, proc.stdout
+    return options
+
+
+def _synopses(path: Path) -> dict[str, str]:
+    """The command synopses: the first ```bash block after the `Commands`/`Synopsis` heading,
+    one entry per `edge-metastone COMMAND` line with its continuation lines."""
+    text = path.read_text(encoding="utf-8")
+    heading = re.search(r"^## (Commands|Synopsis)\n", text, re.M)
+    assert heading, f"{path.name} has no Commands or Synopsis section"
+    block = _blocks(text[heading.end() :], "bash")[0]
+    out: dict[str, str] = {}
+    name = None
+    for line in block.splitlines():
+        m = re.match(r"^edge-metastone ([a-z-]+) ", line)
+        if m:
+            name = m.group(1)
+            out[name] = ""
+        if name is not None:
+            out[name] += line + "\n"
+        if not line.rstrip().endswith("\\"):
+            name = None
+    return out
+
+
+def _has(synopsis: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", synopsis) is not None
+
+
+@pytest.mark.parametrize("doc", [README, CLI_DOC], ids=lambda p: p.name)
+def test_every_option_of_every_command_is_in_the_synopsis(doc):
+    synopses = _synopses(doc)
+    missing = {}
+    for command in COMMANDS:
+        assert command in synopses, f"{doc.name} has no `{command}` synopsis"
+        lacking = [
+            "/".join(flags)
+            for flags in _help_options(command)
+            if not any(_has(synopses[command], f) for f in flags)
+        ]
+        if lacking:
+            missing[command] = lacking
+    assert not missing, f"{doc.name}'s synopses lack what --help lists: {missing}"
+
+
+def test_reason_help_states_the_embedded_models_domain():
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_metastone", "reason", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    text = " ".join(proc.stdout.split())
+    for fact in ("MetaStone-nano", "+ - *", "operands of one or two digits", "-999..999"):
+        assert fact in text, fact
+    assert "operands of one or two digits" in README.read_text(encoding="utf-8")
+
+
+def test_every_model_file_key_is_documented():
+    doc = MODEL_FILE_DOC.read_text(encoding="utf-8")
+    defined = {v for k, v in vars(keys).items() if k.isupper() and isinstance(v, str) and "." in v}
+    assert len(defined) >= 18  # the head, step, tokenizer and optional keys
+    missing = sorted(k for k in defined if f"`{k}`" not in doc)
+    assert not missing, f"docs/model-file.md does not document {missing}"
+
+
+def test_every_adaptive_setting_is_documented():
+    import dataclasses
+
+    from edge_metastone.search.adaptive import AdaptiveSettings
+
+    doc = MODEL_FILE_DOC.read_text(encoding="utf-8")
+    section = doc.split("### `metastone.adaptive`", 1)[1].split("\n## ", 1)[0]
+    fields = [f.name for f in dataclasses.fields(AdaptiveSettings)]
+    assert set(fields) == set(__import__("json").loads(AdaptiveSettings().to_json()))
+    missing = [f for f in fields if f"| `{f}` |" not in section]
+    assert not missing, f"metastone.adaptive's fields not in the table: {missing}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = path.read_text(encoding="utf-8")
+    text = FENCE.sub("", text)
+    return {_slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize(
+    "doc", [README, *sorted(DOCS.glob("*.md"))], ids=lambda p: p.relative_to(REPO).as_posix()
+)
+def test_links_stay_in_the_repository_and_resolve(doc):
+    text = FENCE.sub("", doc.read_text(encoding="utf-8"))
+    assert "../shared" not in text and "SPEC §" not in text and "SPEC.md" not in text
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+://", target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (doc.parent / file).resolve() if file else doc
+        if REPO not in dest.parents and dest != REPO:
+            bad.append(f"{target} (outside the repository)")
+        elif not dest.exists():
+            bad.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            bad.append(f"{target} (no such heading)")
+    assert not bad, f"{doc.name}: {bad}"
