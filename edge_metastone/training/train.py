@@ -4,6 +4,13 @@ The head is SPEC §1's `Linear(C, 2C) -> ReLU -> Dropout(0.5) -> Linear(2C, 1)`.
 the steps of the training split's untruncated candidates, each labelled with its candidate's
 final-answer correctness (SPEC §1: truncated candidates are left out of the loss; in the report they
 count as wrong). The report scores the validation split with the runtime's own head math.
+
+The head trains on standardised features ((x - mean) / std per dimension, over the training
+steps) and the scaling is folded into fc1 afterwards, so the head written is SPEC §1's on raw
+features, the same function. A real model's residual stream has a few dimensions hundreds of
+times larger than the rest (SmolLM2's layer L-2: one near 574, row norms near 660); on raw
+features the initial logits are large, and the SPR loss's sign filter then keeps only the steps
+that agree with them and saturates every score at 1 (final loss 0).
 """
 
 from __future__ import annotations
@@ -88,6 +95,37 @@ class TrainLog:
     kept_fraction: list[float] = field(default_factory=list)
 
 
+def feature_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation of features [N, C] (a constant dimension: 1)."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(axis=0)
+    return x.mean(axis=0), np.where(sd > 1e-6, sd, 1.0)
+
+
+def fold_scale(
+    w1: np.ndarray, b1: np.ndarray, mu: np.ndarray, sd: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """fc1 on standardised features -> the same fc1 on raw ones: W/sd, b - (W/sd) mu."""
+    w = w1.astype(np.float64) / sd[None, :]
+    return w.astype(np.float32), (b1 - w @ mu).astype(np.float32)
+
+
+def _torch_head(c: int, init: SprmHead | None, mu: np.ndarray, sd: np.ndarray):
+    """SPEC §1's head for standardised features; `init` (on raw ones) converted into it."""
+    import torch
+    from torch import nn
+
+    head = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Dropout(0.5), nn.Linear(2 * c, 1))
+    if init is not None:
+        w1 = init.fc1_weight.astype(np.float64)
+        with torch.no_grad():
+            head[0].weight.copy_(torch.from_numpy((w1 * sd[None, :]).astype(np.float32)))
+            head[0].bias.copy_(torch.from_numpy((init.fc1_bias + w1 @ mu).astype(np.float32)))
+            head[3].weight.copy_(torch.from_numpy(init.fc2_weight.astype(np.float32))[None, :])
+            head[3].bias.copy_(torch.from_numpy(init.fc2_bias.astype(np.float32)))
+    return head
+
+
 def train_head(
     x: np.ndarray,
     y: np.ndarray,
@@ -98,22 +136,16 @@ def train_head(
 ) -> tuple[SprmHead, TrainLog]:
     """Fit the head on steps (x, y) with the chosen loss; `init` warm-starts it."""
     import torch
-    from torch import nn
 
     if len(x) == 0:
         raise InvalidRequestError("no training steps: no untruncated candidate had a scored step")
     torch.manual_seed(settings.seed)
-    c = x.shape[1]
-    head = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Dropout(0.5), nn.Linear(2 * c, 1))
-    if init is not None:
-        with torch.no_grad():
-            head[0].weight.copy_(torch.from_numpy(init.fc1_weight.astype(np.float32)))
-            head[0].bias.copy_(torch.from_numpy(init.fc1_bias.astype(np.float32)))
-            head[3].weight.copy_(torch.from_numpy(init.fc2_weight.astype(np.float32))[None, :])
-            head[3].bias.copy_(torch.from_numpy(init.fc2_bias.astype(np.float32)))
+    mu, sd = feature_scale(x)
+    head = _torch_head(x.shape[1], init, mu, sd)
     loss_fn = LOSSES[settings.loss]
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    xt, yt = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(y)
+    xs = ((np.asarray(x, np.float64) - mu) / sd).astype(np.float32)
+    xt, yt = torch.from_numpy(xs), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(settings.seed)
     log = TrainLog()
     head.train()
@@ -137,6 +169,7 @@ def train_head(
         log.kept_fraction.append(kept / seen)
     head.eval()
     w1, b1, w2, b2 = head_arrays(head)
+    w1, b1 = fold_scale(w1, b1, mu, sd)
     return SprmHead(w1, b1, w2, b2, feature_layer=feature_layer, dtype="f32"), log
 
 
