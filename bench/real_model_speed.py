@@ -27,8 +27,14 @@ from real_model import smollm2_gguf  # noqa: E402
 
 from edge_metastone.engine.engine import Engine  # noqa: E402
 from edge_metastone.engine.weight_buffers import stock_defaults  # noqa: E402
-from edge_metastone.limits import default_threads  # noqa: E402
-from edge_metastone.types import GenerationSettings, SamplingSettings  # noqa: E402
+from edge_metastone.kvpolicy import flash_attention, kv_cells  # noqa: E402
+from edge_metastone.limits import PREFILL_BATCH, default_threads  # noqa: E402
+from edge_metastone.types import (  # noqa: E402
+    GenerationSettings,
+    KVLayout,
+    KVType,
+    SamplingSettings,
+)
 
 PROMPT = [
     {
@@ -108,9 +114,17 @@ def main() -> None:
         f"{plan.mode.value}, {threads} threads, prompt {len(prompt)} tokens, {n} tokens greedy, "
         f"k=1, scoring {'on' if engine.has_head else 'off'}, rounds {args.rounds}"
     )
+    cells = kv_cells(len(prompt), n, 1, KVLayout.UNIFIED)
+    batch = min(len(prompt), PREFILL_BATCH)
+    fa = flash_attention(KVType.F16, engine.model.n_head, cells, batch)
+    print(
+        f"attention: ours {'flash' if fa else 'plain'} (F16 KV, {cells} cells; the engine's rule), "
+        f"llama-cpp-python {'flash' if llm.context_params.flash_attn_type == 1 else 'plain'} "
+        "(its default)"
+    )
     ta, tb, r = side_by_side(ours, theirs, args.rounds)
     print(f"ours           {n / ta:7.1f} tokens/s ({ta:.2f} s)")
-    print(f"llama-cpp-py   {n / tb:7.1f} tokens/s ({tb:.2f} s)")
+    print(f"stock          {n / tb:7.1f} tokens/s ({tb:.2f} s)")
     print(f"ratio ours / stock {1 / r:.3f}   (target >= 0.95; median of per-round ratios)")
     llm.close()
     engine.close()

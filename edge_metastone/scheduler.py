@@ -29,7 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edge_metastone.errors import BudgetError, InvalidRequestError
-from edge_metastone.kvpolicy import kv_cells, pad_cells, resolve_layout
+from edge_metastone.kvpolicy import (
+    flash_attention,
+    kv_cells,
+    pad_cells,
+    resolve_layout,
+    score_matrix_bytes,
+)
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.paths import cache_dir
 from edge_metastone.types import KVLayout, KVType, ModelFacts
@@ -101,13 +107,21 @@ def kv_bytes(facts: ModelFacts, n_ctx: int, kv_type: KVType = KVType.F16) -> int
     return int(2 * facts.n_layers * row * pad_cells(n_ctx))
 
 
-def context_bytes(facts: ModelFacts, n_ctx: int, n_batch: int, kv_type: KVType = KVType.F16) -> int:
-    """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer (generation runs
-    with flash attention, which never holds a score matrix)."""
+def context_bytes(
+    facts: ModelFacts,
+    n_ctx: int,
+    n_batch: int,
+    kv_type: KVType = KVType.F16,
+    n_streams: int = 1,
+) -> int:
+    """KV cache + logits buffer + an estimate of llama.cpp's CPU compute buffer, with the score
+    matrix of plain attention where the engine runs it (`kvpolicy.flash_attention`)."""
     kv = kv_bytes(facts, n_ctx, kv_type)
     logits = 4 * facts.n_vocab * n_batch
     # the largest graph is a prefill ubatch: activations, FFN, logits
     compute = 4 * n_batch * (facts.n_vocab + 3 * facts.n_ff + 6 * facts.n_embd)
+    if not flash_attention(kv_type, facts.n_head, n_ctx, n_batch, n_streams):
+        compute += score_matrix_bytes(facts.n_head, n_ctx, n_batch, n_streams)
     return kv + logits + compute
 
 
@@ -258,7 +272,8 @@ def predict(
         + cal.masked_s_per_seq_cell * masked
     )
     cells = kv_cells(p, t, k, layout)
-    memory = cal.base_rss_bytes + context_bytes(facts, cells, n_batch, kv_type)
+    streams = k if layout is KVLayout.STREAMS else 1
+    memory = cal.base_rss_bytes + context_bytes(facts, cells, n_batch, kv_type, streams)
     return Prediction(k, latency, int(memory), layout, kv_type)
 
 

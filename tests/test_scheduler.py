@@ -8,7 +8,7 @@ import pytest
 
 from edge_metastone import scheduler
 from edge_metastone.errors import BudgetError, InvalidRequestError
-from edge_metastone.kvpolicy import kv_cells
+from edge_metastone.kvpolicy import flash_attention, kv_cells, score_matrix_bytes
 from edge_metastone.scheduler import (
     MIB,
     Budget,
@@ -92,13 +92,15 @@ def test_prediction_exact():
         p = predict(FACTS, CAL, REQ, 8, layout)
         assert p.latency_s == pytest.approx(100 / 400 + 1000 * 0.08)
         assert p.layout is (KVLayout.UNIFIED if cells == 8192 else KVLayout.STREAMS)
-        # by hand: batch 100 (the prompt); flash attention holds no score matrix
+        # by hand: batch 100 (the prompt); plain attention's F32 scores (12 heads) and mask, each
+        # row over its own stream's cells (streams: 1280 each), under 64 MiB so it runs
         kv = 28672 * cells
         logits = 4 * 151936 * 100
         compute = 4 * 100 * (151936 + 3 * 8960 + 6 * 1536)
-        assert p.memory_bytes == 1200 * MIB + kv + logits + compute
-    assert predict(FACTS, CAL, REQ, 8).memory_bytes == 1_687_879_680
-    assert predict(FACTS, CAL, REQ, 8, KVLayout.UNIFIED).memory_bytes == 1_629_159_424
+        scores = 4 * 13 * (1280 if cells != 8192 else 8192) * 100
+        assert p.memory_bytes == 1200 * MIB + kv + logits + compute + scores
+    assert predict(FACTS, CAL, REQ, 8).memory_bytes == 1_687_879_680 + 6_656_000
+    assert predict(FACTS, CAL, REQ, 8, KVLayout.UNIFIED).memory_bytes == 1_629_159_424 + 42_598_400
 
 
 def test_auto_picks_highest_fitting_effort_and_says_why():
@@ -290,12 +292,14 @@ def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, prompt, new, 
     layout, kv_type = KVLayout(layout), KVType(kv_type)
     n_ctx = kv_cells(prompt, new, k, layout)
     n_batch = max(min(prompt, PREFILL_BATCH), k)
+    streams = k if layout is KVLayout.STREAMS else 1
     settings = ContextSettings(
         n_ctx=n_ctx,
         n_batch=n_batch,
         n_seq_max=k,
         kv_unified=layout is KVLayout.UNIFIED,
         kv_type=kv_type.value,
+        flash_attn=flash_attention(kv_type, facts.n_head, n_ctx, n_batch, streams),
     )
     with Model(path) as m, Context(m, settings):
         pass
@@ -310,5 +314,49 @@ def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, prompt, new, 
     # the log rounds to 0.01 MiB
     assert abs(kv_bytes(facts, n_ctx, kv_type) - kv) <= 0.0051 * MIB, (kv_bytes(facts, n_ctx), kv)
     actual = mib(r"CPU compute buffer size") + mib(r"CPU\s+output buffer size")
-    predicted = context_bytes(facts, n_ctx, n_batch, kv_type) - kv_bytes(facts, n_ctx, kv_type)
+    predicted = context_bytes(facts, n_ctx, n_batch, kv_type, streams) - kv_bytes(
+        facts, n_ctx, kv_type
+    )
     assert actual <= predicted <= 2 * actual, (predicted / MIB, actual / MIB)
+
+
+def _compute_buffer(path, caplog, settings) -> float:
+    """llama.cpp's reported CPU compute buffer, in bytes, for a context made with `settings`."""
+    import logging
+    import re
+
+    from edge_metastone.engine.llama import Context, Model
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="llama_cpp.native")
+    with Model(path) as m, Context(m, settings):
+        pass
+    found = re.search(r"CPU compute buffer size\s*=\s*([0-9.]+) MiB", caplog.text)
+    assert found, "no compute buffer size in llama.cpp's log"
+    return float(found.group(1)) * MIB
+
+
+@pytest.mark.parametrize(("n_ctx", "n_batch", "streams"), [(4096, 512, 1), (8192, 64, 8)])
+def test_plain_attention_score_matrix_against_llama_cpp(tiny_gguf, caplog, n_ctx, n_batch, streams):
+    """Plain attention's extra compute buffer (llama.cpp's log, flash attention off minus on, same
+    context otherwise) is what `score_matrix_bytes` charges for it, to within 2x from above."""
+    from edge_metastone.engine.engine import model_facts
+    from edge_metastone.engine.llama import ContextSettings
+    from edge_metastone.modelfile.read import open_model_file
+
+    path = tiny_gguf("q8_0")
+    facts = model_facts(open_model_file(path))
+    base = {"n_ctx": n_ctx, "n_batch": n_batch, "n_seq_max": streams, "kv_unified": streams == 1}
+    plain = _compute_buffer(path, caplog, ContextSettings(**base, flash_attn=False))
+    flash = _compute_buffer(path, caplog, ContextSettings(**base, flash_attn=True))
+    charged = score_matrix_bytes(facts.n_head, n_ctx, n_batch, streams)
+    assert plain - flash <= charged <= 2 * (plain - flash), (charged / MIB, (plain - flash) / MIB)
+
+
+def test_flash_attention_rule():
+    """Plain attention for an F16 cache while its score matrix is small; flash attention for a
+    quantized cache (llama.cpp needs it for a quantized V) or a large matrix."""
+    assert not flash_attention(KVType.F16, 14, 2048, 512)  # 56 MiB: 4 * 14 * 2048 * 512 bytes
+    assert flash_attention(KVType.F16, 14, 4096, 512)  # 112 MiB
+    assert not flash_attention(KVType.F16, 14, 8192, 512, n_streams=4)  # each row sees a quarter
+    assert flash_attention(KVType.Q8_0, 1, 256, 1)

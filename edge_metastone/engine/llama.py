@@ -77,6 +77,7 @@ class Model:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self._ptr)
         self.n_layer = llama_cpp.llama_model_n_layer(self._ptr)
+        self.n_head = llama_cpp.llama_model_n_head(self._ptr)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
         self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
         self.eot_id = llama_cpp.llama_vocab_eot(self.vocab)
@@ -208,6 +209,7 @@ class ContextSettings:
     parity: bool = False
     kv_unified: bool = True  # False: one KV stream per sequence (n_ctx is split among them)
     kv_type: str = "f16"  # f16, q8_0 or q4_0 (parity mode is F32)
+    flash_attn: bool = True  # False: plain attention (an F16 cache only; parity mode never)
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1 or self.n_batch < 1 or self.n_seq_max < 1:
@@ -218,6 +220,8 @@ class ContextSettings:
             raise InvalidRequestError(f"unknown KV cache type {self.kv_type!r}")
         if self.parity and self.kv_type != "f16":
             raise InvalidRequestError("parity mode keeps the KV cache in F32: no kv_type with it")
+        if not self.flash_attn and self.kv_type != "f16":
+            raise InvalidRequestError("a quantized KV cache needs flash attention")
 
 
 class Context:
@@ -248,6 +252,8 @@ class Context:
         if settings.parity:
             p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
             p.type_k = p.type_v = llama_cpp.GGML_TYPE_F32
+        elif not settings.flash_attn:
+            p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         elif settings.kv_type != "f16":
             p.type_k = p.type_v = _KV_TYPES[settings.kv_type]
             p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V needs it

@@ -18,7 +18,7 @@ from edge_metastone.decode.steps import Prefilled
 from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.llama import Batch, Context, ContextSettings, Model
 from edge_metastone.engine.sampling import Sampler
-from edge_metastone.kvpolicy import kv_cells, resolve_layout
+from edge_metastone.kvpolicy import flash_attention, kv_cells, resolve_layout
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.sprm import SprmHead
 from edge_metastone.types import GenerationSettings, KVLayout, SamplingSettings, Timings
@@ -71,14 +71,17 @@ class LlamaSteps:
             else None
         )
         self.streams = layout is KVLayout.STREAMS
+        n_ctx = kv_cells(n_prompt, settings.max_new_tokens, n_seq, layout)
+        n_streams = n_seq if self.streams else 1
         ctx_settings = ContextSettings(
-            n_ctx=kv_cells(n_prompt, settings.max_new_tokens, n_seq, layout),
+            n_ctx=n_ctx,
             n_batch=n_batch,
             n_seq_max=n_seq,
             n_threads=setup.n_threads,
             parity=parity,
             kv_unified=not self.streams,
             kv_type=settings.kv_type.value,
+            flash_attn=flash_attention(settings.kv_type, model.n_head, n_ctx, n_batch, n_streams),
         )
         tm.kv_layout = layout.value
         tm.kv_type = "f32" if parity else settings.kv_type.value
