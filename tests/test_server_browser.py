@@ -4,6 +4,7 @@ ever downloaded): a person types a prompt and watches the candidates stream."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -212,6 +213,15 @@ def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
             assert not page.locator("#warning").is_visible()
             assert "doubtful" not in page.get_attribute("#answer-box", "class")
             page.screenshot(path=str(tmp_path / "server_page_auto.png"), full_page=True)
+
+            page.select_option("#effort", "adaptive")  # waves: the result says how many and why
+            page.fill("#budget", "")
+            page.click("#run")
+            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+            meta = page.inner_text("#answer-meta")
+            assert re.search(r"\d+ waves?, ", meta), meta
+            cards = page.locator(".cand").count()
+            assert 2 <= cards <= 32, cards  # the candidates the waves ran, not a fixed k
 
             page.set_viewport_size({"width": 420, "height": 860})
             title = page.locator("header#top h1").bounding_box()

@@ -276,7 +276,9 @@ class Run {
     $("answer").textContent = r.answer || "(no answer)";
     $("answer-meta").textContent =
       `candidate #${r.chosen} of ${r.k} · ${selectorValue(r, chosen)}` +
-      (r.early_stop ? " · stopped early at the latency budget" : "");
+      (r.early_stop ? " · stopped early at the latency budget" : "") +
+      (r.waves && r.waves.length ? ` · ${r.waves.length} wave${r.waves.length > 1 ? "s" : ""}` +
+        (r.stop_reason ? `, ${r.stop_reason}` : "") : "");
     $("answer-box").classList.toggle("doubtful", doubtful);
     $("answer-box").hidden = false;
     const sched = $("scheduler");
