@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--outtype", default="q4_k_m")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from converters.hf_checkpoint import SafetensorsCheckpoint
+    from edge_metastone.converters.hf_checkpoint import SafetensorsCheckpoint
 
     ckpt = SafetensorsCheckpoint(args.hf_dir)
     n_params = 0

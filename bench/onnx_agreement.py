@@ -48,8 +48,8 @@ def prefix(a: list[int], b: list[int]) -> int:
 
 
 def convert_all(hf_dir: Path, work: Path) -> dict[str, Path]:
-    from converters.convert import convert
-    from converters.onnx_export import export_onnx
+    from edge_metastone.converters.convert import convert
+    from edge_metastone.converters.onnx_export import export_onnx
 
     paths = {
         "q4_0": work / "m-q4_0.gguf",

@@ -11,19 +11,19 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from converters.gguf_out import add_sprm_head, add_step_facts
-from converters.hf_checkpoint import (
+from edge_metastone.converters.gguf_out import add_sprm_head, add_step_facts
+from edge_metastone.converters.hf_checkpoint import (
     Qwen2Config,
     SafetensorsCheckpoint,
     read_config,
     read_head,
     read_tokenizer_facts,
 )
-from converters.quant_mix import OutType, TypeMix
-from converters.vocab import read_vocabulary
+from edge_metastone.converters.quant_mix import OutType, TypeMix
+from edge_metastone.converters.vocab import read_vocabulary
 from edge_metastone.errors import BadCheckpointError
 from edge_metastone.gguf_io import ArrayGGUFWriter, atomic_output
-from quant_kernels.ggml import quantize
+from edge_metastone.quant_kernels.ggml import quantize
 
 logger = logging.getLogger(__name__)
 

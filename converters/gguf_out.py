@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from converters.hf_checkpoint import SprmHeadWeights, TokenizerFacts
+from edge_metastone.converters.hf_checkpoint import SprmHeadWeights, TokenizerFacts
 from edge_metastone.gguf_io import ArrayGGUFWriter, add_head_keys, add_step_keys
 
 

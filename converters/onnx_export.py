@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.hf_checkpoint import (
+from edge_metastone import keys
+from edge_metastone.converters.hf_checkpoint import (
     Qwen2Config,
     SafetensorsCheckpoint,
     SprmHeadWeights,
@@ -48,8 +49,7 @@ from converters.hf_checkpoint import (
     read_head,
     read_tokenizer_facts,
 )
-from converters.vocab import normal_form, read_special_tokens
-from edge_metastone import keys
+from edge_metastone.converters.vocab import normal_form, read_special_tokens
 from edge_metastone.errors import BadCheckpointError
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> object:
-    # imported lazily: `converters` and `quant_kernels` use this package without loading llama.cpp
+    # imported lazily: the converters and kernels use this package without loading llama.cpp
     if name == "Reasoner":
         from edge_metastone.reasoner import Reasoner
 

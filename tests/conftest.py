@@ -54,7 +54,7 @@ class GgufCache:
 
     def __call__(self, outtype: str) -> Path:
         if outtype not in self._paths:
-            from converters.convert import convert
+            from edge_metastone.converters.convert import convert
 
             path = self.out_dir / f"tiny-{outtype}.gguf"
             convert(self.hf_dir, path, outtype)
@@ -77,7 +77,7 @@ def qwen_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def qwen_gguf(qwen_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real-vocabulary checkpoint converted to F32 once per session."""
-    from converters.convert import convert
+    from edge_metastone.converters.convert import convert
 
     path = tmp_path_factory.mktemp("qwen-gguf") / "qwen-vocab-f32.gguf"
     convert(qwen_hf, path, "f32")
@@ -130,7 +130,7 @@ def wait_until(condition, what: str, timeout: float = 120.0) -> float:
 @pytest.fixture(scope="session")
 def nfkc_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with an NFKC tokenizer normalizer (fullwidth `＜` reads as `<`), F32."""
-    from converters.convert import convert
+    from edge_metastone.converters.convert import convert
 
     hf = build_tiny_metastone(tmp_path_factory.mktemp("nfkc") / "hf", seed=0, normalizer="NFKC")
     path = tmp_path_factory.mktemp("nfkc-gguf") / "tiny-nfkc-f32.gguf"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import converters.convert as convert_module
+import edge_metastone.converters.convert as convert_module
 from conftest import run_cli
-from converters.convert import convert
+from edge_metastone.converters.convert import convert
 from edge_metastone.errors import BadCheckpointError, BadModelFileError
 from edge_metastone.modelfile.read import open_model_file
 

@@ -135,7 +135,7 @@ def test_f16_output_keeps_f16_head_exact(tiny_hf, tmp_path):
     """A half-precision head is stored as f16 bit patterns and read back unchanged."""
     import shutil
 
-    from converters.convert import convert
+    from edge_metastone.converters.convert import convert
 
     hf = tmp_path / "hf16"
     shutil.copytree(tiny_hf, hf)

@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from converters.convert import convert, write_head_sidecar
+from edge_metastone.converters.convert import convert, write_head_sidecar
 from edge_metastone.modelfile.read import open_model_file, read_gguf
 
 FTYPES = {
@@ -127,7 +127,7 @@ def test_head_sidecar_completes_a_headless_file(tiny_hf, tmp_path):
 
 def test_small_row_blocks_give_identical_files(tiny_gguf, tiny_hf, tmp_path, monkeypatch):
     """Streaming in many small row blocks writes exactly the bytes of whole-tensor conversion."""
-    import converters.hf_checkpoint as hf_checkpoint
+    import edge_metastone.converters.hf_checkpoint as hf_checkpoint
 
     monkeypatch.setattr(hf_checkpoint, "CHUNK_BYTES", 4096)  # 4 rows of 256 floats per block
     for outtype in ("q4_k_m", "f16"):

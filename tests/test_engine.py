@@ -204,7 +204,7 @@ def test_bad_requests(engine, prompt_ids):
 
 
 def test_headless_model_generates_without_scores(tiny_untied_hf, tmp_path):
-    from converters.convert import convert
+    from edge_metastone.converters.convert import convert
 
     path = tmp_path / "nohead.gguf"
     convert(tiny_untied_hf, path, "q8_0")

@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from conftest import cli_json, run_cli
-from converters.onnx_export import export_onnx
 from edge_metastone.backend import Backend, generate_all
+from edge_metastone.converters.onnx_export import export_onnx
 from edge_metastone.errors import BadModelFileError, InvalidRequestError
 from edge_metastone.onnx_backend.backend import OnnxBackend
 from edge_metastone.onnx_backend.sampling import NumpySampler

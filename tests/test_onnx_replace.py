@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from converters.onnx_export import export_onnx
+from edge_metastone.converters.onnx_export import export_onnx
 from edge_metastone.errors import BadCheckpointError
 
 

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("llama_cpp")
 gguf_quants = pytest.importorskip("gguf.quants")
 
-from quant_kernels import ggml as qk  # noqa: E402
-from quant_kernels import ggml as qk_ggml  # noqa: E402
-from quant_kernels import reference as ref  # noqa: E402
+from edge_metastone.quant_kernels import ggml as qk  # noqa: E402
+from edge_metastone.quant_kernels import ggml as qk_ggml  # noqa: E402
+from edge_metastone.quant_kernels import reference as ref  # noqa: E402
 
 T = qk.GGMLType
 

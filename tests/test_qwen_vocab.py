@@ -17,10 +17,10 @@ from fuzz_models import rewrite
 from qwen_corpus import corpus
 
 from conftest import cli_json
-from converters.convert import convert
-from converters.vocab import normal_form
 from edge_metastone import keys
 from edge_metastone.chat import ChatTemplate
+from edge_metastone.converters.convert import convert
+from edge_metastone.converters.vocab import normal_form
 from edge_metastone.engine.engine import Engine
 from edge_metastone.engine.llama import Model
 from edge_metastone.errors import BadCheckpointError, BadModelFileError

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("edge_metastone", "converters", "quant_kernels")
+# dotted package -> its folder: the converters and kernels sit at the top of the repository and
+# install inside the package (pyproject's package-dir), so no generic top-level name is installed
+PACKAGES = {
+    "edge_metastone": "edge_metastone",
+    "edge_metastone.converters": "converters",
+    "edge_metastone.quant_kernels": "quant_kernels",
+}
 
 # Bottom to top. A module may import from its own layer and the ones below, never from above.
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -28,7 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "edge_metastone.gguf_io",
         "edge_metastone.chat",
         "edge_metastone.models",
-        "quant_kernels",
+        "edge_metastone.quant_kernels",
     ),
     # neutral data: settings and results, the KV layout rule, model files, the backend protocol
     (
@@ -43,7 +49,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "edge_metastone.engine",
         "edge_metastone.onnx_backend",
         "edge_metastone.runtime",
-        "converters",
+        "edge_metastone.converters",
     ),
     # policy: the scheduler and its calibration, the search strategies, adaptive compute's budget
     (
@@ -79,11 +85,11 @@ MAX_FUNCTION_LINES = 60
 def modules() -> dict[str, Path]:
     """Every module of the three packages, by dotted name."""
     found = {}
-    for pkg in PACKAGES:
-        for path in sorted((REPO / pkg).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            found[name] = path
+    for pkg, folder in PACKAGES.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            parts = tuple(pkg.split(".")) + (parts[:-1] if parts[-1] == "__init__" else parts)
+            found[".".join(parts)] = path
     return found
 
 
@@ -257,3 +263,19 @@ def test_the_checks_can_fail(tmp_path):
     assert _too_long(tmp_path / "why.py") == []
     assert _defined(tmp_path / "reexport.py") == {"X"}
     assert layer_of("edge_metastone.reasoner") > layer_of("edge_metastone.engine.engine")
+
+
+def test_every_package_is_installed():
+    """pyproject's explicit package list names every folder with an `__init__.py`, each mapped
+    where it lies (a new subpackage left out would be missing from the wheel)."""
+    import tomllib
+
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = tool.get("package-dir", {})
+    want = set()
+    for pkg, folder in PACKAGES.items():
+        assert dirs.get(pkg, pkg.replace(".", "/")) == folder, pkg
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            want.add(".".join((pkg, *rel)))
+    assert set(tool["packages"]) == want

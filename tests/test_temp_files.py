@@ -138,7 +138,7 @@ def test_a_gguf_write_interrupted_in_the_block_or_at_the_rename_leaves_the_old_f
 
 
 def test_a_conversion_interrupted_by_ctrl_c_leaves_no_partial_file(tiny_hf, tmp_path, monkeypatch):
-    import converters.convert as convert_module
+    import edge_metastone.converters.convert as convert_module
 
     real_encode, calls = convert_module._encode, []
 
@@ -157,14 +157,14 @@ def test_a_conversion_interrupted_by_ctrl_c_leaves_no_partial_file(tiny_hf, tmp_
 @pytest.fixture(scope="module")
 def onnx_model(tiny_hf, tmp_path_factory) -> Path:
     pytest.importorskip("onnx")
-    from converters.onnx_export import export_onnx
+    from edge_metastone.converters.onnx_export import export_onnx
 
     return export_onnx(tiny_hf, tmp_path_factory.mktemp("onnx") / "tiny-f32", "f32").path
 
 
 def test_an_onnx_export_interrupted_while_saving_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
     onnx = pytest.importorskip("onnx")
-    from converters.onnx_export import export_onnx
+    from edge_metastone.converters.onnx_export import export_onnx
 
     monkeypatch.setattr(onnx, "save_model", failing(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -177,7 +177,7 @@ def test_an_onnx_replacement_interrupted_while_removing_the_old_model_finishes_i
 ):
     """Ctrl-C while the replaced model is being deleted: the new model is in place and the old
     one (renamed aside first) is still removed whole."""
-    from converters.onnx_export import export_onnx
+    from edge_metastone.converters.onnx_export import export_onnx
 
     out = tmp_path / "ours"
     shutil.copytree(onnx_model, out)

@@ -103,7 +103,7 @@ def test_kept_features_equal_full_pass_features(tiny_gguf):
 
 
 def test_features_kept_for_a_model_without_head(tiny_untied_hf, tmp_path):
-    from converters.convert import convert
+    from edge_metastone.converters.convert import convert
 
     path = tmp_path / "nohead.gguf"
     convert(tiny_untied_hf, path, "f32")
@@ -123,7 +123,7 @@ def test_features_kept_for_a_model_without_head(tiny_untied_hf, tmp_path):
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:
-    from converters.convert import convert
+    from edge_metastone.converters.convert import convert
 
     root = tmp_path_factory.mktemp("planted")
     hf = build_planted(root / "hf")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from converters.quant_mix import OutType
+from edge_metastone.converters.quant_mix import OutType
 from edge_metastone.errors import BadCheckpointError
 
 ONNX_OUT_TYPES = ("f32", "int4")
@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert and report."""
-    from converters.convert import convert, write_head_sidecar
+    from edge_metastone.converters.convert import convert, write_head_sidecar
 
     if args.format == "onnx":
         return _run_onnx(args)
@@ -79,7 +79,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     if args.head_only:
         raise BadCheckpointError("--head-only writes a GGUF sidecar; it does not apply to onnx")
     try:
-        from converters.onnx_export import export_onnx
+        from edge_metastone.converters.onnx_export import export_onnx
     except ImportError as e:
         raise BadCheckpointError(
             f"the ONNX export needs {e.name or e}: pip install 'edge-metastone[onnx-export]'"

@@ -19,7 +19,7 @@ import llama_cpp
 import numpy as np
 
 from edge_metastone.errors import EdgeMetastoneError
-from quant_kernels.ggml import TensorHead, ggml_library
+from edge_metastone.quant_kernels.ggml import TensorHead, ggml_library
 
 logger = logging.getLogger(__name__)
 

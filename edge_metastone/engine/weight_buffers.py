@@ -104,7 +104,7 @@ class _Ggml:
     def __init__(self) -> None:
         import llama_cpp  # noqa: F401  (loads libllama, and with it libggml*)
 
-        from quant_kernels.ggml import TensorHead, ggml_library, library_path
+        from edge_metastone.quant_kernels.ggml import TensorHead, ggml_library, library_path
 
         self.head = TensorHead
         base = ggml_library()

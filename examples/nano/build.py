@@ -32,8 +32,8 @@ from record_adaptive import record as record_adaptive  # noqa: E402
 from task import problems  # noqa: E402
 from train_backbone import main as train_backbone_main  # noqa: E402
 
-from converters.convert import convert  # noqa: E402
 from edge_metastone import keys  # noqa: E402
+from edge_metastone.converters.convert import convert  # noqa: E402
 from edge_metastone.modelfile.copy import write_model_copy  # noqa: E402
 from edge_metastone.options import ReasonOptions  # noqa: E402
 from edge_metastone.reasoner import Reasoner  # noqa: E402
