@@ -22,8 +22,11 @@ from edge_metastone.reasoner import Reasoner
 from edge_metastone.server.app import create_app
 from edge_metastone.server.errors import ErrorGuard
 
-LONG = {"effort": "medium", "temperature": 0.0, "max_tokens": 4000}  # ~40 s: never ends by itself
 USER = [{"role": "user", "content": "What is 2+3?"}]
+# ~40 s on the tiny fixture: greedy after "Go on." never ends its turn within 4,000 tokens (checked
+# by test_long_request_really_runs_to_its_limit: the queueing tests below depend on it)
+GO_ON = [{"role": "user", "content": "Go on."}]
+LONG = {"messages": GO_ON, "effort": "medium", "temperature": 0.0, "max_tokens": 4000}
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +227,7 @@ def test_client_disconnect_mid_stream_cancels_the_generation(tiny):
     with httpx.stream(
         "POST",
         tiny.url + "/v1/chat/completions",
-        json={"messages": USER, **LONG, "stream": True},
+        json={**LONG, "stream": True},
         timeout=30,
     ) as r:
         assert r.status_code == 200
@@ -244,14 +247,14 @@ def test_client_disconnect_mid_stream_cancels_the_generation(tiny):
 def test_client_disconnect_while_waiting_cancels_too(tiny):
     before = tiny.health()
     with pytest.raises(httpx.ReadTimeout):
-        post(tiny, {"messages": USER, **LONG}, timeout=0.8)  # not streaming: gives up waiting
+        post(tiny, LONG, timeout=0.8)  # not streaming: gives up waiting
     assert_generation_stopped(tiny, before)
 
 
 def test_full_queue_is_503_with_retry_after_and_a_queued_client_can_leave(tiny):
     before = tiny.health()
     with httpx.stream(
-        "POST", tiny.url + "/v1/chat/completions", json={"messages": USER, **LONG, "stream": True}
+        "POST", tiny.url + "/v1/chat/completions", json={**LONG, "stream": True}
     ) as running:
         lines = running.iter_lines()
         first_event(lines)
@@ -259,7 +262,7 @@ def test_full_queue_is_503_with_retry_after_and_a_queued_client_can_leave(tiny):
 
         def wait_then_leave() -> None:
             try:
-                post(tiny, {"messages": USER, **LONG}, timeout=1.5)
+                post(tiny, LONG, timeout=1.5)
             except httpx.ReadTimeout as e:
                 gave_up.append(type(e))
 
@@ -376,7 +379,7 @@ def test_a_closed_model_is_a_500_body_and_unexpected_errors_are_one_log_line(tin
 
 def test_shutdown_lets_requests_in_flight_finish(tiny_gguf):
     with ServerProcess("--model", str(tiny_gguf("q8_0")), "--shutdown-timeout", "20") as server:
-        body = {"messages": USER, "effort": "low", "temperature": 0.0, "max_tokens": 1500}
+        body = {"messages": GO_ON, "effort": "low", "temperature": 0.0, "max_tokens": 1500}
         done: dict = {}
         t = threading.Thread(target=lambda: done.update(r=post(server, body)))
         t.start()
@@ -399,13 +402,11 @@ def test_shutdown_cancels_what_outlives_the_grace_time(tiny_gguf, second_signal)
         with httpx.stream(
             "POST",
             server.url + "/v1/chat/completions",
-            json={"messages": USER, **LONG, "stream": True},
+            json={**LONG, "stream": True},
         ) as running:
             lines = running.iter_lines()
             first_event(lines)
-            t = threading.Thread(
-                target=lambda: queued.update(r=post(server, {"messages": USER, **LONG}))
-            )
+            t = threading.Thread(target=lambda: queued.update(r=post(server, LONG)))
             t.start()
             server.wait_for(lambda h: h["queued"] == 1)
             t0 = time.monotonic()
@@ -463,3 +464,11 @@ def test_serve_without_max_new_tokens_uses_the_models_own_limit_and_warns_off_ta
         assert read_stream(stream)["result"]["warnings"] == [warning]
         assert server.stop() == 0
         assert "Traceback" not in server.stderr, server.stderr
+
+
+def test_long_request_really_runs_to_its_limit(tiny_gguf):
+    """The queueing and shutdown tests hold the server busy with LONG's prompt: greedy on it must
+    not end its turn early (if a fixture change makes it, pick another prompt)."""
+    with Reasoner(tiny_gguf("q8_0"), max_new_tokens=1500) as r:
+        res = r.reason(GO_ON[0]["content"], effort="low", temperature=0.0)
+    assert [c.tokens for c in res.candidates] == [1500, 1500]
