@@ -227,7 +227,7 @@ def measure_speed(work: Path, model: Path, threads: int, rounds: int = 3) -> dic
     """tokens/s of ours (plain; with head scoring + log-probabilities) and stock llama-cpp-python
     at k=1 and k=8, side by side (median of per-round ratios)."""
     import llama_cpp
-    from real_model_speed import side_by_side
+    from runtime import side_by_side
 
     from edge_metastone.engine.engine import Engine
     from edge_metastone.engine.weight_buffers import stock_defaults

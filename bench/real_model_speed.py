@@ -13,10 +13,7 @@ Run it alone (under the CPU lock on a shared machine): llama.cpp's threads busy-
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from real_model import smollm2_gguf  # noqa: E402
+from runtime import side_by_side  # noqa: E402  (bench/runtime.py: alternating rounds)
 
 from edge_metastone.engine.engine import Engine  # noqa: E402
 from edge_metastone.engine.weight_buffers import stock_defaults  # noqa: E402
@@ -43,28 +41,6 @@ PROMPT = [
         "2+3+4\n2+3=5\n5+4=9\nAnswer: 9\n\n6+1+2",
     }
 ]
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def side_by_side(
-    a: Callable[[], object], b: Callable[[], object], rounds: int
-) -> tuple[float, float, float]:
-    """Median seconds of a and b, and the median of per-round ratios a/b (alternating order)."""
-    ta, tb, ratios = [], [], []
-    for r in range(rounds):
-        if r % 2 == 0:
-            x, y = timed(a), timed(b)
-        else:
-            y, x = timed(b), timed(a)
-        ta.append(x)
-        tb.append(y)
-        ratios.append(x / y)
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
 def main() -> None:

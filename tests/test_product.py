@@ -4,14 +4,12 @@ embedded model says what it can do and warns outside it, and the sweep plot read
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from edge_metastone.batch.report import plot_sweep, wilson
 from edge_metastone.modelfile.about import about
 from edge_metastone.models import default_model_path
@@ -20,18 +18,6 @@ from edge_metastone.reasoner import Reasoner
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "What is (58+27)*4-96?"  # seed 1, T 0.6: one candidate slips at 85*4, seven do not
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run(
-        [sys.executable, "-m", "edge_metastone", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
 
 
 def test_the_embedded_models_provenance_says_its_head_is_uninformative_and_its_task():
@@ -86,7 +72,7 @@ def test_the_embedded_models_answers_stop_at_its_own_length():
 
 
 def test_reason_shows_the_signal_that_decides_and_labels_the_sprm():
-    p = cli("reason", PROMPT, "--seed", "1")
+    p = run_cli("reason", PROMPT, "--seed", "1")
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "least-sure" in out and "log-prob" in out
@@ -98,20 +84,20 @@ def test_reason_shows_the_signal_that_decides_and_labels_the_sprm():
 
 
 def test_reason_warns_outside_the_task_and_still_answers():
-    p = cli("reason", "What is the capital of France?", "--json", "--effort", "low")
+    p = run_cli("reason", "What is the capital of France?", "--json", "--effort", "low")
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["answer"] != ""  # it still answers
     assert len(d["warnings"]) == 1 and "outside what MetaStone-nano can do" in d["warnings"][0]
     assert p.stderr.startswith("warning: the prompt is outside")
-    inside = cli("reason", "What is (17+25)*3-40?", "--json", "--effort", "low")
+    inside = run_cli("reason", "What is (17+25)*3-40?", "--json", "--effort", "low")
     assert json.loads(inside.stdout)["warnings"] == []
 
 
 def test_reason_help_and_inspect_state_the_domain():
-    help_text = " ".join(cli("reason", "--help").stdout.split())
+    help_text = " ".join(run_cli("reason", "--help").stdout.split())
     assert "operands of one or two digits" in help_text
-    p = cli("inspect", str(default_model_path()))
+    p = run_cli("inspect", str(default_model_path()))
     assert p.returncode == 0, p.stderr
     assert "can do: integer arithmetic" in p.stdout
     assert "not informative on this model" in p.stdout
@@ -120,16 +106,16 @@ def test_reason_help_and_inspect_state_the_domain():
 def test_score_uses_the_embedded_model_and_says_what_plain_text_needs(tmp_path):
     text = tmp_path / "answer.txt"
     text.write_text("2*3=6.\n\n1+6=7.\n\n</think>\n\nThe answer is \\boxed{7}.", encoding="utf-8")
-    plain = cli("score", "--text-file", str(text), "--json")
+    plain = run_cli("score", "--text-file", str(text), "--json")
     assert plain.returncode == 0, plain.stderr
     assert "pass --prompt QUESTION" in plain.stderr
     assert json.loads(plain.stdout)["warnings"]
-    wrapped = cli("score", "--text-file", str(text), "--prompt", "What is 1+2*3?", "--json")
+    wrapped = run_cli("score", "--text-file", str(text), "--prompt", "What is 1+2*3?", "--json")
     assert wrapped.returncode == 0, wrapped.stderr
     d = json.loads(wrapped.stdout)
     assert d["warnings"] == [] and len(d["positions"]) == 2
     assert d["positions"][0] > json.loads(plain.stdout)["positions"][0]  # after the template
-    person = cli("score", "--text-file", str(text))
+    person = run_cli("score", "--text-file", str(text))
     assert "not a measurement" in person.stdout  # a step at the floor: ~0, not 1e-05
     assert "SPRM (not informative on this model)" in person.stdout
 

@@ -9,6 +9,17 @@ from edge_metastone.engine.weight_buffers import ENV_VAR as WEIGHT_BUFFERS_ENV
 from edge_metastone.engine.weight_buffers import WeightBuffers
 
 
+def add_threads_and_gpu(p: argparse.ArgumentParser) -> None:
+    """The `--threads` and `--gpu-layers` options of every command that loads a model."""
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        default=0,
+        help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
+    )
+
+
 def add_weight_buffers(p: argparse.ArgumentParser) -> None:
     """The `--weight-buffers` option of every command that loads a GGUF."""
     p.add_argument(

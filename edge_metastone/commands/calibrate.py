@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from edge_metastone.commands import add_weight_buffers, print_json
+from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers, print_json
 
 if TYPE_CHECKING:
     from edge_metastone.calibration import CalibrationProgress, Outcome
@@ -26,13 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", type=Path, default=None, help="model GGUF (default: the embedded model)"
     )
     p.add_argument("--head", type=Path, default=None, help="a sidecar GGUF holding the SPRM head")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
-    p.add_argument(
-        "--gpu-layers",
-        type=int,
-        default=0,
-        help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
-    )
+    add_threads_and_gpu(p)
     p.add_argument(
         "--force", action="store_true", help="measure again even when a calibration is cached"
     )

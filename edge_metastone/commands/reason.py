@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_metastone.commands import add_weight_buffers, print_json
+from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers, print_json
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.modelfile.about import ModelAbout, about
 from edge_metastone.models.arithmetic import DOMAIN
@@ -96,13 +96,7 @@ def add_reason_options(
         help="tokens per candidate (default: the model's own: its task's answer length, 160 for "
         "the embedded model; 1024 for a model without one)",
     )
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
-    p.add_argument(
-        "--gpu-layers",
-        type=int,
-        default=0,
-        help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
-    )
+    add_threads_and_gpu(p)
     add_weight_buffers(p)
 
 

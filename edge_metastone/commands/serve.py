@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_metastone.commands import add_weight_buffers
+from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers
 from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -51,13 +51,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: physical cores)")
-    p.add_argument(
-        "--gpu-layers",
-        type=int,
-        default=0,
-        help="layers to offload when llama-cpp-python is built with CUDA/Metal (-1: all)",
-    )
+    add_threads_and_gpu(p)
 
 
 def _add_limit_options(p: argparse.ArgumentParser) -> None:

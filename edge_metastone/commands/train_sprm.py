@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_metastone.commands import add_weight_buffers, print_json
+from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="spr: the paper's (default); bce: plain outcome BCE, a deviation for comparison",
     )
     p.add_argument("--cache", type=Path, default=None, help="sample cache (default OUT.samples/)")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--gpu-layers", type=int, default=0)
+    add_threads_and_gpu(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_weight_buffers(p)
