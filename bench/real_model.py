@@ -7,16 +7,18 @@ gets an SPRM head from `train-sprm`, and every selector is measured on held-out 
 
 Problems: a + b + c with digits 1-9, a 2-shot raw prompt (no chat template), one step per line,
 then `Answer: N` (stop at the blank line), T=0.7, top-p 0.95, at most 48 new tokens: one sample is
-right about half the time. Training problems have odd sums, test problems even sums, so no test
-problem's operand set and no test answer value occurs in training (the issue's caution: a head on a
-small answer space learns which values tend to be right). The shots' operand sets are in neither.
+right about half the time. Training problems have sums of 1 or 2 mod 4, test problems 0 or 3, so
+no test problem's operand set and no test answer value occurs in training (the issue's caution: a
+head on a small answer space learns which values tend to be right), and both sides hold odd and
+even answers. The shots' operand sets are in neither.
 
 Phases, each resumable, so the bench runs as short chunks under a shared CPU lock (it exits 3
 while work remains, 0 when the results are written):
 1. `edge-metastone train-sprm --raw --stop '\\n\\n'` on the training problems (8 samples each; it
    holds out 20% of them to fit and measure the combined selector) -> WORK/smol.sprm.gguf.
-2. The test pool: 32 candidates per test problem with the head's step scores and token
-   log-probabilities, generated once -> WORK/pool.jsonl (one line per problem).
+2. The test pool: 32 candidates per test problem with token log-probabilities and the layer-(L-2)
+   feature of each step, generated once -> WORK/pool.jsonl (one line per problem) and
+   WORK/pool/*.npz; the analysis scores the steps with phase 1's head (the runtime's head math).
 3. Speed: tokens/s at k=1 and k=8 against stock llama-cpp-python (same file, threads, prompt,
    token count, greedy; k=8 stock = 8 sequential generations), plain and with the head + logprobs.
 4. Selectors at k = 1, 2, 8, 32 on the one pool: k < 32 uses the 32/k disjoint groups of
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # before bench/: `real_model` is the te
 from real_model import smollm2_gguf  # noqa: E402
 
 from edge_metastone.answers import answers_equivalent, extract_answer  # noqa: E402
+from edge_metastone.modelfile.read import open_model_file  # noqa: E402
 from edge_metastone.search.adaptive import AdaptiveSettings  # noqa: E402
 from edge_metastone.search.base import StrategyName, select_by_logprob, select_by_score  # noqa: E402
 from edge_metastone.search.combined import (  # noqa: E402
@@ -85,14 +88,17 @@ def prompt(q: Sequence[int]) -> str:
 
 
 def problems(n_test: int, seed: int = 0) -> tuple[list[tuple], list[tuple]]:
-    """(training, test) operand triples: odd sums / even sums, the shots' operand sets in neither;
-    `n_test` of the test ones (a seeded sample, in a seeded order)."""
+    """(training, test) operand triples, split by the sum mod 4 (training 1 and 2, test 0 and 3):
+    no test problem's operand set and no test answer value occurs in training, and both sides
+    hold odd and even answers (a split by parity would teach a head "odd is right" where every
+    training answer is odd). The shots' operand sets are in neither; `n_test` of the test ones
+    (a seeded sample, in a seeded order)."""
     shots = {tuple(sorted(s)) for s in SHOTS}
     triples = [
         q for q in itertools.product(range(1, 10), repeat=3) if tuple(sorted(q)) not in shots
     ]
-    train = [q for q in triples if sum(q) % 2]
-    test = [q for q in triples if not sum(q) % 2]
+    train = [q for q in triples if sum(q) % 4 in (1, 2)]
+    test = [q for q in triples if sum(q) % 4 in (0, 3)]
     random.Random(seed).shuffle(test)
     return train, test[:n_test]
 
@@ -164,46 +170,57 @@ def train_head(work: Path, model: Path, train: list[tuple], threads: int, clock:
 
 # --- 2. the test pool -----------------------------------------------------------------------------
 
-_FIELDS = ("index", "token_ids", "text", "step_scores", "score", "mean_logprob", "token_logprobs")
+_FIELDS = ("index", "token_ids", "text", "mean_logprob", "token_logprobs")
 
 
-def to_row(c: Candidate) -> dict:
+def to_row(c: Candidate, n_prompt: int) -> dict:
+    """A candidate as pool.jsonl keeps it (its step features go to the problem's .npz)."""
     d = {f: getattr(c, f) for f in _FIELDS}
-    return {**d, "finish_reason": c.finish_reason.value, "step_confidence": c.step_confidence}
-
-
-def from_row(d: dict) -> Candidate:
-    return Candidate(
-        step_positions=[],
-        finish_reason=FinishReason(d["finish_reason"]),
-        step_confidence=d["step_confidence"],
-        **{f: d[f] for f in _FIELDS},
-    )
+    gen = [i >= n_prompt - 1 for i in c.step_positions]
+    return {
+        **d,
+        "finish_reason": c.finish_reason.value,
+        "step_positions": c.step_positions,
+        "step_confidence": c.step_confidence,
+        "generated_steps": sum(gen),
+    }
 
 
 def generate_pool(work: Path, model: Path, test: list[tuple], threads: int, clock: Clock) -> bool:
-    """32 candidates per test problem, appended to WORK/pool.jsonl; True when all are there."""
+    """32 candidates per test problem, appended to WORK/pool.jsonl, with the layer-(L-2) feature of
+    every step (WORK/pool/<i>.npz: the prompt's steps once, then each candidate's own), so the
+    head trained by phase 1 scores them exactly as the engine does in-stream (`SprmHead.scores`,
+    the runtime's head math); True when all are there."""
+    import numpy as np
+
     from edge_metastone.engine.engine import Engine
     from edge_metastone.types import GenerationSettings, SamplingSettings
 
     pool = work / "pool.jsonl"
+    (work / "pool").mkdir(exist_ok=True)
     have = len(pool.read_text().splitlines()) if pool.is_file() else 0
     if have >= len(test):
         return True
-    settings = GenerationSettings(max_new_tokens=MAX_NEW, stop=(STOP,), logprobs=True)
-    with (
-        Engine(model, head_path=work / "smol.sprm.gguf", n_threads=threads) as engine,
-        pool.open("a") as f,
-    ):
+    settings = GenerationSettings(
+        max_new_tokens=MAX_NEW, stop=(STOP,), logprobs=True, keep_features=True, score_steps=False
+    )
+    with Engine(model, n_threads=threads) as engine, pool.open("a") as f:
         t0, n0 = time.perf_counter(), have
         for i in range(have, len(test)):
             if clock.left() < 20:
                 break
+            ids = engine.tokenize(prompt(test[i]))
             sampling = SamplingSettings(temperature=TEMPERATURE, top_p=TOP_P, seed=1000 + i)
-            cands = engine.generate_all(
-                engine.tokenize(prompt(test[i])), POOL_K, sampling, settings
+            cands = engine.generate_all(ids, POOL_K, sampling, settings)
+            n_prompt_steps = sum(p < len(ids) - 1 for p in cands[0].step_positions)
+            gen = [c.step_features[n_prompt_steps:] for c in cands]
+            np.savez(
+                work / "pool" / f"{i}.npz",
+                prompt=cands[0].step_features[:n_prompt_steps],
+                generated=np.concatenate(gen),
             )
-            f.write(json.dumps({"q": test[i], "candidates": [to_row(c) for c in cands]}) + "\n")
+            rows = [to_row(c, len(ids)) for c in cands]
+            f.write(json.dumps({"q": test[i], "n_prompt": len(ids), "candidates": rows}) + "\n")
             f.flush()
             have = i + 1
         dt = time.perf_counter() - t0
@@ -212,11 +229,35 @@ def generate_pool(work: Path, model: Path, test: list[tuple], threads: int, cloc
     return have >= len(test)
 
 
-def load_pool(work: Path) -> list[Problem]:
+def load_pool(work: Path, head) -> list[Problem]:
+    """The pool's problems, each candidate's steps scored by `head` (prompt steps included, as
+    the product's trajectory score has them)."""
+    import numpy as np
+
     out = []
-    for line in (work / "pool.jsonl").read_text().splitlines():
+    for i, line in enumerate((work / "pool.jsonl").read_text().splitlines()):
         d = json.loads(line)
-        out.append(Problem([from_row(c) for c in d["candidates"]], str(sum(d["q"]))))
+        with np.load(work / "pool" / f"{i}.npz", allow_pickle=False) as z:
+            prompt_scores = [float(s) for s in head.scores(z["prompt"])]
+            gen_scores = [float(s) for s in head.scores(z["generated"])]
+        cands, at = [], 0
+        for r in d["candidates"]:
+            n = r["generated_steps"]
+            steps = prompt_scores + gen_scores[at : at + n]
+            at += n
+            assert len(steps) == len(r["step_positions"]), (i, r["index"])
+            cands.append(
+                Candidate(
+                    step_positions=r["step_positions"],
+                    step_scores=steps,
+                    score=trajectory_score(steps),
+                    finish_reason=FinishReason(r["finish_reason"]),
+                    step_confidence=r["step_confidence"],
+                    **{f: r[f] for f in _FIELDS},
+                )
+            )
+        assert at == len(gen_scores), i
+        out.append(Problem(cands, str(sum(d["q"]))))
     return out
 
 
@@ -425,7 +466,9 @@ def analyse(work: Path, n_train: int) -> dict:
     sel = Selector.from_json(json.dumps(report["selector"]))
     assert sel is not None
     strategy = StrategyName(report["default_strategy"])
-    pool = load_pool(work)
+    head = open_model_file(smollm2_gguf(), work / "smol.sprm.gguf").head
+    assert head is not None
+    pool = load_pool(work, head)
     oks = [
         {
             c.index: (not c.truncated) and answers_equivalent(extract_answer(c.text), p.gold)
@@ -451,8 +494,8 @@ def analyse(work: Path, n_train: int) -> dict:
         "problems": {
             "train": n_train,
             "test": len(pool),
-            "split": "train: odd sums, test: even "
-            "sums (operand sets and answer values held out); the shots' sets in neither",
+            "split": "train: sums 1 or 2 mod 4, test: sums 0 or 3 mod 4 (operand sets and "
+            "answer values held out, odd and even on both sides); the shots' sets in neither",
         },
         "pool": {
             "candidates": len(cands),
@@ -543,7 +586,7 @@ def plot(d: dict, path: Path) -> None:
     ax.set_ylabel(f"accuracy on {n['test']} held-out test problems (bars: 95% bootstrap)")
     ax.set_title(
         f"SmolLM2-135M-Instruct Q4_1, a+b+c: head trained on {n['train']} problems "
-        f"(odd sums), tested on {n['test']} (even sums)",
+        f"(sums 1, 2 mod 4), tested on {n['test']} (sums 0, 3 mod 4)",
         fontsize=10,
     )
     ax.grid(alpha=0.3)

@@ -243,6 +243,74 @@ def test_reason_end_to_end(smol):
     assert "<|im_start|>assistant\n" in out["prompt_text"]
 
 
+def test_inspect_names_the_architecture(smol):
+    proc = run_cli("inspect", "--json", str(smol))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert "llama" in json.dumps(info) and "576" in json.dumps(info)
+
+
+def test_batch_end_to_end(smol, tmp_path):
+    """`batch` on the real model: raw few-shot prompts with gold answers, one record per line in
+    input order, each with its candidates and the limit it used, and a summary that counts them."""
+    shots = "Question: 2 + 3 + 4\nStep 1: 2 + 3 = 5\nStep 2: 5 + 4 = 9\nAnswer: 9\n\n"
+    lines = [
+        {"id": f"q{i}", "prompt": f"{shots}Question: {a} + {b} + {c}\n", "answer": a + b + c}
+        for i, (a, b, c) in enumerate([(1, 2, 3), (4, 4, 1), (6, 2, 5)])
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = run_cli(
+        "batch", str(src), "-o", str(out), "--model", str(smol), "--raw", "--effort", "low",
+        "--max-new-tokens", "24", "--threads", "2", "--no-progress", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"]
+    for r in records:
+        assert r["k"] == 2 and len(r["candidates"]) == 2, r
+        assert all(0 < c["tokens"] <= 24 for c in r["candidates"]), r
+        assert isinstance(r["correct"], bool)
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    low = summary["modes"]["low"]
+    assert summary["records"] == 3 and summary["errors"] == 0 and low["with_answer"] == 3
+    assert low["accuracy"] == sum(r["correct"] for r in records) / 3
+    assert low["tokens"] == sum(r["tokens"] for r in records)
+
+
+def test_serve_end_to_end(smol):
+    """`serve` on the real model through the official openai client: a completion, and a stream
+    whose token events rebuild every candidate and whose result names the chosen one."""
+    import openai
+    from server_process import ServerProcess
+
+    with ServerProcess("--model", str(smol), "--max-new-tokens", "24", "--threads", "2") as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        name = c.models.list().data[0].id
+        assert "SmolLM2" in name
+        msgs = [{"role": "user", "content": "What is 2+3?"}]
+        resp = c.chat.completions.create(
+            model=name, messages=msgs, seed=3, extra_body={"effort": "low"}
+        )
+        ext = resp.model_extra["metastone"]
+        assert ext["k"] == 2 and resp.choices[0].message.content
+        assert resp.usage.completion_tokens == sum(x["tokens"] for x in ext["candidates"])
+        texts: dict[int, str] = {}
+        result = None
+        for chunk in c.chat.completions.create(
+            model=name, messages=msgs, seed=3, stream=True, extra_body={"effort": "low"}
+        ):
+            more = (chunk.model_extra or {}).get("metastone") or {}
+            for ev in more.get("events", []):
+                if ev["type"] in ("token", "finish"):
+                    texts[ev["candidate"]] = texts.get(ev["candidate"], "") + ev["text"]
+            result = more.get("result", result)
+        assert result is not None
+        assert [texts[i] for i in range(2)] == [x["text"] for x in result["candidates"]]
+        assert srv.stop() == 0
+        assert "Traceback" not in srv.stderr, srv.stderr
+
+
 TRAIN_PROMPT = (
     "Add the numbers, one step per line, then give the answer.\n\n2+3+4\n2+3=5\n5+4=9\n"
     "Answer: 9\n\n{q}"

@@ -29,7 +29,14 @@ from edge_metastone.sprm import SprmHead, StepRule
 from edge_metastone.training.collect import ProblemData
 from edge_metastone.training.loss import bce_loss, spr_loss
 from edge_metastone.training.metrics import auc, within_auc
-from edge_metastone.training.train import TrainSettings, feature_scale, fold_scale, train_head
+from edge_metastone.training.train import (
+    TrainSettings,
+    answer_key,
+    feature_scale,
+    fold_scale,
+    split,
+    train_head,
+)
 from edge_metastone.types import GenerationSettings, SamplingSettings
 from fixtures.make_planted import GOLD, build_planted
 
@@ -81,6 +88,34 @@ def test_auc_exact_on_hand_built_scores():
 
 
 # --- features kept in-stream ------------------------------------------------------------------
+
+
+def test_validation_holds_out_whole_answer_values():
+    """No validation problem's answer is a training problem's answer (numbers by value), about
+    val_split of the problems are held out, and the same seed gives the same split."""
+    answers = [str(v) for v in range(3, 28)] * 6 + ["9.0", " 9", "1,000", "1000"]
+    problems = [(f"p{i}", a) for i, a in enumerate(answers)]
+    train, val, how = split(problems, 0.2, seed=0)
+    assert how == "answer" and train and val and not train & val
+    assert train | val == {k for k, _ in problems}
+    val_answers = {answer_key(a) for k, a in problems if k in val}
+    train_answers = {answer_key(a) for k, a in problems if k in train}
+    assert not val_answers & train_answers
+    assert 0.2 <= len(val) / len(problems) <= 0.3
+    assert split(problems, 0.2, seed=0) == (train, val, how)
+    assert answer_key("9.0") == answer_key(" 9") == answer_key("9") != answer_key("19")
+    assert answer_key("1,000") == answer_key("1000") and answer_key("X + 1") == "x+1"
+
+
+def test_few_distinct_answers_split_by_problem():
+    """With fewer than five distinct answers there is nothing to hold out by value: problems are
+    drawn one by one, at least one on each side; val_split 0 holds none out."""
+    problems = [(f"p{i}", "AB"[i % 2]) for i in range(10)]
+    train, val, how = split(problems, 0.2, seed=1)
+    assert how == "problem" and len(val) == 2 and len(train) == 8 and not train & val
+    assert split(problems[:2], 0.01, seed=1)[2] == "problem"
+    assert [len(s) for s in split(problems[:2], 0.01, seed=1)[:2]] == [1, 1]
+    assert split(problems, 0.0, seed=1) == ({k for k, _ in problems}, set(), "none")
 
 
 def test_kept_features_equal_full_pass_features(tiny_gguf):
@@ -172,6 +207,7 @@ def test_planted_signal_is_learned_and_input_untouched(planted, tmp_path):
     assert sel == report["selector"] and json.loads(mf.selector) == sel
     m = sel["measured"]
     assert m["problems"] == v["problems"] and not m["validation_is_training_set"]
+    assert report["validation_split"] == "problem"  # every problem has the one answer GOLD
     assert m["auc_within"]["head"] > 0.9 and m["auc_within"]["combined"] > 0.8, m
     assert m["default_strategy"] == report["default_strategy"] == mf.default_strategy
     with Reasoner(model=planted, head=out, n_threads=1) as r:

@@ -72,6 +72,7 @@ def train_sprm(
     if warm_start and init is None:
         raise EdgeMetastoneError(f"{model_path} has no SPRM head to warm-start from")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache(out_path)
+    gold = {p.key: p.answer for p in problems}
     data, rule, feature_layer = _collect_samples(
         model_path,
         head_path,
@@ -83,7 +84,7 @@ def train_sprm(
         n_gpu_layers=n_gpu_layers,
         progress=progress,
     )
-    head, trained = _train(data, train_settings, feature_layer, init, warm_start)
+    head, trained = _train(data, gold, train_settings, feature_layer, init, warm_start)
     result: dict[str, Any] = {
         "model": str(model_path),
         "output": str(out_path),
@@ -146,15 +147,16 @@ def _collect_samples(
 
 def _train(
     data: list[ProblemData],
+    gold: dict[str, str],
     train_settings: TrainSettings,
     feature_layer: int,
     init: SprmHead | None,
     warm_start: bool,
 ) -> tuple[SprmHead, dict[str, Any]]:
-    """Split by problem, train the head, and report on the validation problems (on the training
-    ones when none are held out; against the warm start's head too)."""
-    train_keys, val_keys = split(
-        [d.key for d in data], train_settings.val_split, train_settings.seed
+    """Split by answer value (train.split), train the head, and report on the validation
+    problems (on the training ones when none are held out; against the warm start's head too)."""
+    train_keys, val_keys, how = split(
+        [(d.key, gold[d.key]) for d in data], train_settings.val_split, train_settings.seed
     )
     train_data = [d for d in data if d.key in train_keys]
     val_data = [d for d in data if d.key in val_keys] or train_data
@@ -170,6 +172,7 @@ def _train(
             "sign_filter_kept": log.kept_fraction[-1],
         },
         "validation_is_training_set": not val_keys,
+        "validation_split": how,
         "validation": report(val_data, head),
     }
     selector, best = fit_selector(

@@ -16,6 +16,7 @@ that agree with them and saturates every score at 1 (final loss 0).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,15 +57,51 @@ class TrainSettings:
             raise InvalidRequestError("the validation split must be in [0, 1)")
 
 
-def split(keys: Sequence[str], val_split: float, seed: int) -> tuple[set[str], set[str]]:
-    """(train, validation) problem keys: a seeded shuffle, at least one problem in each when
+MIN_ANSWER_GROUPS = 5  # fewer distinct answers than this: validation problems are drawn one by one
+
+
+def answer_key(answer: str) -> str:
+    """A gold answer's identity for grouping: numbers by value (`9`, `9.0` and ` 9 ` are one),
+    other text without whitespace and case."""
+    text = "".join(str(answer).split()).lower()
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        return text
+    return repr(value) if math.isfinite(value) else text
+
+
+def split(
+    problems: Sequence[tuple[str, str]], val_split: float, seed: int
+) -> tuple[set[str], set[str], str]:
+    """(train keys, validation keys, how) for (key, gold answer) pairs. Validation takes whole
+    answer values (`how` = "answer"): no validation problem's answer is right in training, so the
+    numbers it measures are not inflated by a head that learned which values tend to be right (on a
+    small answer space it does). With fewer than MIN_ANSWER_GROUPS distinct answers, problems are
+    drawn one by one (`how` = "problem"). A seeded shuffle; at least one problem on each side when
     val_split > 0 and there are two or more problems."""
-    order = sorted(keys)
+    keys = sorted({k for k, _ in problems})
+    n_val = round(len(keys) * val_split)
+    if val_split > 0 and len(keys) >= 2:
+        n_val = min(max(n_val, 1), len(keys) - 1)
+    if n_val == 0:
+        return set(keys), set(), "none"
+    by_answer: dict[str, set[str]] = {}
+    for k, a in problems:
+        by_answer.setdefault(answer_key(a), set()).add(k)
+    groups = [sorted(by_answer[a]) for a in sorted(by_answer)]
+    random.Random(seed).shuffle(groups)
+    if len(groups) >= MIN_ANSWER_GROUPS:
+        val: set[str] = set()
+        for g in groups:
+            if len(val) >= n_val:
+                break
+            val.update(g)
+        if len(val) < len(keys):
+            return set(keys) - val, val, "answer"
+    order = list(keys)
     random.Random(seed).shuffle(order)
-    n_val = round(len(order) * val_split)
-    if val_split > 0 and len(order) >= 2:
-        n_val = min(max(n_val, 1), len(order) - 1)
-    return set(order[n_val:]), set(order[:n_val])
+    return set(order[n_val:]), set(order[:n_val]), "problem"
 
 
 def training_steps(data: Sequence[ProblemData]) -> tuple[np.ndarray, np.ndarray]:
