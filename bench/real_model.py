@@ -15,7 +15,10 @@ even answers. The shots' operand sets are in neither.
 Phases, each resumable, so the bench runs as short chunks under a shared CPU lock (it exits 3
 while work remains, 0 when the results are written):
 1. `edge-metastone train-sprm --raw --stop '\\n\\n'` on the training problems (8 samples each; it
-   holds out 20% of them to fit and measure the combined selector) -> WORK/smol.sprm.gguf.
+   holds out 20% of them, by answer value, to fit and measure the combined selector), once per
+   head: the linear form and the paper's MLP with the SPR loss -> WORK/smol-{linear,mlp-spr}.sprm.gguf.
+   The head whose validation AUC is higher is the one measured in full (the other's AUC and k=8
+   accuracies are reported beside it).
 2. The test pool: 32 candidates per test problem with token log-probabilities and the layer-(L-2)
    feature of each step, generated once -> WORK/pool.jsonl (one line per problem) and
    WORK/pool/*.npz; the analysis scores the steps with phase 1's head (the runtime's head math).
@@ -116,10 +119,23 @@ class Clock:
 # --- 1. train-sprm --------------------------------------------------------------------------------
 
 
-def train_head(work: Path, model: Path, train: list[tuple], threads: int, clock: Clock) -> bool:
-    """Run train-sprm (killed at the chunk's end: its sample cache resumes); True when done."""
-    side = work / "smol.sprm.gguf"
-    report = work / "smol.sprm.gguf.report.json"
+HEADS = {  # sidecar name -> train-sprm's options for it
+    "linear": ["--form", "linear", "--loss", "bce"],
+    "mlp-spr": ["--form", "mlp", "--loss", "spr"],  # the paper's head and loss
+}
+
+
+def sidecar(work: Path, name: str) -> Path:
+    return work / f"smol-{name}.sprm.gguf"
+
+
+def train_head(
+    work: Path, model: Path, train: list[tuple], threads: int, clock: Clock, name: str
+) -> bool:
+    """Run train-sprm for head `name` (killed at the chunk's end: its sample cache, shared by
+    the heads, resumes); True when done."""
+    side = sidecar(work, name)
+    report = side.with_name(side.name + ".report.json")
     if report.is_file():
         return True
     data = work / "train.jsonl"
@@ -137,6 +153,9 @@ def train_head(work: Path, model: Path, train: list[tuple], threads: int, clock:
         str(data),
         "-o",
         str(side),
+        "--cache",
+        str(work / "samples"),
+        *HEADS[name],
         "--raw",
         "--stop",
         "\\n\\n",
@@ -153,18 +172,18 @@ def train_head(work: Path, model: Path, train: list[tuple], threads: int, clock:
         "--no-progress",
         "--json",
     ]
-    print(f"train-sprm on {len(train)} problems x {TRAIN_SAMPLES} samples ...", flush=True)
+    print(f"train-sprm ({name}) on {len(train)} problems x {TRAIN_SAMPLES} samples", flush=True)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(clock.left(), 1))
     except subprocess.TimeoutExpired:
-        done = len(list((work / "smol.sprm.gguf.samples").glob("*.npz")))
+        done = len(list((work / "samples").glob("*.npz")))
         print(f"  chunk over: {done}/{len(train)} problems sampled (resumes)", flush=True)
         return False
     if proc.returncode != 0:
         raise SystemExit(f"train-sprm failed:\n{proc.stderr}")
     timing = {"train_sprm_s": round(time.perf_counter() - t0, 1)}
-    (work / "train_timing.json").write_text(json.dumps(timing))
+    side.with_name(side.name + ".timing.json").write_text(json.dumps(timing))
     return True
 
 
@@ -274,7 +293,7 @@ def measure_speed(work: Path, model: Path, threads: int, rounds: int = 3) -> dic
     from edge_metastone.engine.weight_buffers import stock_defaults
     from edge_metastone.types import GenerationSettings, SamplingSettings
 
-    engine = Engine(model, head_path=work / "smol.sprm.gguf", n_threads=threads)
+    engine = Engine(model, head_path=sidecar(work, "linear"), n_threads=threads)
     with stock_defaults(model, engine.model.weight_plan.mode):
         llm = llama_cpp.Llama(
             str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
@@ -460,13 +479,26 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict:
     return {"diff": round(sum(d) / len(d), 4), "ci95": bootstrap(d)}
 
 
-def analyse(work: Path, n_train: int) -> dict:
-    """Everything measured on the pool, the training report and the speed."""
-    report = json.loads((work / "smol.sprm.gguf.report.json").read_text())
+def head_report(work: Path, name: str) -> dict:
+    return json.loads(
+        sidecar(work, name).with_name(sidecar(work, name).name + ".report.json").read_text()
+    )
+
+
+def chosen_head(work: Path) -> str:
+    """The head train-sprm measured best: the higher within-problem AUC on its own validation
+    problems (held out by answer value), never on the test pool."""
+    return max(HEADS, key=lambda n: head_report(work, n)["validation"]["trajectory_auc_within"])
+
+
+def evaluate_head(
+    work: Path, name: str
+) -> tuple[list[Problem], list[dict[int, bool]], Selector, dict]:
+    """The pool scored by head `name`, right/wrong per candidate, its fitted selector, report."""
+    report = head_report(work, name)
     sel = Selector.from_json(json.dumps(report["selector"]))
     assert sel is not None
-    strategy = StrategyName(report["default_strategy"])
-    head = open_model_file(smollm2_gguf(), work / "smol.sprm.gguf").head
+    head = open_model_file(smollm2_gguf(), sidecar(work, name)).head
     assert head is not None
     pool = load_pool(work, head)
     oks = [
@@ -476,9 +508,32 @@ def analyse(work: Path, n_train: int) -> dict:
         }
         for p in pool
     ]
+    return pool, oks, sel, report
+
+
+HEAD_RULES = ("sprm", "sprm_vote", "combined", "combined_vote")
+
+
+def analyse(work: Path, n_train: int) -> dict:
+    """Everything measured on the pool, the training reports and the speed."""
+    name = chosen_head(work)
+    pool, oks, sel, report = evaluate_head(work, name)
+    strategy = StrategyName(report["default_strategy"])
     table, per = accuracy_table(pool, oks, sel)
-    head_rules = ("sprm", "sprm_vote", "combined", "combined_vote")
-    best = max(head_rules, key=lambda r: table[r]["8"]["acc"])
+    best = max(HEAD_RULES, key=lambda r: table[r]["8"]["acc"])
+    others = {}
+    for other in HEADS:
+        if other != name:
+            p2, o2, s2, r2 = evaluate_head(work, other)
+            t2, _ = accuracy_table(p2, o2, s2)
+            others[other] = {
+                "validation": r2["validation"],
+                "validation_split": r2.get("validation_split"),
+                "selector_measured": r2["selector"]["measured"],
+                "default_strategy": r2["default_strategy"],
+                "auc_within": auc_table(p2, o2, s2),
+                "accuracy_k8": {r: t2[r]["8"] for r in HEAD_RULES},
+            }
     cands = [c for p in pool for c in p.candidates]
     return {
         "model": smollm2_gguf().name,
@@ -502,7 +557,14 @@ def analyse(work: Path, n_train: int) -> dict:
             "tokens": sum(c.n_tokens for c in cands),
             "truncated": sum(c.truncated for c in cands),
         },
+        "head": {
+            "chosen": name,
+            "options": HEADS[name],
+            "why": "the higher within-problem AUC on train-sprm's validation problems",
+        },
+        "other_heads": others,
         "train_sprm": {
+            "validation_split": report.get("validation_split"),
             "validation": report["validation"],
             "selector": report["selector"],
             "default_strategy": report["default_strategy"],
@@ -585,7 +647,7 @@ def plot(d: dict, path: Path) -> None:
     n = d["problems"]
     ax.set_ylabel(f"accuracy on {n['test']} held-out test problems (bars: 95% bootstrap)")
     ax.set_title(
-        f"SmolLM2-135M-Instruct Q4_1, a+b+c: head trained on {n['train']} problems "
+        f"SmolLM2-135M-Instruct Q4_1, a+b+c: {d['head']['chosen']} head trained on {n['train']} problems "
         f"(sums 1, 2 mod 4), tested on {n['test']} (sums 0, 3 mod 4)",
         fontsize=10,
     )
@@ -593,7 +655,11 @@ def plot(d: dict, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left")
     auc = d["auc_within"]
     names = ["head", "head_min_step", "logprob", "logprob_lowest", "combined"]
-    side.barh(names, [auc[a] or 0 for a in names], color="tab:gray")
+    values = [auc[a] or 0 for a in names]
+    for other, v in d.get("other_heads", {}).items():
+        names.append(f"head ({other})")
+        values.append(v["auc_within"]["head"] or 0)
+    side.barh(names, values, color="tab:gray")
     side.axvline(0.5, color="k", lw=0.8)
     side.axvline(0.8, color="tab:red", lw=0.8, ls="--", label="target 0.80")
     val = d["train_sprm"]["selector"]["measured"]["auc_within"]
@@ -640,8 +706,9 @@ def main() -> int:
     model = smollm2_gguf()
     train, test = problems(args.test_problems)
     train = train[: args.train_problems or None]
-    if not train_head(args.work, model, train, args.threads, clock):
-        return MORE_WORK
+    for name in HEADS:
+        if not train_head(args.work, model, train, args.threads, clock, name):
+            return MORE_WORK
     if not generate_pool(args.work, model, test, args.threads, clock):
         return MORE_WORK
     if not (args.work / "speed.json").is_file():

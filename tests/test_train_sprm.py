@@ -22,6 +22,7 @@ from conftest import REPO, run_cli
 from edge_metastone import keys
 from edge_metastone.engine.engine import Engine
 from edge_metastone.engine.scoring import forward_features
+from edge_metastone.errors import InvalidRequestError
 from edge_metastone.modelfile.copy import write_model_copy
 from edge_metastone.modelfile.read import open_model_file
 from edge_metastone.reasoner import Reasoner
@@ -365,3 +366,35 @@ def test_spr_head_learns_beside_a_massive_dimension():
     head, _ = train_head(x, y, TrainSettings(epochs=100, batch_size=64), feature_layer=2)
     s = head.scores(x)  # on raw features (measured): 90% of the scores in 0.9994-0.99997
     assert auc(s, y) > 0.95 and (s < 0.5).mean() > 0.2, (auc(s, y), np.percentile(s, [5, 50, 95]))
+
+
+def test_linear_form_is_the_logistic_fit_in_the_heads_shape():
+    """The linear form writes SPEC §1's head computing exactly the logistic regression's logit,
+    and that fit is the optimum: its gradient (log-loss + l2/2 |w|^2 on standardised features)
+    vanishes, checked here independently of the fitting code."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)) * np.array([1, 2, 50, 1, 1, 0.1]) + 3
+    y = (x[:, 0] + 0.05 * x[:, 2] + rng.normal(size=400) > 3.5).astype(np.float32)
+    settings = TrainSettings(loss="bce", form="linear", l2=5.0)
+    head, log = train_head(x.astype(np.float32), y, settings, feature_layer=4)
+    assert head.fc1_weight.shape == (12, 6) and head.feature_layer == 4
+    z = head.logits(x.astype(np.float32))
+    mu, sd = x.mean(0), x.std(0)
+    xs = (x - mu) / sd
+    # the logit as a function of standardised features: w_s = w*sd, and its gradient
+    w = head.fc1_weight[0].astype(np.float64)
+    w_s = w * sd
+    p = 1 / (1 + np.exp(-z.astype(np.float64)))
+    grad = xs.T @ (p - y) + 5.0 * w_s
+    assert np.abs(grad).max() < 1e-2, grad
+    assert abs((p - y).sum()) < 1e-2  # the (nearly free) bias
+    assert log.losses[0] > 0 and 0.5 < log.kept_fraction[0] <= 1
+    assert np.allclose(z, x @ w + head.fc1_bias[0], atol=1e-3)
+
+
+def test_linear_form_settings_are_checked():
+    with pytest.raises(InvalidRequestError, match="bce"):
+        TrainSettings(form="linear")  # the default loss is spr
+    for bad in ({"form": "tree"}, {"l2": 0.0}, {"l2": math.inf}, {"lr": math.inf}):
+        with pytest.raises(InvalidRequestError):
+            TrainSettings(**{"loss": "bce", **bad})

@@ -59,6 +59,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="spr",
         help="spr: the paper's (default); bce: plain outcome BCE, a deviation for comparison",
     )
+    p.add_argument(
+        "--form",
+        choices=["mlp", "linear"],
+        default="mlp",
+        help="mlp: the paper's head, trained by --loss (default); linear: an L2-regularised "
+        "logistic regression on each step's feature (needs --loss bce), written in the same head "
+        "shape; it learns less of which answer values tend to be right, so it holds up better "
+        "on answers it never saw",
+    )
+    p.add_argument(
+        "--l2", type=float, default=30.0, help="the linear form's L2 strength (default 30)"
+    )
     p.add_argument("--cache", type=Path, default=None, help="sample cache (default OUT.samples/)")
     add_threads_and_gpu(p)
     p.add_argument("--no-progress", action="store_true")
@@ -98,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         val_split=args.val_split,
         seed=args.seed,
+        form=args.form,
+        l2=args.l2,
     )
     result = train_sprm(
         args.model,
@@ -135,9 +149,10 @@ def format_report(result: dict) -> str:
     lines = [
         f"wrote {result['output']} (report: {result['report_file']})",
         f"train: {t['problems']} problems, {t['steps']} steps ({t['positive_steps']} positive), "
-        f"loss {t['loss']}, final {t['final_loss']:.4f}, sign filter kept "
+        f"{t['form']} head, loss {t['loss']}, final {t['final_loss']:.4f}, sign filter kept "
         f"{t['sign_filter_kept']:.2f}",
-        f"validation{' (= training set)' if result['validation_is_training_set'] else ''}: "
+        f"validation{' (= training set)' if result['validation_is_training_set'] else ''}"
+        f"{', held out by answer value' if result.get('validation_split') == 'answer' else ''}: "
         f"{v['problems']} problems x k={v['k']}, accuracy {_f(v['accuracy'])}, "
         f"{v['truncated']} truncated",
         f"  step AUC        pooled {_f(v['step_auc'])}   within problem {_f(v['step_auc_within'])}",

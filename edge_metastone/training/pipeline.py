@@ -69,6 +69,8 @@ def train_sprm(
     problems = read_problems(data_path)
     mf = open_model_file(model_path, head_path)
     init: SprmHead | None = mf.head if warm_start else None
+    if warm_start and train_settings.form != "mlp":
+        raise EdgeMetastoneError("--warm-start applies to the mlp form (a linear head is fitted)")
     if warm_start and init is None:
         raise EdgeMetastoneError(f"{model_path} has no SPRM head to warm-start from")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache(out_path)
@@ -202,6 +204,7 @@ def _head_facts(
     """How the head was trained, for the output's provenance."""
     return {
         "trained_with": train_settings.loss.value,
+        "form": train_settings.form,
         "script": "edge-metastone train-sprm",
         "data": data_path.name,
         "problems": n_problems,
