@@ -647,8 +647,9 @@ def plot(d: dict, path: Path) -> None:
     n = d["problems"]
     ax.set_ylabel(f"accuracy on {n['test']} held-out test problems (bars: 95% bootstrap)")
     ax.set_title(
-        f"SmolLM2-135M-Instruct Q4_1, a+b+c: {d['head']['chosen']} head trained on {n['train']} problems "
-        f"(sums 1, 2 mod 4), tested on {n['test']} (sums 0, 3 mod 4)",
+        f"SmolLM2-135M-Instruct Q4_1, a+b+c: {d['head']['chosen']} head trained on "
+        f"{n['train']} problems\n(sums 1, 2 mod 4), tested on {n['test']} held-out problems "
+        "(sums 0, 3 mod 4)",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
@@ -656,6 +657,7 @@ def plot(d: dict, path: Path) -> None:
     auc = d["auc_within"]
     names = ["head", "head_min_step", "logprob", "logprob_lowest", "combined"]
     values = [auc[a] or 0 for a in names]
+    names[:2] = [f"head ({d['head']['chosen']})", "its lowest step"]
     for other, v in d.get("other_heads", {}).items():
         names.append(f"head ({other})")
         values.append(v["auc_within"]["head"] or 0)
@@ -663,7 +665,7 @@ def plot(d: dict, path: Path) -> None:
     side.axvline(0.5, color="k", lw=0.8)
     side.axvline(0.8, color="tab:red", lw=0.8, ls="--", label="target 0.80")
     val = d["train_sprm"]["selector"]["measured"]["auc_within"]
-    side.scatter([val["head"], val["logprob"], val["combined"]], ["head", "logprob", "combined"],
+    side.scatter([val["head"], val["logprob"], val["combined"]], [names[0], "logprob", "combined"],
                  marker="x", color="tab:red", zorder=3, label="train-sprm validation")  # fmt: skip
     side.legend(fontsize=7, loc="lower right")
     side.set_xlim(0.3, 1.0)
@@ -679,8 +681,16 @@ def plot(d: dict, path: Path) -> None:
         for key, v in sp.items()
         if isinstance(v, dict)
     )
-    side.text(0.31, -0.9, f"speed, {sp['threads']} threads:\n{text}", fontsize=7.5, va="top")
+    side.text(
+        0.0,
+        -0.1,
+        f"speed, {sp['threads']} threads:\n{text}",
+        fontsize=7.5,
+        va="top",
+        transform=side.transAxes,
+    )
     fig.tight_layout()
+    fig.subplots_adjust(bottom=0.24)
     fig.savefig(path, dpi=110)
 
 

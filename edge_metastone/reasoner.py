@@ -79,6 +79,7 @@ class Reasoner:
         if backend is not None and (model is not None or head is not None):
             raise InvalidRequestError("pass either a model path or an opened backend")
         self.model_path = self.backend.path
+        self.head_path = Path(head) if head is not None else None  # as given (None: the file's)
         self.facts: ModelFacts = self.backend.facts
         self.sampling = sampling
         # None: the model's own (its task's answer length, e.g. 160 for MetaStone-nano), else 1024

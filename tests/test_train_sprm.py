@@ -209,6 +209,13 @@ def test_planted_signal_is_learned_and_input_untouched(planted, tmp_path):
     m = sel["measured"]
     assert m["problems"] == v["problems"] and not m["validation_is_training_set"]
     assert report["validation_split"] == "problem"  # every problem has the one answer GOLD
+    # the fronts read the head's measured quality from the sidecar it was recorded in
+    from edge_metastone.modelfile.about import about
+
+    facts = about(planted, out)
+    assert facts.head_auc_within == pytest.approx(v["trajectory_auc_within"])
+    assert facts.logprob_auc_within == pytest.approx(v["logprob_auc_within"])
+    assert about(planted).head_auc_within is None  # no sidecar beside the model
     assert m["auc_within"]["head"] > 0.9 and m["auc_within"]["combined"] > 0.8, m
     assert m["default_strategy"] == report["default_strategy"] == mf.default_strategy
     with Reasoner(model=planted, head=out, n_threads=1) as r:

@@ -51,7 +51,9 @@ def describe(mf: ModelFile) -> dict[str, object]:
         "sprm_head": head,
         "step_token_ids": list(mf.step_token_ids),
         "think_ids": [mf.think_start_id, mf.think_end_id],
-        "about": about(mf.path).to_json(),  # from the provenance: task, domain, head quality
+        "about": about(
+            mf.path, mf.head_source
+        ).to_json(),  # from the provenance: task, domain, head quality
     }
 
 

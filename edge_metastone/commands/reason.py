@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     ) as r:
         if args.recalibrate:
             r.calibration(refresh=True)
-        facts = about(r.model_path)
+        facts = about(r.model_path, r.head_path)
         warnings = prompt_warnings(facts, prompt, raw=args.raw)
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)

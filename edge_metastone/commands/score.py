@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeMetastoneError(f"cannot read {args.text_file}: {e}") from None
     model = args.model if args.model is not None else default_model_path()
-    facts = about(model)
+    facts = about(model, args.head)
     warnings: list[str] = []
     backend = open_backend(model, head=args.head, n_gpu_layers=args.gpu_layers)
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.modelfile.copy import provenance
+from edge_metastone.modelfile.read import sidecar_path
 from edge_metastone.models.arithmetic import TASKS, Task
 
 # a head whose within-problem trajectory AUC (right vs wrong candidates of the same problem) was
@@ -75,13 +76,25 @@ def _number(d: Any, *path: str) -> float | None:
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
 
 
-def about(path: Path | str) -> ModelAbout:
-    """The facts `path`'s provenance records (a directory or a file without one: none)."""
-    p = Path(path)
+def _provenance(p: Path) -> dict:
     try:
-        prov = provenance(p) if p.is_file() else {}
+        return provenance(p) if p.is_file() else {}
     except (OSError, ValueError, EdgeMetastoneError):
-        prov = {}
+        return {}
+
+
+def about(path: Path | str, head: Path | str | None = None) -> ModelAbout:
+    """The facts `path`'s provenance records (a directory or a file without one: none). The head's
+    measured quality comes from `head` (a sidecar), else from `path`, else from the sidecar beside
+    it (`NAME.sprm.gguf`, as the loader finds it) when `train-sprm` recorded it there."""
+    p = Path(path)
+    prov = _provenance(p)
+    side = Path(head) if head is not None else sidecar_path(p)
+    mine = prov.get("sprm")
+    if head is not None or not (isinstance(mine, dict) and "validation" in mine):
+        sprm = _provenance(side).get("sprm")
+        if isinstance(sprm, dict) and isinstance(sprm.get("validation"), dict):
+            prov = {**prov, "sprm": sprm}
     task_text = prov.get("task") if isinstance(prov.get("task"), str) else None
     name = prov.get("name") if isinstance(prov.get("name"), str) else None
     return ModelAbout(

@@ -165,7 +165,9 @@ def _model_card(reasoner: Reasoner, model_id: str, limits: Limits) -> dict[str, 
             "max_tokens_limit": limits.max_tokens,
             "default_max_tokens": limits.default_max_tokens,
             "efforts": {e.value: e.k for e in FIXED_EFFORTS if e.k <= limits.max_k},
-            "about": about(path).to_json(),  # name, task, domain, which step signal informs
+            "about": about(
+                path, reasoner.head_path
+            ).to_json(),  # name, task, domain, which step signal informs
         },
     }
 

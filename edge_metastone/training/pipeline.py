@@ -94,6 +94,13 @@ def train_sprm(
         **trained,
     }
     head_facts = _head_facts(Path(data_path), len(data), collect_settings, train_settings)
+    v = trained["validation"]
+    head_facts["validation"] = {  # what the fronts read to label the head (modelfile.about)
+        "split": trained["validation_split"],
+        "problems": v["problems"],
+        "trajectory_auc_within": v["trajectory_auc_within"],
+        "logprob_auc_within": v["logprob_auc_within"],
+    }
     recorded = {
         keys.SELECTOR: json.dumps(trained["selector"], sort_keys=True),
         keys.DEFAULT_STRATEGY: trained["default_strategy"],
