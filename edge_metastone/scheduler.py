@@ -37,7 +37,7 @@ from edge_metastone.kvpolicy import (
     score_matrix_bytes,
 )
 from edge_metastone.limits import PREFILL_BATCH
-from edge_metastone.paths import cache_dir
+from edge_metastone.paths import cache_dir, write_text_atomic
 from edge_metastone.types import KVLayout, KVType, ModelFacts
 
 logger = logging.getLogger(__name__)
@@ -501,8 +501,6 @@ def store(cal: Calibration) -> None:
     folder = cache_dir() / "calibration"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{cal.key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(cal.to_json(), indent=1))
-        os.replace(tmp, folder / f"{cal.key}.json")
+        write_text_atomic(folder / f"{cal.key}.json", json.dumps(cal.to_json(), indent=1))
     except OSError as e:
         logger.warning("could not cache the calibration: %s", e)

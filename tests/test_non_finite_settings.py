@@ -120,6 +120,20 @@ def test_reason_flags_refuse_non_finite_numbers(capsys, flag, value):
 
 
 @pytest.mark.parametrize("value", FLAG_VALUES)
+def test_serve_refuses_a_non_finite_shutdown_timeout_before_loading(capsys, value):
+    one_line_error(capsys, ["serve", f"--shutdown-timeout={value}"], "--shutdown-timeout must be")
+
+
+@pytest.mark.parametrize("value", FLAG_VALUES)
+@pytest.mark.parametrize("flag", ["--lr", "--l2", "--weight-decay"])
+def test_train_sprm_refuses_non_finite_numbers(capsys, tmp_path, flag, value):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1", "answer": 2}) + "\n")
+    argv = ["train-sprm", "--model", "m.gguf", "--data", str(data), "-o", str(tmp_path / "o.gguf")]
+    one_line_error(capsys, [*argv, f"{flag}={value}"], "must be a finite")
+
+
+@pytest.mark.parametrize("value", FLAG_VALUES)
 @pytest.mark.parametrize("flag", ["--latency-budget", "--memory-budget"])
 def test_batch_flags_refuse_non_finite_numbers_before_any_work(capsys, tmp_path, flag, value):
     inp = tmp_path / "in.jsonl"

@@ -118,6 +118,58 @@ def test_an_interrupted_summary_leaves_no_temporary_file(tmp_path, monkeypatch, 
     assert names(tmp_path) == []
 
 
+@pytest.mark.parametrize("failure", FAILURES, ids=FAILURE_IDS)
+def test_an_interrupted_calibration_store_leaves_no_temporary_file(tmp_path, monkeypatch, failure):
+    from edge_metastone import scheduler
+
+    monkeypatch.setattr(scheduler, "cache_dir", lambda: tmp_path)
+    cal = scheduler.Calibration({1: 0.01, 8: 0.02}, 1000.0, 1 << 20, 2, key="m")
+    monkeypatch.setattr(os, "replace", failing(failure))
+    if raised(failure) is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            scheduler.store(cal)
+    else:
+        scheduler.store(cal)  # a cache that cannot be written is a warning, not an error
+    monkeypatch.setattr(os, "replace", os.rename)
+    assert names(tmp_path / "calibration") == []
+    scheduler.store(cal)
+    assert names(tmp_path / "calibration") == ["m.json"]
+
+
+@pytest.mark.parametrize("failure", FAILURES, ids=FAILURE_IDS)
+@pytest.mark.parametrize("where", ["write", "rename"])
+def test_an_interrupted_sample_cache_leaves_no_temporary_file(
+    tmp_path, monkeypatch, failure, where
+):
+    import numpy as np
+
+    from edge_metastone.training import collect
+
+    data = collect.ProblemData(
+        key="k",
+        features=np.zeros((2, 3), np.float32),
+        steps=np.array([1, 1]),
+        correct=np.array([True, False]),
+        truncated=np.array([False, False]),
+        mean_logprob=np.zeros(2),
+        tokens=np.array([3, 4]),
+        answers=["1", "2"],
+        token_logprobs=np.zeros(7, np.float32),
+        n_logprobs=np.array([3, 4]),
+    )
+    if where == "write":
+        monkeypatch.setattr(np, "savez", failing(failure))
+    else:
+        monkeypatch.setattr(os, "replace", failing(failure))
+    with pytest.raises(raised(failure)):
+        data.save(tmp_path / "k.npz")
+    monkeypatch.undo()
+    assert names(tmp_path) == []
+    data.save(tmp_path / "k.npz")
+    assert names(tmp_path) == ["k.npz"]
+    assert collect.ProblemData.load(tmp_path / "k.npz").answers == ["1", "2"]
+
+
 # --- model files: GGUF and ONNX ---------------------------------------------------------------
 
 

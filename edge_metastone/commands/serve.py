@@ -188,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
     from edge_metastone.server.runner import DrainingServer
 
     settings = _settings(args)
-    if not (args.shutdown_timeout >= 0):
-        raise InvalidRequestError("--shutdown-timeout must be >= 0")
+    if not (0 <= args.shutdown_timeout <= 24 * 3600):
+        raise InvalidRequestError("--shutdown-timeout must be between 0 and 86400 seconds")
     _log_requests(args.quiet)
     sock = listen(args.host, args.port)
     with (

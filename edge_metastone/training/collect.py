@@ -10,6 +10,7 @@ one `<key>.npz` per problem (written atomically), and `journal.log` (one line pe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import numpy as np
 from edge_metastone.answers import answers_equivalent, extract_answer
 from edge_metastone.backend import Backend, generate_all
 from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
+from edge_metastone.paths import write_text_atomic
 from edge_metastone.types import Candidate, GenerationSettings, SamplingSettings
 
 logger = logging.getLogger(__name__)
@@ -128,20 +130,28 @@ class ProblemData:
     def save(self, path: Path) -> None:
         """Write atomically: a killed writer leaves no half file."""
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz.partial", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                features=self.features,
-                steps=self.steps,
-                correct=self.correct,
-                truncated=self.truncated,
-                mean_logprob=self.mean_logprob,
-                tokens=self.tokens,
-                answers=np.array(self.answers, dtype=str),
-                token_logprobs=self.token_logprobs,
-                n_logprobs=self.n_logprobs,
-            )
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self._savez(f)
+            os.replace(tmp, path)
+        except BaseException:  # Ctrl-C and a full disk included: no half file is left behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _savez(self, f) -> None:
+        np.savez(
+            f,
+            features=self.features,
+            steps=self.steps,
+            correct=self.correct,
+            truncated=self.truncated,
+            mean_logprob=self.mean_logprob,
+            tokens=self.tokens,
+            answers=np.array(self.answers, dtype=str),
+            token_logprobs=self.token_logprobs,
+            n_logprobs=self.n_logprobs,
+        )
 
     @classmethod
     def load(cls, path: Path) -> ProblemData:
@@ -237,9 +247,7 @@ class SampleCache:
                     "pass a new --cache folder or delete that one"
                 )
         else:
-            tmp = meta.with_suffix(".json.partial")
-            tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-            os.replace(tmp, meta)
+            write_text_atomic(meta, json.dumps(identity, indent=2, sort_keys=True))
 
     def path(self, key: str) -> Path:
         """Where one problem's samples live."""
