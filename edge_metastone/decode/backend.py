@@ -40,9 +40,8 @@ class DecodingBackend:
 
     @property
     def selector(self) -> str | None:
-        """The model file's `metastone.selector` (JSON), if any (a runtime whose model is no
-        `ModelFile` overrides this)."""
-        return getattr(getattr(self, "model_file", None), "selector", None)
+        """The model's fitted combined selector (`metastone.selector`, JSON), if any."""
+        raise NotImplementedError
 
     @property
     def n_ctx(self) -> int:

@@ -134,6 +134,11 @@ class Engine(DecodingBackend):
         return self.model_file.default_strategy
 
     @property
+    def selector(self) -> str | None:
+        """The file's (or its sidecar head's) `metastone.selector` (JSON), if any."""
+        return self.model_file.selector
+
+    @property
     def adaptive(self) -> str | None:
         """The file's `metastone.adaptive` (JSON), if any."""
         return self.model_file.adaptive
