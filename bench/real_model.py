@@ -694,6 +694,30 @@ def plot(d: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(d: dict) -> str:
+    """The accuracy table as the README shows it."""
+    acc = d["accuracy"]
+    rows = [
+        ("one sample", {"1": acc["one_sample"]["1"]}),
+        *((LABELS[n], acc[n]) for n in LABELS if n in acc and n != "oracle"),
+        ("adaptive (waves 3/8/32)", d["adaptive"]),
+        (LABELS["oracle"], acc["oracle"]),
+    ]
+
+    def cell(v: dict | None) -> str:
+        if v is None:
+            return ""
+        return f"{v['acc']:.3f} ({v['ci95'][0]:.2f}-{v['ci95'][1]:.2f})"
+
+    out = ["| selector | k=2 | k=8 | k=32 |", "|---|---|---|---|"]
+    for label, by_k in rows:
+        if "1" in by_k:
+            out.append(f"| {label} | {cell(by_k['1'])} (k=1) | | |")
+            continue
+        out.append(f"| {label} | " + " | ".join(cell(by_k.get(k)) for k in ("2", "8", "32")) + " |")
+    return "\n".join(out)
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -709,7 +733,9 @@ def main() -> int:
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT.png from OUT.json")
     args = ap.parse_args()
     if args.plot_only:
-        plot(json.loads(Path(f"{args.out}.json").read_text()), Path(f"{args.out}.png"))
+        d = json.loads(Path(f"{args.out}.json").read_text())
+        plot(d, Path(f"{args.out}.png"))
+        print(markdown(d))
         return 0
     clock = Clock(args.chunk_minutes)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -731,6 +757,7 @@ def main() -> int:
     d["targets"] = targets(d)
     Path(f"{args.out}.json").write_text(json.dumps(d, indent=1) + "\n")
     plot(d, Path(f"{args.out}.png"))
+    print(markdown(d))
     print(f"wrote {args.out}.json and {args.out}.png")
     return 0
 
