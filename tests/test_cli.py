@@ -190,6 +190,9 @@ def test_sigint_at_any_moment_exits_130_quietly(when):
         env=ENV,
         cwd=REPO,
         pass_fds=(w,),
+        # a shell without job control starts background jobs with SIGINT ignored, and Python
+        # keeps it ignored: the child gets the default a terminal's Ctrl-C meets
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(w)
     with os.fdopen(r, "rb") as mark:

@@ -44,6 +44,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="end a candidate where TEXT appears (repeatable; \\n is a newline; e.g. a few-shot "
         "prompt's separator '\\n\\n')",
     )
+    _add_training_options(p)
+    p.add_argument("--cache", type=Path, default=None, help="sample cache (default OUT.samples/)")
+    add_threads_and_gpu(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_weight_buffers(p)
+    p.set_defaults(run=run)
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """How the head is trained and validated."""
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=256)
@@ -71,12 +82,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--l2", type=float, default=30.0, help="the linear form's L2 strength (default 30)"
     )
-    p.add_argument("--cache", type=Path, default=None, help="sample cache (default OUT.samples/)")
-    add_threads_and_gpu(p)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_weight_buffers(p)
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -93,14 +93,7 @@ def train_sprm(
         "collect": asdict(collect_settings),
         **trained,
     }
-    head_facts = _head_facts(Path(data_path), len(data), collect_settings, train_settings)
-    v = trained["validation"]
-    head_facts["validation"] = {  # what the fronts read to label the head (modelfile.about)
-        "split": trained["validation_split"],
-        "problems": v["problems"],
-        "trajectory_auc_within": v["trajectory_auc_within"],
-        "logprob_auc_within": v["logprob_auc_within"],
-    }
+    head_facts = _head_facts(Path(data_path), len(data), collect_settings, train_settings, trained)
     recorded = {
         keys.SELECTOR: json.dumps(trained["selector"], sort_keys=True),
         keys.DEFAULT_STRATEGY: trained["default_strategy"],
@@ -207,9 +200,18 @@ def _head_facts(
     n_problems: int,
     collect_settings: CollectSettings,
     train_settings: TrainSettings,
+    trained: dict[str, Any],
 ) -> dict[str, Any]:
-    """How the head was trained, for the output's provenance."""
+    """How the head was trained and what its validation measured (the fronts read the latter to
+    label the head, modelfile.about), for the output's provenance."""
+    v = trained["validation"]
     return {
+        "validation": {
+            "split": trained["validation_split"],
+            "problems": v["problems"],
+            "trajectory_auc_within": v["trajectory_auc_within"],
+            "logprob_auc_within": v["logprob_auc_within"],
+        },
         "trained_with": train_settings.loss.value,
         "form": train_settings.form,
         "script": "edge-metastone train-sprm",
