@@ -222,6 +222,33 @@ def test_planted_signal_is_learned_and_input_untouched(planted, tmp_path):
         assert r.default_strategy.value == report["default_strategy"]
 
 
+def test_form_auto_keeps_the_form_with_the_higher_validation_auc(planted, tmp_path):
+    """`--form auto` trains the MLP (SPR) and the linear form on the same steps, reports both on
+    the validation problems, keeps the better, and records the kept form and its loss."""
+    data = write_problems(tmp_path / "p.jsonl", 40)
+    out = tmp_path / "auto.sprm.gguf"
+    proc = run_cli(
+        "train-sprm", "--model", str(planted), "--data", str(data), "-o", str(out), "--form",
+        "auto", "--samples", "8", "--max-new-tokens", "16", "--threads", "1", "--json",
+        "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    forms = report["forms"]
+    chosen = forms["chosen"]
+    aucs = {f: forms[f]["trajectory_auc_within"] for f in ("mlp", "linear")}
+    assert chosen == max(aucs, key=lambda f: (aucs[f], f == "mlp")), forms
+    assert report["validation"] == forms[chosen] and report["train"]["form"] == chosen
+    assert report["train"]["loss"] == ("bce" if chosen == "linear" else "spr")
+    side = gguf.GGUFReader(out)
+    assert side.get_field(keys.SPRM_TRAINED_WITH).contents() == report["train"]["loss"]
+    prov = json.loads(side.get_field(keys.PROVENANCE).contents())
+    assert prov["sprm"]["form"] == chosen
+    head = open_model_file(planted, out).head
+    linear_shape = not head.fc1_weight[2:].any() and not head.fc2_weight[2:].any()
+    assert linear_shape == (chosen == "linear")  # the head written is the form kept
+
+
 def test_train_sprm_refuses_to_overwrite_its_input(planted, tmp_path):
     data = write_problems(tmp_path / "p.jsonl", 4)
     proc = run_cli("train-sprm", "--model", str(planted), "--data", str(data), "-o", str(planted))

@@ -72,12 +72,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--form",
-        choices=["mlp", "linear"],
+        choices=["mlp", "linear", "auto"],
         default="mlp",
         help="mlp: the paper's head, trained by --loss (default); linear: an L2-regularised "
         "logistic regression on each step's feature (needs --loss bce), written in the same head "
         "shape; it learns less of which answer values tend to be right, so it holds up better "
-        "on answers it never saw",
+        "on answers it never saw; auto: both, keeping the higher within-problem AUC on the "
+        "validation problems",
     )
     p.add_argument(
         "--l2", type=float, default=30.0, help="the linear form's L2 strength (default 30)"
@@ -176,4 +177,10 @@ def format_report(result: dict) -> str:
         "  accuracy: " + ", ".join(f"{name} {_f(acc)}" for name, acc in m["accuracy"].items()),
         f"  default strategy recorded: {result['default_strategy']}",
     ]
+    if "forms" in result:
+        f = result["forms"]
+        lines.append(
+            f"forms (validation within-problem AUC): mlp {_f(f['mlp']['trajectory_auc_within'])}, "
+            f"linear {_f(f['linear']['trajectory_auc_within'])}; kept {f['chosen']}"
+        )
     return "\n".join(lines)

@@ -8,12 +8,15 @@ when the output name ends in `.sprm.gguf`, into a sidecar head file, with the fi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edge_metastone import keys
 from edge_metastone.errors import EdgeMetastoneError
@@ -31,8 +34,10 @@ from edge_metastone.training.collect import (
     identity,
     read_problems,
 )
+from edge_metastone.training.loss import Loss
 from edge_metastone.training.selector_fit import fit_selector
 from edge_metastone.training.train import (
+    TrainLog,
     TrainSettings,
     report,
     samples_for,
@@ -163,10 +168,10 @@ def _train(
     train_data = [d for d in data if d.key in train_keys]
     val_data = [d for d in data if d.key in val_keys] or train_data
     x, y = training_steps(train_data)
-    head, log = train_head(x, y, train_settings, feature_layer=feature_layer, init=init)
+    settings, head, log, forms = _fit_forms(x, y, val_data, train_settings, feature_layer, init)
     trained: dict[str, Any] = {
         "train": {
-            **_train_facts(train_settings, warm_start),
+            **_train_facts(settings, warm_start),
             "problems": len(train_data),
             "steps": len(y),
             "positive_steps": int(y.sum()),
@@ -175,8 +180,10 @@ def _train(
         },
         "validation_is_training_set": not val_keys,
         "validation_split": how,
-        "validation": report(val_data, head),
+        "validation": forms[settings.form],
     }
+    if train_settings.form == "auto":  # every form's validation, and which was kept
+        trained["forms"] = {"chosen": settings.form, **forms}
     selector, best = fit_selector(
         samples_for(val_data, head), seed=train_settings.seed, in_sample=not val_keys
     )
@@ -185,6 +192,34 @@ def _train(
     if init is not None:
         trained["validation_before"] = report(val_data, init)
     return head, trained
+
+
+def _fit_forms(
+    x: np.ndarray,
+    y: np.ndarray,
+    val_data: list[ProblemData],
+    train_settings: TrainSettings,
+    feature_layer: int,
+    init: SprmHead | None,
+) -> tuple[TrainSettings, SprmHead, TrainLog, dict[str, dict[str, Any]]]:
+    """Train the head in its form, or for `auto` in each form (the MLP with the chosen loss, the
+    linear one with BCE), keeping the higher within-problem AUC on the validation problems (ties:
+    the MLP, the paper's). Returns the kept form's settings, head and log, and each form's
+    validation report."""
+    forms = ("mlp", "linear") if train_settings.form == "auto" else (train_settings.form,)
+    fits, reports = {}, {}
+    for form in forms:
+        loss = Loss.BCE if form == "linear" else train_settings.loss
+        settings = dataclasses.replace(train_settings, form=form, loss=loss)
+        fits[form] = (
+            settings,
+            *train_head(
+                x, y, settings, feature_layer=feature_layer, init=init if form == "mlp" else None
+            ),
+        )
+        reports[form] = report(val_data, fits[form][1])
+    best = max(forms, key=lambda f: (reports[f]["trajectory_auc_within"] or 0.0, f == "mlp"))
+    return (*fits[best], reports)
 
 
 def _train_facts(train_settings: TrainSettings, warm_start: bool) -> dict[str, Any]:
@@ -212,8 +247,8 @@ def _head_facts(
             "trajectory_auc_within": v["trajectory_auc_within"],
             "logprob_auc_within": v["logprob_auc_within"],
         },
-        "trained_with": train_settings.loss.value,
-        "form": train_settings.form,
+        "trained_with": trained["train"]["loss"],
+        "form": trained["train"]["form"],
         "script": "edge-metastone train-sprm",
         "data": data_path.name,
         "problems": n_problems,

@@ -32,7 +32,7 @@ from edge_metastone.training.metrics import ProblemSamples, auc_report, selectio
 logger = logging.getLogger(__name__)
 
 
-FORMS = ("mlp", "linear")
+FORMS = ("mlp", "linear", "auto")  # auto: train-sprm fits both and keeps the better (pipeline)
 # measured on SmolLM2-135M a+b+c problems, 4 folds that hold out whole answer values: within-problem
 # AUC 0.747 at 1, 0.760 at 30, 0.744 at 300; the MLP 0.729 (bench/head_forms.py; results/)
 DEFAULT_L2 = 30.0
@@ -49,7 +49,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     val_split: float = 0.2
     seed: int = 0
-    form: str = "mlp"  # "mlp": SPEC §1's head trained by `loss`; "linear": see train_linear
+    form: str = "mlp"  # "mlp": SPEC §1's head trained by `loss`; "linear": see train_linear; "auto"
     l2: float = DEFAULT_L2  # the linear form's L2 strength on standardised features
 
     def __post_init__(self) -> None:
@@ -219,6 +219,8 @@ def train_head(
     init: SprmHead | None = None,
 ) -> tuple[SprmHead, TrainLog]:
     """Fit the head on steps (x, y) with the chosen loss; `init` warm-starts it (the MLP)."""
+    if settings.form == "auto":
+        raise InvalidRequestError("form 'auto' is train-sprm's choice between the forms")
     if settings.form == "linear":
         return train_linear(x, y, settings, feature_layer=feature_layer)
     import torch
