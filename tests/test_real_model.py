@@ -262,15 +262,20 @@ def test_batch_end_to_end(smol, tmp_path):
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     proc = run_cli(
         "batch", str(src), "-o", str(out), "--model", str(smol), "--raw", "--effort", "low",
-        "--max-new-tokens", "24", "--threads", "2", "--no-progress", "--json",
+        "--max-new-tokens", "40", "--stop", "\\n\\n", "--threads", "2", "--no-progress", "--json",
+        "--full",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["q0", "q1", "q2"]
     for r in records:
         assert r["k"] == 2 and len(r["candidates"]) == 2, r
-        assert all(0 < c["tokens"] <= 24 for c in r["candidates"]), r
+        assert all(0 < c["tokens"] <= 40 for c in r["candidates"]), r
         assert isinstance(r["correct"], bool)
+        assert "\n\n" not in r["text"] and r["text"].startswith("Step 1:"), r["text"]
+    # the few-shot separator ends candidates (`--stop '\n\n'`, typed as on a command line)
+    ends = [c["finish_reason"] for r in records for c in r["candidates"]]
+    assert "stop" in ends, ends
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     low = summary["modes"]["low"]
     assert summary["records"] == 3 and summary["errors"] == 0 and low["with_answer"] == 3

@@ -20,6 +20,23 @@ def add_threads_and_gpu(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_stop(p: argparse.ArgumentParser) -> None:
+    """`--stop TEXT` (repeatable) of the commands that generate; read it with `stop_strings`."""
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end a candidate where TEXT appears (repeatable; \\n is a newline; e.g. a few-shot "
+        "prompt's separator '\\n\\n')",
+    )
+
+
+def stop_strings(args: argparse.Namespace) -> tuple[str, ...]:
+    """The --stop texts, with `\\n` and `\\t` typed on a command line as the characters."""
+    return tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop)
+
+
 def add_weight_buffers(p: argparse.ArgumentParser) -> None:
     """The `--weight-buffers` option of every command that loads a GGUF."""
     p.add_argument(

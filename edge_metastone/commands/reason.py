@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers, print_json
+from edge_metastone.commands import (
+    add_stop,
+    add_threads_and_gpu,
+    add_weight_buffers,
+    print_json,
+    stop_strings,
+)
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.modelfile.about import ModelAbout, about
 from edge_metastone.models.arithmetic import DOMAIN
@@ -96,6 +102,7 @@ def add_reason_options(
         help="tokens per candidate (default: the model's own: its task's answer length, 160 for "
         "the embedded model; 1024 for a model without one)",
     )
+    add_stop(p)
     add_threads_and_gpu(p)
     add_weight_buffers(p)
 
@@ -114,6 +121,7 @@ def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
         "allow_degrade": args.allow_degrade,
         "raw": args.raw,
         "kv_cache": args.kv_cache,
+        "stop": stop_strings(args),
     }
     return ReasonOptions(**{**fields, **changes})
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers, print_json
+from edge_metastone.commands import (
+    add_stop,
+    add_threads_and_gpu,
+    add_weight_buffers,
+    print_json,
+    stop_strings,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,14 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="prompts are pre-rendered text, fed as they are (default: each is a user message "
         "in the model's chat template)",
     )
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="end a candidate where TEXT appears (repeatable; \\n is a newline; e.g. a few-shot "
-        "prompt's separator '\\n\\n')",
-    )
+    add_stop(p)
     _add_training_options(p)
     p.add_argument("--cache", type=Path, default=None, help="sample cache (default OUT.samples/)")
     add_threads_and_gpu(p)
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         raw=args.raw,
-        stop=tuple(_unescape(s) for s in args.stop),
+        stop=stop_strings(args),
     )
     train = TrainSettings(
         loss=args.loss,
@@ -137,11 +136,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_report(result))
     return 0
-
-
-def _unescape(text: str) -> str:
-    """`\\n` and `\\t` typed on a command line as the characters."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _f(v: object) -> str:
