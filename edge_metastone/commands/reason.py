@@ -181,9 +181,14 @@ def _chosen_by(result) -> str:
     name = result.strategy
     if name == "logprob" or (c.score is None and c.mean_logprob is not None):
         return f"{name}: mean token log-prob {_logprob(c)}, the highest of {result.k}"
-    if name in ("vote", "weighted-vote"):
+    if name in ("vote", "weighted-vote", "confidence-vote", "combined-vote"):
         n = sum(x.answer == c.answer for x in result.candidates)
         return f"{name}: {n} of {result.k} candidates answer {c.answer or '(none)'}"
+    if name == "combined":
+        return (
+            f"{name} (the head with the model's log-probability): SPRM score {_sprm(c)}, "
+            f"mean token log-prob {_logprob(c)}"
+        )
     return f"{name}: SPRM score {_sprm(c)}"
 
 
