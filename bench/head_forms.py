@@ -21,10 +21,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_metastone.sprm import trajectory_score  # noqa: E402
 from edge_metastone.training.collect import Problem, ProblemData  # noqa: E402
-from edge_metastone.training.metrics import within_auc  # noqa: E402
-from edge_metastone.training.train import TrainSettings, train_head, training_steps  # noqa: E402
+from edge_metastone.training.metrics import auc_report  # noqa: E402
+from edge_metastone.training.train import (  # noqa: E402
+    TrainSettings,
+    samples_for,
+    train_head,
+    training_steps,
+)
 
 WORK = Path.home() / ".cache" / "edge-metastone-bench" / "real_model"
 FOLDS = 4
@@ -48,12 +52,8 @@ def load(work: Path) -> tuple[list[ProblemData], list[str]]:
 
 
 def auc_of(head, data: list[ProblemData]) -> float:
-    groups = [
-        [trajectory_score(list(head.scores(f))) if len(f) else 0.0 for f in d.candidate_features()]
-        for d in data
-    ]
-    labels = [[float(c) for c in d.correct] for d in data]
-    value, _ = within_auc(groups, labels)
+    """The head's within-problem trajectory AUC, as train-sprm's report measures it."""
+    value = auc_report(samples_for(data, head))["trajectory_auc_within"]
     assert value is not None
     return value
 

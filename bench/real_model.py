@@ -135,8 +135,7 @@ def train_head(
     """Run train-sprm for head `name` (killed at the chunk's end: its sample cache, shared by
     the heads, resumes); True when done."""
     side = sidecar(work, name)
-    report = side.with_name(side.name + ".report.json")
-    if report.is_file():
+    if report_path(work, name).is_file():
         return True
     data = work / "train.jsonl"
     data.write_text(
@@ -192,16 +191,15 @@ def train_head(
 _FIELDS = ("index", "token_ids", "text", "mean_logprob", "token_logprobs")
 
 
-def to_row(c: Candidate, n_prompt: int) -> dict:
+def to_row(c: Candidate, generated_steps: int) -> dict:
     """A candidate as pool.jsonl keeps it (its step features go to the problem's .npz)."""
     d = {f: getattr(c, f) for f in _FIELDS}
-    gen = [i >= n_prompt - 1 for i in c.step_positions]
     return {
         **d,
         "finish_reason": c.finish_reason.value,
         "step_positions": c.step_positions,
         "step_confidence": c.step_confidence,
-        "generated_steps": sum(gen),
+        "generated_steps": generated_steps,
     }
 
 
@@ -213,6 +211,7 @@ def generate_pool(work: Path, model: Path, test: list[tuple], threads: int, cloc
     import numpy as np
 
     from edge_metastone.engine.engine import Engine
+    from edge_metastone.training.collect import response_features
     from edge_metastone.types import GenerationSettings, SamplingSettings
 
     pool = work / "pool.jsonl"
@@ -231,14 +230,14 @@ def generate_pool(work: Path, model: Path, test: list[tuple], threads: int, cloc
             ids = engine.tokenize(prompt(test[i]))
             sampling = SamplingSettings(temperature=TEMPERATURE, top_p=TOP_P, seed=1000 + i)
             cands = engine.generate_all(ids, POOL_K, sampling, settings)
-            n_prompt_steps = sum(p < len(ids) - 1 for p in cands[0].step_positions)
-            gen = [c.step_features[n_prompt_steps:] for c in cands]
+            gen = [response_features(c, len(ids)) for c in cands]  # the steps each one wrote
+            n_prompt_steps = len(cands[0].step_positions) - len(gen[0])
             np.savez(
                 work / "pool" / f"{i}.npz",
                 prompt=cands[0].step_features[:n_prompt_steps],
                 generated=np.concatenate(gen),
             )
-            rows = [to_row(c, len(ids)) for c in cands]
+            rows = [to_row(c, len(g)) for c, g in zip(cands, gen, strict=True)]
             f.write(json.dumps({"q": test[i], "n_prompt": len(ids), "candidates": rows}) + "\n")
             f.flush()
             have = i + 1
@@ -479,10 +478,14 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict:
     return {"diff": round(sum(d) / len(d), 4), "ci95": bootstrap(d)}
 
 
+def report_path(work: Path, name: str) -> Path:
+    """Where train-sprm writes head `name`'s report (beside its output)."""
+    side = sidecar(work, name)
+    return side.with_name(side.name + ".report.json")
+
+
 def head_report(work: Path, name: str) -> dict:
-    return json.loads(
-        sidecar(work, name).with_name(sidecar(work, name).name + ".report.json").read_text()
-    )
+    return json.loads(report_path(work, name).read_text())
 
 
 def chosen_head(work: Path) -> str:

@@ -201,10 +201,9 @@ def train_linear(
     answer values tend to be right, and holds up better on answers it never saw (DEFAULT_L2)."""
     from edge_metastone.training.selector_fit import fit_logistic
 
-    if len(x) == 0:
-        raise InvalidRequestError("no training steps: no untruncated candidate had a scored step")
-    w, b = fit_logistic(np.asarray(x, np.float64), np.asarray(y, np.float64), settings.l2)
-    z = np.asarray(x, np.float64) @ w + b
+    x64 = np.asarray(x, np.float64)
+    w, b = fit_logistic(x64, np.asarray(y, np.float64), settings.l2)
+    z = x64 @ w + b
     loss = float(np.mean(np.logaddexp(0.0, z) - y * z))
     kept = float(np.mean((z > 0) == (y > 0.5)))
     return linear_head(w, b, feature_layer), TrainLog([loss], [kept])
@@ -221,12 +220,12 @@ def train_head(
     """Fit the head on steps (x, y) with the chosen loss; `init` warm-starts it (the MLP)."""
     if settings.form == "auto":
         raise InvalidRequestError("form 'auto' is train-sprm's choice between the forms")
+    if len(x) == 0:
+        raise InvalidRequestError("no training steps: no untruncated candidate had a scored step")
     if settings.form == "linear":
         return train_linear(x, y, settings, feature_layer=feature_layer)
     import torch
 
-    if len(x) == 0:
-        raise InvalidRequestError("no training steps: no untruncated candidate had a scored step")
     torch.manual_seed(settings.seed)
     mu, sd = feature_scale(x)
     head = _torch_head(x.shape[1], init, mu, sd)
