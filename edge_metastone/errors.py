@@ -34,3 +34,7 @@ class InvalidRequestError(EdgeMetastoneError, ValueError):
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class RequestCancelledError(EdgeMetastoneError):
+    """A generation stopped because its consumer went away or its model was closed."""

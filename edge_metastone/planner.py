@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from edge_metastone.adaptive_budget import plan_adaptive
@@ -55,9 +57,10 @@ _NEEDS_SELECTOR = {StrategyName.COMBINED, StrategyName.COMBINED_VOTE}
 
 
 class Planner:
-    """Plans requests for `backend`; `lock` is held while the calibration runs the model. A
-    calibration passed in is the caller's: used as it is, never re-checked. `progress` hears how a
-    calibration goes; `meter` replaces its measurement (tests)."""
+    """Plans requests for `backend`; `exclusive()` holds the model alone while the calibration
+    runs it (never beside a generation). A calibration passed in is the caller's: used as it is,
+    never re-checked. `progress` hears how a calibration goes; `meter` replaces its measurement
+    (tests). Safe to call from several requests' threads at once."""
 
     def __init__(
         self,
@@ -65,7 +68,7 @@ class Planner:
         n_threads: int,
         sampling: SamplingSettings,
         calibration: Calibration | None,
-        lock: threading.RLock,
+        exclusive: Callable[[], AbstractContextManager[None]],
         progress: ProgressHook | None = None,
     ) -> None:
         self.backend = backend
@@ -74,23 +77,23 @@ class Planner:
         self._calibration = calibration
         self._given = calibration is not None
         self._stored = False  # the calibration held is the one cached on disk
-        self._lock = lock
+        self._exclusive = exclusive
+        self._lock = threading.RLock()  # the held calibration (state only: never held to measure)
         self.progress = progress
         self.meter: Meter | None = None
 
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once and checked, then cached on
         disk; re-checked first when a run disagreed with it)."""
-        with self._lock:  # it runs the engine: never beside a generation
-            cal = self._calibration
-            if cal is None or refresh or (cal.suspect and not self._given):
-                self.measure(refresh=refresh)
-            assert self._calibration is not None
-            return self._calibration
+        cal = self._calibration
+        if cal is None or refresh or (cal.suspect and not self._given):
+            self.measure(refresh=refresh)
+        assert self._calibration is not None
+        return self._calibration
 
     def measure(self, *, refresh: bool = False, shape: Shape | None = None) -> Outcome:
         """Load, re-check or measure the calibration (`calibration_for`), and hold it."""
-        with self._lock:
+        with self._exclusive(), self._lock:  # it runs the engine: never beside a generation
             out = calibration_for(
                 self.backend,
                 self.n_threads,
@@ -103,25 +106,33 @@ class Planner:
             self._calibration, self._given, self._stored = out.calibration, False, out.stored
             return out
 
+    def _measure_once(self, shape: Shape) -> Outcome:
+        """Measure for a request, unless another request's measurement finished meanwhile."""
+        with self._exclusive():
+            cal = self._calibration
+            if cal is not None and not cal.suspect:
+                return Outcome(cal, CalibrationStatus.CACHED, stored=self._stored)
+            return self.measure(shape=shape)
+
     def prepare(self, prompt_tokens: int, o: ReasonOptions) -> dict[str, Any]:
         """Get the calibration this request plans with ready, before its latency budget counts:
         measured (first use), re-checked (a run disagreed with it), else cached or none. Returns
         the result's `calibration` note: where it came from, the seconds it took (not counted in
         the request's latency budget: `in_budget` false), and its checks."""
-        with self._lock:
-            cal = self._calibration
-            if self._given:
-                out = Outcome(cal, CalibrationStatus.GIVEN) if cal else None
-            elif needs_calibration(o) and (cal is None or cal.suspect):
-                auto_k = min(Effort.MEDIUM.k, o.max_k or Effort.MEDIUM.k)
-                k = o.effort.mode.k or auto_k  # auto and adaptive: measured at medium's k
-                out = self.measure(shape=Shape(prompt_tokens, k))
-            elif cal is not None:
-                out = Outcome(cal, CalibrationStatus.CACHED, stored=self._stored)
-            else:  # a fixed effort: a cached calibration only describes the plan
-                found = cached_calibration(self.backend, self.n_threads, self.sampling)
+        cal = self._calibration
+        if self._given:
+            out = Outcome(cal, CalibrationStatus.GIVEN) if cal else None
+        elif needs_calibration(o) and (cal is None or cal.suspect):
+            auto_k = min(Effort.MEDIUM.k, o.max_k or Effort.MEDIUM.k)
+            k = o.effort.mode.k or auto_k  # auto and adaptive: measured at medium's k
+            out = self._measure_once(Shape(prompt_tokens, k))
+        elif cal is not None:
+            out = Outcome(cal, CalibrationStatus.CACHED, stored=self._stored)
+        else:  # a fixed effort: a cached calibration only describes the plan
+            found = cached_calibration(self.backend, self.n_threads, self.sampling)
+            with self._lock:
                 self._calibration, self._stored = found, found is not None
-                out = Outcome(found, CalibrationStatus.CACHED, stored=True) if found else None
+            out = Outcome(found, CalibrationStatus.CACHED, stored=True) if found else None
         note = out.as_dict() if out else {"status": CalibrationStatus.NONE.value, "seconds": 0.0}
         return {**note, "in_budget": False}
 
@@ -130,6 +141,8 @@ class Planner:
         the calibration predicts for its shape, mark the calibration for a re-check before its next
         use (the cached file too)."""
         if plan.effort is Effort.ADAPTIVE:  # its waves run fewer than plan.k at a time
+            return
+        if timings.shared_rounds:  # batched with other requests: its steps were not its own
             return
         with self._lock:
             cal = self._calibration

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,14 @@ class Reasoner:
         self.sampling = sampling
         # None: the model's own (its task's answer length, e.g. 160 for MetaStone-nano), else 1024
         self.max_new_tokens = max_new_tokens or model_max_new_tokens(self.model_path)
-        self._gate = RequestGate()
-        self._lock = self._gate.lock  # held while a request (or the calibration) runs
+        self._gate = RequestGate()  # requests share the model; the calibration has it alone
         self._planner = Planner(
-            self.backend, self.n_threads, sampling, calibration, self._gate.lock, on_calibration
+            self.backend,
+            self.n_threads,
+            sampling,
+            calibration,
+            self._gate.exclusive,
+            on_calibration,
         )
 
     @property
@@ -102,13 +107,12 @@ class Reasoner:
 
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once, then cached on disk)."""
-        with self._gate.held():
-            self._gate.check_open()
-            return self._planner.calibration(refresh=refresh)
+        self._gate.check_open()
+        return self._planner.calibration(refresh=refresh)
 
     def prompt_text(self, prompt: Prompt) -> str:
         """The exact text fed to the model: the chat template applied to the prompt."""
-        with self._gate.held():
+        with self._gate.shared():
             self._gate.check_open()
             return self.encode(prompt)[0]
 
@@ -155,15 +159,20 @@ class Reasoner:
         t0 = time.perf_counter()
         run = _Run(o, self.max_new_tokens, time.monotonic(), deadline)
         strategy = make_strategy(o.strategy or self.default_strategy)
-        with self._gate.held():  # requests queue here; the latency budget counts from arrival
-            self._gate.check_open()
+        self._gate.check_open()
+        with self._gate.shared():  # waits only while a calibration has the model alone
             run.timings["queue_s"] = time.perf_counter() - t0
+            self._gate.check_open()
             text, ids = self.encode(prompt, raw=o.raw)
-            plan = run.plan(self._planner, len(ids), self.max_new_tokens)
+        # a calibration to measure has the model alone: outside the shared hold
+        plan = run.plan(self._planner, len(ids), self.max_new_tokens)
+        with self._gate.shared():  # beside the other requests: the runtime batches them
+            self._gate.check_open()
             if plan.effort is Effort.ADAPTIVE:
                 adaptive = adaptive_settings(self.backend.adaptive, o, self.default_strategy)
                 strategy = Adaptive(adaptive, make_strategy(adaptive.selector))
             control = GenerationControl()  # this request's own handle (and timings)
+            control.aborted = lambda: self._gate.closing
             cands, early = strategy.run(
                 self.backend,
                 ids,
@@ -178,12 +187,30 @@ class Reasoner:
         with counting_fallbacks() as fallbacks:  # answer checks: off the lock
             res = strategy.choose(self.backend, cands, plan.k, early)
         tm = {**control.timings.as_dict(), **run.timings}
+        tm["queue_s"] = run.timings["queue_s"] + control.timings.queue_s  # the gate, the context
         tm["total_s"] = time.perf_counter() - t0
         out = _result(res, plan, text, tm, run.stopped_by, run.calibration)
         return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n)
 
+    def reason_many(
+        self,
+        prompts: Sequence[Prompt],
+        options: ReasonOptions | None = None,
+        *,
+        window: int = 8,
+        **fields: Any,
+    ) -> list[ReasonResult]:
+        """`reason` on every prompt, `window` of them in flight at once (their candidates decode
+        as one batch in the model's shared context); the results in the prompts' order. Several
+        threads calling `reason` on one Reasoner share the batch the same way."""
+        o = options_of(options, fields)
+        if not 1 <= window <= 256:
+            raise InvalidRequestError("window must be between 1 and 256", param="window")
+        with ThreadPoolExecutor(window, "edge-metastone-many") as pool:
+            return list(pool.map(lambda p: self.reason(p, o), prompts))
+
     def close(self) -> None:
-        """Cancel any running generation, wait for it to unwind, then free the model."""
+        """Cancel the running generations, wait for them to unwind, then free the model."""
         self._gate.close(self.backend.close)
 
     def __enter__(self) -> Reasoner:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -301,6 +301,8 @@ class Timings:
     kv_type: str = ""  # the KV cache's element type: f16, q8_0, q4_0 (f32 in parity mode)
     weight_buffers: str = ""  # llama.cpp: where the weights live (extra, repack, plain)
     weight_buffers_reason: str = ""  # ... and why (the request, and what the build offers)
+    queue_s: float = 0.0  # waiting for room (sequences) in the model's shared context
+    shared_rounds: int = 0  # decodes shared with (or waited for) other requests' generations
 
     def as_dict(self) -> dict[str, float | str]:
         """JSON-ready, with derived rates."""
@@ -325,6 +327,8 @@ class GenerationControl:
         # `window` tokens falls below `min_confidence` is pruned (None: off)
         self.min_confidence: float | None = None
         self.window = 16
+        # polled while the generation waits for room in a shared model (True: give up waiting)
+        self.aborted: Callable[[], bool] | None = None
 
     def prune(self, candidate: int, note: str = "") -> None:
         """End candidate `candidate` at the next step (`note`: why, for people)."""

@@ -108,6 +108,8 @@ def parked_at_gate(t: threading.Thread, inside: str) -> bool:
     """True when thread `t` waits at the request gate (its innermost frame is in gate.py, where a
     request queues for the model) from inside a function named `inside` (`reason`, `calibration`)."""
     frame = sys._current_frames().get(t.ident)
+    while frame is not None and frame.f_code.co_filename.endswith("threading.py"):
+        frame = frame.f_back  # the gate's condition variable
     if frame is None or not frame.f_code.co_filename.endswith("gate.py"):
         return False
     names = []

@@ -179,7 +179,7 @@ def test_a_queued_request_plans_with_the_time_it_has_left():
             except Exception as e:
                 out["error"] = e
 
-        with r._lock:  # another request holds the model for 0.4 s after this one queued
+        with r._gate.exclusive():  # a calibration holds the model for 0.4 s after this queued
             t = threading.Thread(target=request)
             t.start()
             parked = wait_until(lambda: parked_at_gate(t, "reason"), "the request to queue")

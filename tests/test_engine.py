@@ -268,7 +268,7 @@ def test_native_capture_equals_the_python_callback(engine, prompt_ids, monkeypat
     import functools
 
     from edge_metastone.engine import capture
-    from edge_metastone.engine import steps as llama_steps
+    from edge_metastone.engine import pool as llama_pool
     from edge_metastone.engine.scoring import forward_features
 
     assert capture.native_available(), "the C feature capture was not built at install"
@@ -279,7 +279,8 @@ def test_native_capture_equals_the_python_callback(engine, prompt_ids, monkeypat
     native_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
     python_capture = functools.partial(capture.FeatureCapture, native=False)
     monkeypatch.setattr("edge_metastone.engine.scoring.FeatureCapture", python_capture)
-    monkeypatch.setattr(llama_steps, "FeatureCapture", python_capture)
+    monkeypatch.setattr(llama_pool, "FeatureCapture", python_capture)
+    engine.pool.reset()  # the next generation builds its context with the Python callback
     py, _ = forward_features(engine.model, long_ids, layer)
     py_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
     assert native.shape == py.shape == (700, engine.model.n_embd)
@@ -313,9 +314,9 @@ def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids, monkeypatch, ma
     the one-pass scorer's, also after candidates in the middle end. The live sequence ids then have
     gaps: short ones are filled with placeholders (max_gap 4), longer ones (and all, with max_gap
     0) make llama.cpp split each decode into several ubatches."""
-    from edge_metastone.engine import steps as llama_steps
+    from edge_metastone.engine import pool as llama_pool
 
-    monkeypatch.setattr(llama_steps, "MAX_FILLED_GAP", max_gap)
+    monkeypatch.setattr(llama_pool, "MAX_FILLED_GAP", max_gap)
     gen = GenerationSettings(max_new_tokens=60, kv_layout="streams")
     sampling = sampled(seed=21)
     control = GenerationControl()

@@ -313,7 +313,7 @@ def test_queued_request_plans_with_the_time_it_has_left(tiny_gguf):
             except Exception as e:
                 errors.append(e)
 
-        with r._lock:  # another request holds the model
+        with r._gate.exclusive():  # the calibration (say) has the model alone
             t = threading.Thread(target=queued)
             t.start()
             # conditions, not a guessed sleep: the request is queued at the gate, and it stays

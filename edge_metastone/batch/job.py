@@ -40,8 +40,11 @@ class BatchJob:
     full: bool = False  # every candidate's text, token ids and step scores, and the prompt text
     ray_address: str | None = None  # None: run here; "" or an address: on Ray
     ray_workers: int = 0  # 0: the cluster's CPUs / threads per worker
+    window: int = 8  # problems in flight at once in one model (their candidates batched together)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.window <= 256:
+            raise EdgeMetastoneError("--window must be between 1 and 256")
         object.__setattr__(self, "modes", tuple(Effort(m) for m in self.modes))
         if not self.modes or len(set(self.modes)) != len(self.modes):
             raise EdgeMetastoneError("give each effort mode once")

@@ -4,9 +4,11 @@ complete record."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from edge_metastone.batch.job import BatchJob, Unit, make_record, reasoner_for, units_of
@@ -87,10 +89,22 @@ def check_prefix(log: ResultLog, units: Sequence[Unit]) -> None:
 
 
 def run_local(job: BatchJob, units: Sequence[Unit], put: Callable[[dict], None]) -> None:
-    """Run the units here, one after another, with one model."""
-    with reasoner_for(job) as r:
-        for mode, item in units:
-            put(make_record(r, item, mode, job.options, job.full))
+    """Run the units here with one model, `job.window` at a time (their candidates decode as one
+    batch); records are put in input order, each as soon as it and every one before it is done."""
+    with reasoner_for(job) as r, ThreadPoolExecutor(job.window, "edge-metastone-batch") as pool:
+        pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
+        try:
+            for mode, item in units:
+                if len(pending) >= job.window:
+                    put(pending.popleft().result())
+                pending.append(pool.submit(make_record, r, item, mode, job.options, job.full))
+            while pending:
+                put(pending.popleft().result())
+        except BaseException:  # Ctrl-C or a failure: what is in flight is not written
+            for f in pending:
+                f.cancel()
+            r.close()  # in-flight generations unwind at their next event
+            raise
 
 
 def run_batch(

@@ -50,6 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run on a Ray cluster (no ADDRESS: start a local one); needs edge-metastone[ray]",
     )
     p.add_argument(
+        "--window",
+        type=int,
+        default=8,
+        metavar="N",
+        help="problems in flight at once in one model, their candidates decoded as one batch "
+        "(default 8; 1: one problem at a time); records are still written in input order",
+    )
+    p.add_argument(
         "--workers", type=int, default=0, help="Ray workers (default: cluster CPUs / --threads)"
     )
     p.add_argument(
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         full=args.full,
         ray_address=args.ray,
         ray_workers=args.workers,
+        window=args.window,
     )
     records, facts = run_batch(job, _unit_runner(job), progress=not args.no_progress)
     png = (args.png or sidecar(args.output, "sweep.png")) if args.sweep else None

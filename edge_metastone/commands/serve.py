@@ -76,10 +76,18 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
         help="the most candidates a request may generate: 2 low, 8 medium, 32 high (default 32)",
     )
     p.add_argument(
+        "--parallel",
+        type=int,
+        default=16,
+        help="requests generated at once, their candidates decoded together as one batch in the "
+        "model's shared context (default 16; 1: one request at a time)",
+    )
+    p.add_argument(
         "--max-queue",
         type=int,
         default=32,
-        help="requests waiting behind the running one; more get 503 + Retry-After (default 32)",
+        help="requests waiting for one of the --parallel places; more get 503 + Retry-After "
+        "(default 32)",
     )
     p.add_argument(
         "--max-request-bytes",
@@ -139,6 +147,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
 
     return ServerSettings(
         max_queue=args.max_queue,
+        parallel=args.parallel,
         max_request_bytes=args.max_request_bytes,
         max_tokens_limit=args.max_tokens_limit,
         max_k=args.max_k,

@@ -49,7 +49,13 @@ class DecodingBackend:
         raise NotImplementedError
 
     def open_steps(
-        self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
+        self,
+        prompt: list[int],
+        k: int,
+        settings: GenerationSettings,
+        scoring: bool,
+        tm: Timings,
+        control: GenerationControl | None = None,
     ) -> Steps:
         """One generation's runtime steps (`edge_metastone.decode.steps.Runtime`)."""
         raise NotImplementedError

@@ -57,7 +57,7 @@ def decode_loop(
     tm.prompt_tokens += len(req.prompt)
     scoring = req.settings.score_steps and runtime.has_head
     capacity = max(req.k, req.settings.max_candidates or req.k)
-    steps = runtime.open_steps(req.prompt, capacity, req.settings, scoring, tm)
+    steps = runtime.open_steps(req.prompt, capacity, req.settings, scoring, tm, control)
     seqs: list[CandidateStream] = []
     try:
         run, live = _start(runtime, steps, req, scoring, tm, capacity)

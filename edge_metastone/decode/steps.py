@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_metastone.sprm import StepRule
-from edge_metastone.types import GenerationSettings, SamplingSettings, Timings
+from edge_metastone.types import GenerationControl, GenerationSettings, SamplingSettings, Timings
 
 
 @dataclass
@@ -117,8 +117,15 @@ class Runtime(Protocol):
         ...
 
     def open_steps(
-        self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
+        self,
+        prompt: list[int],
+        k: int,
+        settings: GenerationSettings,
+        scoring: bool,
+        tm: Timings,
+        control: GenerationControl | None = None,
     ) -> Steps:
         """Check what only this runtime limits, then open one generation's cache for k slots
-        (noting in `tm` the KV layout and type it runs)."""
+        (noting in `tm` the KV layout and type it runs); a runtime shared by several requests
+        waits for room there, polling `control.aborted`."""
         ...

@@ -11,6 +11,7 @@ import llama_cpp
 from edge_metastone.chat import ChatTemplate
 from edge_metastone.decode.backend import DecodingBackend
 from edge_metastone.engine.llama import Model
+from edge_metastone.engine.pool import SequencePool
 from edge_metastone.engine.scoring import score_tokens
 from edge_metastone.engine.steps import LlamaSetup, LlamaSteps
 from edge_metastone.errors import MissingHeadError
@@ -19,6 +20,7 @@ from edge_metastone.modelfile.read import ModelFile, open_model_file
 from edge_metastone.normalization import NormalForm
 from edge_metastone.sprm import STEP_DELIMITER, THINK_END, THINK_START, StepRule, line_delimiters
 from edge_metastone.types import (
+    GenerationControl,
     GenerationSettings,
     KVLayout,
     KVType,
@@ -83,6 +85,7 @@ class Engine(DecodingBackend):
         n_gpu_layers: int = 0,
         parity: bool = False,
         weight_buffers: str | None = None,
+        min_sequences: int = 1,
     ) -> None:
         self.model_file: ModelFile = open_model_file(model_path, head_path)
         mf = self.model_file
@@ -94,7 +97,8 @@ class Engine(DecodingBackend):
         self.template = ChatTemplate(mf.chat_template, variables=mf.template_variables)
         self.rule = step_rule(mf, model)
         layer = mf.head.feature_layer if mf.head is not None else model.n_layer - 2
-        self._setup = LlamaSetup(model, mf.head, layer, n_threads, parity)
+        self.pool = SequencePool(model, n_threads, layer, min_sequences)
+        self._setup = LlamaSetup(model, mf.head, layer, n_threads, parity, self.pool)
 
     def tokenize(self, text: str) -> list[int]:
         """Text -> ids, control-token markup in it parsed."""
@@ -173,10 +177,17 @@ class Engine(DecodingBackend):
         return self._open_model().detokenize(token_ids)
 
     def open_steps(
-        self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
+        self,
+        prompt: list[int],
+        k: int,
+        settings: GenerationSettings,
+        scoring: bool,
+        tm: Timings,
+        control: GenerationControl | None = None,
     ) -> LlamaSteps:
-        """A context for k sequences over `prompt`, in the layout and KV type `settings` name."""
-        return LlamaSteps(self._setup, len(prompt), k, settings, scoring, tm)
+        """k sequences of the model's pool over `prompt`, in the layout and KV type `settings`
+        name (waiting, in arrival order, while the pool has no room)."""
+        return LlamaSteps(self._setup, len(prompt), k, settings, scoring, tm, control)
 
     def score_tokens(self, token_ids: Sequence[int], *, parity: bool = True) -> ScoreResult:
         """One forward over the full sequence, features at the scored positions through the head
@@ -190,5 +201,6 @@ class Engine(DecodingBackend):
         return self.score_tokens(self.tokenize(text), parity=parity)
 
     def close(self) -> None:
-        """Free the model."""
+        """Free the shared context and the model."""
+        self.pool.close()
         self.model.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from edge_metastone.errors import (
     ContextExceededError,
     EdgeMetastoneError,
     MissingHeadError,
+    RequestCancelledError,
 )
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.onnx_backend.modeldir import HfTokenizer, read_model_dir
@@ -22,6 +24,7 @@ from edge_metastone.onnx_backend.session import KVCache, Session
 from edge_metastone.onnx_backend.steps import OnnxSteps, prompt_pass
 from edge_metastone.sprm import StepRule, sigmoid, trajectory_score
 from edge_metastone.types import (
+    GenerationControl,
     GenerationSettings,
     KVLayout,
     KVType,
@@ -43,6 +46,7 @@ class OnnxBackend(DecodingBackend):
         self.template = ChatTemplate(md.chat_template, variables=md.template_variables)
         self.rule = StepRule.of(md.step_token_ids, md.think_start_id, md.think_end_id)
         self.session = Session(md, n_threads=n_threads, provider=provider)
+        self._turn = threading.Lock()  # the generation running (see open_steps)
         self.normalizer = md.normalizer
         self.control_texts = self.tok.control_texts
         self.tokenize = self.tok.encode  # added-token spellings in the text are parsed
@@ -110,10 +114,27 @@ class OnnxBackend(DecodingBackend):
         return self.md.context_length
 
     def open_steps(
-        self, prompt: list[int], k: int, settings: GenerationSettings, scoring: bool, tm: Timings
+        self,
+        prompt: list[int],
+        k: int,
+        settings: GenerationSettings,
+        scoring: bool,
+        tm: Timings,
+        control: GenerationControl | None = None,
     ) -> OnnxSteps:
-        """k cache rows over `prompt` (one float cache per candidate)."""
-        return OnnxSteps(self.session, self.tok, prompt, k, settings, scoring, tm)
+        """k cache rows over `prompt` (one float cache per candidate). One generation at a time:
+        its cache is a set of arrays of its own shape, so requests take turns (in arrival order,
+        polling `control.aborted` while they wait) rather than batching together."""
+        while not self._turn.acquire(timeout=0.05):
+            if control is not None and control.aborted is not None and control.aborted():
+                raise RequestCancelledError("the request was cancelled while it waited")
+        try:
+            steps = OnnxSteps(self.session, self.tok, prompt, k, settings, scoring, tm)
+        except BaseException:
+            self._turn.release()
+            raise
+        steps.on_close = self._turn.release
+        return steps
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         """Token ids -> text (control tokens spelled out)."""

@@ -5,7 +5,7 @@ decode, so rows never need padding."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +76,7 @@ class OnnxSteps:
         scoring: bool,
         tm: Timings,
     ) -> None:
+        self.on_close: Callable[[], None] | None = None
         md = session.md
         if any(not 0 <= t < md.vocab_size for t in prompt):
             raise InvalidRequestError("the prompt has token ids outside the vocabulary")
@@ -171,5 +172,8 @@ class OnnxSteps:
         return token in self.eog
 
     def close(self) -> None:
-        """Drop the cache."""
+        """Drop the cache (and let the next generation run: `on_close`)."""
         self.cache = None
+        done, self.on_close = self.on_close, None
+        if done is not None:
+            done()

@@ -46,7 +46,8 @@ MIB = 2**20
 class ServerSettings:
     """The server's limits; `serve`'s flags map 1:1 to these fields."""
 
-    max_queue: int = 32  # requests waiting behind the running one; more get a 503
+    max_queue: int = 32  # requests waiting for a worker; more get a 503
+    parallel: int = 16  # requests generated at once (batched together in the model's context)
     max_request_bytes: int = MIB  # larger bodies get a 413
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
     max_k: int = 32  # the most candidates a request may generate (low 2, medium 8, high 32)
@@ -58,6 +59,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise InvalidRequestError("max_queue must be >= 0")
+        if not 1 <= self.parallel <= 256:
+            raise InvalidRequestError("parallel must be between 1 and 256")
         if self.max_request_bytes < 1024:
             raise InvalidRequestError("max_request_bytes must be >= 1024")
         if self.max_tokens_limit < 1:
@@ -110,7 +113,9 @@ def create_app(
     """An app serving `reasoner` as `model_id` (default: the model file's name without .gguf).
     The caller closes the reasoner after the server stops."""
     settings = settings or ServerSettings()
-    service = GenerationService(reasoner, settings.max_queue, settings.max_request_seconds)
+    service = GenerationService(
+        reasoner, settings.max_queue, settings.max_request_seconds, settings.parallel
+    )
     model_id = model_id or reasoner.model_path.name.removesuffix(".gguf")
     limits = Limits(
         max_tokens=settings.max_tokens_limit,

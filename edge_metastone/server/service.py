@@ -1,9 +1,13 @@
-"""The request queue in front of the one loaded model: a bounded FIFO, one worker thread that runs
-each request through `Reasoner.reason`, and a channel per request back to the event loop.
+"""The request queue in front of the one loaded model: a bounded FIFO, `parallel` worker threads
+that run requests through `Reasoner.reason` at the same time (the model batches them: their
+candidates decode together in its shared context), and a channel per request back to the event
+loop.
 
 Requests wait here, not on the Reasoner's lock, so the queue is bounded and first-come
 first-served, and a request whose client went away leaves the queue without touching the model.
 A request's latency budget counts from its arrival: the worker passes on the time it has left.
+Requests start in arrival order; once started, a request waits only for room in the model's context
+(sequences), again in arrival order.
 `max_request_seconds` caps a request's generation (from when the worker starts it): the Reasoner's
 deadline halts the search there as at a latency budget, and the best candidate so far answers.
 """
@@ -143,25 +147,34 @@ class Stats:
 
 
 class GenerationService:
-    """A bounded FIFO of `Job`s served one at a time by a worker thread."""
+    """A bounded FIFO of `Job`s served `parallel` at a time by worker threads."""
 
     def __init__(
-        self, reasoner: Reasoner, max_queue: int, max_request_seconds: float | None = None
+        self,
+        reasoner: Reasoner,
+        max_queue: int,
+        max_request_seconds: float | None = None,
+        parallel: int = 1,
     ) -> None:
         self.reasoner = reasoner
         self.max_queue = max_queue
+        self.parallel = max(1, parallel)
         self.max_request_seconds = max_request_seconds
         self.stats = Stats()
         self.closing = False
         self._jobs: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._cond = threading.Condition()
-        self._mean_service_s = 1.0  # running mean, for Retry-After
-        self._thread = threading.Thread(target=self._work, name="edge-metastone-serve", daemon=True)
+        self._mean_service_s = 1.0  # running mean of one request's time, for Retry-After
+        self._threads = [
+            threading.Thread(target=self._work, name=f"edge-metastone-serve-{i}", daemon=True)
+            for i in range(self.parallel)
+        ]
 
     def start(self) -> None:
-        """Start the worker."""
-        self._thread.start()
+        """Start the workers."""
+        for t in self._threads:
+            t.start()
 
     @property
     def queued(self) -> int:
@@ -169,9 +182,9 @@ class GenerationService:
         return len(self._jobs)
 
     @property
-    def running(self) -> bool:
-        """True while a request is being generated."""
-        return self._running is not None
+    def running(self) -> int:
+        """Requests being generated now."""
+        return len(self._running)
 
     def submit(self, job: Job) -> None:
         """Queue a request, or raise a 503 `ApiError` when the queue is full or the server stops."""
@@ -180,13 +193,13 @@ class GenerationService:
                 raise shutting_down()
             if len(self._jobs) >= self.max_queue:
                 self.stats.rejected += 1
-                wait = self._mean_service_s * (len(self._jobs) + 1)
+                wait = self._mean_service_s * (len(self._jobs) + 1) / self.parallel
                 raise unavailable(
                     f"the request queue is full ({self.max_queue} waiting); retry later",
                     wait,
                     code="queue_full",
                 )
-            job.ahead = len(self._jobs) + (self._running is not None)
+            job.ahead = max(0, len(self._jobs) + len(self._running) - self.parallel + 1)
             self._jobs.append(job)
             self._cond.notify()
 
@@ -206,15 +219,17 @@ class GenerationService:
         """Refuse new requests and cancel every queued and running one (they get a 503)."""
         with self._cond:
             self.closing = True
-            jobs = [*self._jobs, *([self._running] if self._running else [])]
+            jobs = [*self._jobs, *self._running]
             self._cond.notify_all()
         for job in jobs:
             self.cancel(job, Cancel.SHUTDOWN)
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the worker to finish (after `stop`)."""
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        """Wait for the workers to finish (after `stop`)."""
+        end = time.monotonic() + timeout if timeout is not None else None
+        for t in self._threads:
+            if t.is_alive():
+                t.join(None if end is None else max(0.0, end - time.monotonic()))
 
     def _work(self) -> None:
         while True:
@@ -224,14 +239,14 @@ class GenerationService:
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
-                self._running = job
+                self._running.add(job)
             t0 = time.monotonic()
             kind, item = "error", None
             try:
                 kind, item = self._run(job)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running.discard(job)
                     job.done = True
                     self.stats.generated_tokens += job.tokens
                     if kind == "result":
