@@ -128,6 +128,9 @@ class GenerationSettings:
     # the most candidates this generation may start: k in the first wave, then more waves while
     # the caller asks for them (`GenerationControl.extend` after a `WaveEvent`); None: k
     max_candidates: int | None = None
+    # reuse the cells of an earlier prompt that starts the same way (a runtime with a shared
+    # context keeps finished prompts while their sequences are free), and keep this one's
+    cache_prompt: bool = True
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -296,6 +299,7 @@ class Timings:
     generated_tokens: int = 0
     decode_steps: int = 0
     prefill_tokens: int = 0  # tokens run through the model to fill prompt caches (once a prompt)
+    cached_prompt_tokens: int = 0  # the prompt's first tokens found in the prompt cache
     waves: int = 0  # waves of candidates started (1 for a fixed k)
     kv_layout: str = ""  # the KV layout that ran: unified or streams (KVLayout)
     kv_type: str = ""  # the KV cache's element type: f16, q8_0, q4_0 (f32 in parity mode)

@@ -343,6 +343,7 @@ def _read_result(
     """The worker's next result, or None for a hang: judged by the worker's own CPU time, not the
     wall clock, so a loaded machine does not turn a slow mutant into a hang. A hang is `timeout`
     CPU seconds on one mutant, or `stuck` seconds in which it used no CPU at all (blocked)."""
+    import os
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -366,13 +367,20 @@ def _read_result(
             elif now - idle_since > stuck:
                 return None
             continue
-        line = proc.stdout.readline()
-        if not line:
+        # the pipe is read with os.read, never through the file object: a readline would buffer
+        # a second line (DONE right behind START) where select cannot see it
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
             return None
-        if line.startswith("START"):
-            started = True
-        elif line.startswith("DONE") and started:
-            return json.loads(line[5:])
+        pending = getattr(proc, "pending", b"") + chunk
+        *lines, proc.pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace")
+            if line.startswith("START"):
+                started = True
+            elif line.startswith("DONE") and started:
+                proc.pending = b"\n".join([*lines[lines.index(raw) + 1 :], proc.pending])
+                return json.loads(line[5:])
 
 
 def main() -> None:

@@ -124,7 +124,8 @@ def _start(
         }
         pre = steps.prefill(prompt, wanted)
         steps.fork(0, req.k)
-        tm.prefill_tokens += len(prompt)
+        tm.prefill_tokens += len(prompt) - pre.cached
+        tm.cached_prompt_tokens += pre.cached
         tm.prefill_s += time.perf_counter() - t0
     except BaseException:
         for sampler in samplers:

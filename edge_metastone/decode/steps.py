@@ -25,6 +25,7 @@ class Prefilled:
 
     scores: dict[int, float]
     features: dict[int, np.ndarray]
+    cached: int = 0  # the prompt's first tokens that came from the prompt cache (not decoded)
 
 
 class Sampler(Protocol):

@@ -187,7 +187,7 @@ class Engine(DecodingBackend):
     ) -> LlamaSteps:
         """k sequences of the model's pool over `prompt`, in the layout and KV type `settings`
         name (waiting, in arrival order, while the pool has no room)."""
-        return LlamaSteps(self._setup, len(prompt), k, settings, scoring, tm, control)
+        return LlamaSteps(self._setup, prompt, k, settings, scoring, tm, control)
 
     def score_tokens(self, token_ids: Sequence[int], *, parity: bool = True) -> ScoreResult:
         """One forward over the full sequence, features at the scored positions through the head

@@ -96,14 +96,27 @@ class PoolShape:
         return max(PREFILL_BATCH, self.n_seq)
 
 
+@dataclass(frozen=True)
+class CachedPrompt:
+    """A free sequence that still holds the cells of a finished generation's prompt: `tokens`,
+    and the captured features at its step boundaries (`features`, by position; None: none)."""
+
+    tokens: tuple[int, ...]
+    features: dict[int, np.ndarray] | None
+
+
 @dataclass
 class Lease:
-    """One generation's sequences in the pool (its slot s is pool sequence `seqs[s]`)."""
+    """One generation's sequences in the pool (its slot s is pool sequence `seqs[s]`). `reused`:
+    how many of the prompt's first tokens its first sequence already holds (prompt cache), and
+    their cached features."""
 
     seqs: list[int]
     ticket: int
     pending: Work | None = None
     live: set[int] = field(default_factory=set)  # sequences that hold cells
+    reused: int = 0
+    reused_features: dict[int, np.ndarray] | None = None
 
 
 @dataclass
@@ -152,6 +165,7 @@ class SequencePool:
         self._due = threading.Condition(self._cond._lock)  # the step thread waits for a round
         self._stepper: threading.Thread | None = None
         self._free: list[int] = []  # unleased sequences, kept sorted
+        self._cached: dict[int, CachedPrompt] = {}  # free sequences holding a prompt's cells
         self._members: dict[int, Lease] = {}  # ticket -> lease
         self._queue: collections.deque[tuple[int, PoolShape]] = collections.deque()
         self._tickets = 0
@@ -161,9 +175,16 @@ class SequencePool:
 
     # --- admission ------------------------------------------------------------------------
 
-    def acquire(self, need: PoolShape, cancelled: Callable[[], bool] | None = None) -> Lease:
+    def acquire(
+        self,
+        need: PoolShape,
+        cancelled: Callable[[], bool] | None = None,
+        prompt: Sequence[int] = (),
+    ) -> Lease:
         """Lease `need.n_seq` sequences, in arrival order: wait while the pool is full (or, for a
-        shape it cannot hold, until it is idle and rebuilt). `cancelled` is polled while waiting."""
+        shape it cannot hold, until it is idle and rebuilt). `cancelled` is polled while waiting.
+        With a `prompt`, the first sequence is the free one whose cached prompt shares the longest
+        prefix with it (`Lease.reused` tokens, at most all but its last)."""
         if need.n_seq > MAX_SEQUENCES:
             raise EdgeMetastoneError(f"at most {MAX_SEQUENCES} sequences run at once")
         with self._cond:
@@ -182,14 +203,36 @@ class SequencePool:
                 self._cond.notify_all()
                 raise
             self._queue.popleft()
-            seqs, self._free = self._free[: need.n_seq], self._free[need.n_seq :]
-            lease = Lease(seqs, ticket)
+            lease = self._lease(ticket, need.n_seq, prompt)
             self._members[ticket] = lease
-            mem = self.ctx.memory
-            for s in seqs:  # a filler may have left a cell in it
-                llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
             self._cond.notify_all()
             return lease
+
+    def _lease(self, ticket: int, n: int, prompt: Sequence[int]) -> Lease:
+        """Take n free sequences: the best cached prompt first (when one shares a prefix), then
+        the lowest uncached ones, cached ones last (their caches are dropped)."""
+        reuse, best = None, 0
+        for seq, cached in self._cached.items():
+            m = _common_prefix(cached.tokens, prompt)
+            if m > best:
+                reuse, best = seq, m
+        best = min(best, len(prompt) - 1)
+        rest = sorted((s for s in self._free if s != reuse), key=lambda s: (s in self._cached, s))
+        seqs = ([reuse] if reuse is not None and best > 0 else []) + rest
+        seqs = seqs[:n]
+        taken = set(seqs)
+        self._free = [s for s in self._free if s not in taken]
+        lease = Lease(seqs, ticket)
+        mem = self.ctx.memory
+        for s in seqs:
+            cached = self._cached.pop(s, None)
+            if s == reuse and best > 0:
+                llama_cpp.llama_memory_seq_rm(mem, s, best, -1)
+                lease.reused, lease.reused_features = best, cached.features
+                lease.live.add(s)
+            else:  # a filler or an old prompt may have left cells in it
+                llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+        return lease
 
     def _admit(self, ticket: int, need: PoolShape) -> bool:
         """At the head of the queue: fits now (rebuilding an idle pool to fit)."""
@@ -275,6 +318,7 @@ class SequencePool:
         self.ctx, self.batch, self.capture, self.shape = ctx, batch, cap, shape
         self.flash = settings.flash_attn
         self._free = list(range(shape.n_seq))
+        self._cached = {}
         self.rebuilds += 1
         logger.debug("sequence pool: %s (flash attention %s)", shape, self.flash)
 
@@ -290,21 +334,33 @@ class SequencePool:
                 llama_cpp.llama_memory_seq_rm(mem, dst, drop_from, -1)
             lease.live.add(dst)
 
-    def drop(self, lease: Lease, seq: int) -> None:
-        """Sequence `seq`'s candidate ended: remove its cells (it may fill gaps from now on)."""
+    def drop(self, lease: Lease, seq: int, *, keep: int = 0) -> None:
+        """Sequence `seq`'s candidate ended: remove its cells (it may fill gaps from now on), or
+        all but the first `keep` (a prompt kept for the prompt cache: it stays live)."""
         with self._cond:
             if self.ctx is not None:
-                llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, -1, -1)
-            lease.live.discard(seq)
+                llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, keep, -1)
+            if not keep:
+                lease.live.discard(seq)
 
-    def release(self, lease: Lease) -> None:
-        """The generation ended: its sequences go back to the pool (a round waiting on it runs)."""
+    def release(
+        self,
+        lease: Lease,
+        keep: tuple[int, Sequence[int], dict[int, np.ndarray] | None] | None = None,
+    ) -> None:
+        """The generation ended: its sequences go back to the pool (a round waiting on it runs).
+        `keep` = (sequence, prompt, features): that sequence holds exactly the prompt's cells,
+        kept for a later request whose prompt starts the same way (`acquire`)."""
         with self._cond:
             if self._members.pop(lease.ticket, None) is None:
                 return
             if self.ctx is not None:
                 for s in lease.seqs:
-                    llama_cpp.llama_memory_seq_rm(self.ctx.memory, s, -1, -1)
+                    if keep is not None and s == keep[0]:
+                        llama_cpp.llama_memory_seq_rm(self.ctx.memory, s, len(keep[1]), -1)
+                        self._cached[s] = CachedPrompt(tuple(keep[1]), keep[2])
+                    else:
+                        llama_cpp.llama_memory_seq_rm(self.ctx.memory, s, -1, -1)
             self._free = sorted(self._free + lease.seqs)
             lease.live.clear()
             if self._stepper is not None and self._ready():
@@ -416,7 +472,7 @@ class SequencePool:
         b.clear()
         for w in works:
             w.out = [0] * len(w.rows)
-        idle = self._idle() if fill else set()
+        idle = self._idle() - set(self._cached) if fill else set()
         fillers: list[int] = []
         prev = None
         for seq, tok, pos, wi, ri in rows:
@@ -449,13 +505,18 @@ class SequencePool:
         if not decoding:
             return
         idle = self._idle()
-        holes = sorted(s for s in idle if s < decoding[-1])
+        holes = sorted((s for s in idle if s < decoding[-1]), key=lambda s: (s in self._cached, s))
         if not holes:
             return
         owner = {s: m for m in self._members.values() for s in m.seqs}
         mem = self.ctx.memory
-        while holes and holes[0] < decoding[-1]:
-            dst, src = holes.pop(0), decoding.pop()
+        while True:
+            below = [h for h in holes if h < decoding[-1]]
+            if not below:
+                break
+            dst, src = below[0], decoding.pop()
+            holes.remove(dst)
+            self._cached.pop(dst, None)
             llama_cpp.llama_memory_seq_cp(mem, src, dst, -1, -1)
             llama_cpp.llama_memory_seq_rm(mem, src, -1, -1)
             mover, other = owner[src], owner.get(dst)
@@ -496,7 +557,7 @@ class SequencePool:
         if self.ctx is not None:
             self.ctx.close()
             self.ctx = None
-        self.shape, self._free = None, []
+        self.shape, self._free, self._cached = None, [], {}
 
     def reset(self) -> None:
         """Free the context while no generation runs (the next one builds it anew): memory back
@@ -513,3 +574,12 @@ class SequencePool:
             self._close_context()
             self._cond.notify_all()
             self._due.notify_all()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -71,7 +71,7 @@ class LlamaSteps:
     def __init__(
         self,
         setup: LlamaSetup,
-        n_prompt: int,
+        prompt: Sequence[int],
         k: int,
         settings: GenerationSettings,
         scoring: bool,
@@ -81,13 +81,15 @@ class LlamaSteps:
         self.keeper = k if settings.max_candidates is not None else None
         n_seq = k + 1 if self.keeper is not None else k
         self.keep = scoring or settings.keep_features
+        n_prompt = len(prompt)
         layout, need = request_shape(setup.parity, n_prompt, n_seq, settings, self.keep)
+        self.cache_prompt = settings.cache_prompt
         self.pool = pool = setup.pool
         self.model, self.head, self.scoring = setup.model, setup.head, scoring
         self.feature_width = setup.model.n_embd
         aborted = control.aborted if control is not None else None
         t0 = time.perf_counter()
-        self.lease = pool.acquire(need, aborted)
+        self.lease = pool.acquire(need, aborted, prompt if self.cache_prompt else ())
         tm.queue_s += time.perf_counter() - t0
         self.tm = tm
         self.seqs = self.lease.seqs
@@ -99,14 +101,21 @@ class LlamaSteps:
         self.rows = [0] * k  # slot -> batch row of its last logits and feature
         self.features: list[np.ndarray | None] = [None] * k
         self.prompt: list[int] = []
+        self.prompt_features: dict[int, np.ndarray] | None = None
+        self.live = set(range(k))  # slots whose candidate has not ended
+        self.kept: int | None = None  # the slot that keeps the prompt's cells for the cache
 
     def prefill(self, prompt: list[int], wanted: set[int]) -> Prefilled:
-        """Decode the prompt in the first sequence, a chunk a round; keep the features of its step
-        boundaries (they count when there is no <think> window) and of its last token."""
+        """Decode the prompt in the first sequence, a chunk a round, from where its cached prefix
+        ends (`Lease.reused`); keep the features of its step boundaries (they count when there is
+        no <think> window) and of its last token."""
         feats: dict[int, np.ndarray] = {}
         n, seq = len(prompt), self.seqs[0]
+        reused = self._reusable(wanted)
+        if self.keep and reused:
+            feats.update({i: f for i, f in self.lease.reused_features.items() if i < reused})
         last_row = 0
-        for start in range(0, n, PREFILL_BATCH):
+        for start in range(reused, n, PREFILL_BATCH):
             chunk = prompt[start : start + PREFILL_BATCH]
             w = self.pool.run(self.lease, Work(seq=seq, tokens=chunk, start=start, logits=True))
             self.tm.shared_rounds += w.shared
@@ -120,7 +129,21 @@ class LlamaSteps:
         self.rows = [last_row] * len(self.rows)
         self.features = [last] * len(self.rows)
         kept = {i: feats[i].copy() for i in wanted if i in feats}
-        return Prefilled(_score_prompt(self.head, kept) if self.scoring else {}, kept)
+        self.prompt_features = kept if self.keep else None
+        scores = _score_prompt(self.head, kept) if self.scoring else {}
+        return Prefilled(scores, kept, cached=reused)
+
+    def _reusable(self, wanted: set[int]) -> int:
+        """The cached prefix this generation can use: up to the first step boundary it needs a
+        feature of that the cache lacks (a cache made without features: up to the first)."""
+        lease, reused = self.lease, self.lease.reused
+        if reused and self.keep:
+            have = lease.reused_features or {}
+            missing = [i for i in wanted if i < reused and i not in have]
+            if missing:
+                reused = min(missing)
+                self.pool.drop(lease, self.seqs[0], keep=reused)
+        return reused
 
     def fork(self, first: int, n: int) -> None:
         """Give slots first..first+n-1 the prompt. The first wave copies the first sequence's
@@ -173,8 +196,14 @@ class LlamaSteps:
                 self.features[slot] = w.features[i]
 
     def free(self, slot: int) -> None:
-        """Remove the sequence's cells."""
-        self.pool.drop(self.lease, self.seqs[slot])
+        """Remove the sequence's cells; the last candidate's keeps the prompt's, for the prompt
+        cache (a generation with waves keeps them in its keeper anyway)."""
+        self.live.discard(slot)
+        if self.cache_prompt and not self.live and self.keeper is None and self.prompt:
+            self.kept = slot
+            self.pool.drop(self.lease, self.seqs[slot], keep=len(self.prompt))
+        else:
+            self.pool.drop(self.lease, self.seqs[slot])
 
     def token_bytes(self, token: int) -> bytes:
         """The token's bytes (control tokens spelled out)."""
@@ -185,8 +214,13 @@ class LlamaSteps:
         return self.model.is_eog(token)
 
     def close(self) -> None:
-        """Give the sequences back to the pool."""
-        self.pool.release(self.lease)
+        """Give the sequences back to the pool, the prompt's cells kept for the prompt cache
+        when the generation ran to its end."""
+        slot = self.keeper if self.keeper is not None else self.kept  # each holds the prompt
+        keep = None
+        if self.cache_prompt and slot is not None and self.prompt:
+            keep = (self.seqs[slot], self.prompt, self.prompt_features)
+        self.pool.release(self.lease, keep)
 
 
 def _score_prompt(head: SprmHead, feats: dict[int, np.ndarray]) -> dict[int, float]:
