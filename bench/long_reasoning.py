@@ -328,7 +328,7 @@ def main() -> None:
                     print(f"{'':>19} streams / unified total = {ratio:.2f}x", flush=True)
 
     if "gaps" in only:
-        from edge_metastone.engine import pool as llama_steps
+        from edge_metastone.engine import pool_rounds as llama_steps
         from edge_metastone.types import GenerationControl
 
         def pruned_run(layout: KVLayout, max_gap: int, n: int = 160) -> float:

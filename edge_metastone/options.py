@@ -52,6 +52,9 @@ class ReasonOptions:
     # the KV cache's element type (f16, q8_0, q4_0); None: F16, or q8_0 where the scheduler needs
     # it to fit a memory budget
     kv_cache: KVType | None = None
+    # reuse an earlier prompt's cells where this one starts the same way (the next turn of a
+    # chat, a shared few-shot prefix); the result's timings say how many (cached_prompt_tokens)
+    cache_prompt: bool = False
 
     def __post_init__(self) -> None:
         for name, kind in (("effort", Effort), ("strategy", StrategyName), ("kv_cache", KVType)):
@@ -109,6 +112,7 @@ class ReasonOptions:
             stop=self.stop,
             logprobs=self.logprobs,
             kv_type=self.kv_cache or KVType.F16,
+            cache_prompt=self.cache_prompt,
         )
 
 

@@ -57,10 +57,10 @@ _NEEDS_SELECTOR = {StrategyName.COMBINED, StrategyName.COMBINED_VOTE}
 
 
 class Planner:
-    """Plans requests for `backend`; `exclusive()` holds the model alone while the calibration
-    runs it (never beside a generation). A calibration passed in is the caller's: used as it is,
-    never re-checked. `progress` hears how a calibration goes; `meter` replaces its measurement
-    (tests). Safe to call from several requests' threads at once."""
+    """Plans requests for `backend` (from several requests' threads at once); `exclusive()` holds
+    the model alone while a calibration runs it. A calibration passed in is the caller's: used as
+    it is, never re-checked. `progress` hears how a calibration goes; `meter` replaces its
+    measurement (tests)."""
 
     def __init__(
         self,
@@ -106,14 +106,6 @@ class Planner:
             self._calibration, self._given, self._stored = out.calibration, False, out.stored
             return out
 
-    def _measure_once(self, shape: Shape) -> Outcome:
-        """Measure for a request, unless another request's measurement finished meanwhile."""
-        with self._exclusive():
-            cal = self._calibration
-            if cal is not None and not cal.suspect:
-                return Outcome(cal, CalibrationStatus.CACHED, stored=self._stored)
-            return self.measure(shape=shape)
-
     def prepare(self, prompt_tokens: int, o: ReasonOptions) -> dict[str, Any]:
         """Get the calibration this request plans with ready, before its latency budget counts:
         measured (first use), re-checked (a run disagreed with it), else cached or none. Returns
@@ -125,7 +117,7 @@ class Planner:
         elif needs_calibration(o) and (cal is None or cal.suspect):
             auto_k = min(Effort.MEDIUM.k, o.max_k or Effort.MEDIUM.k)
             k = o.effort.mode.k or auto_k  # auto and adaptive: measured at medium's k
-            out = self._measure_once(Shape(prompt_tokens, k))
+            out = self.measure(shape=Shape(prompt_tokens, k))
         elif cal is not None:
             out = Outcome(cal, CalibrationStatus.CACHED, stored=self._stored)
         else:  # a fixed effort: a cached calibration only describes the plan

@@ -168,22 +168,7 @@ class Reasoner:
         plan = run.plan(self._planner, len(ids), self.max_new_tokens)
         with self._gate.shared():  # beside the other requests: the runtime batches them
             self._gate.check_open()
-            if plan.effort is Effort.ADAPTIVE:
-                adaptive = adaptive_settings(self.backend.adaptive, o, self.default_strategy)
-                strategy = Adaptive(adaptive, make_strategy(adaptive.selector))
-            control = GenerationControl()  # this request's own handle (and timings)
-            control.aborted = lambda: self._gate.closing
-            cands, early = strategy.run(
-                self.backend,
-                ids,
-                plan.k,
-                o.sampling(self.sampling),
-                planned_settings(run.settings, plan),
-                deadline=run.stop_at,
-                on_event=self._gate.hook(on_event),
-                control=control,
-            )
-            self._planner.observe(plan, control.timings)  # a wrong calibration gets re-checked
+            strategy, control, cands, early = _search(self, o, run, plan, strategy, ids, on_event)
         with counting_fallbacks() as fallbacks:  # answer checks: off the lock
             res = strategy.choose(self.backend, cands, plan.k, early)
         tm = {**control.timings.as_dict(), **run.timings}
@@ -193,21 +178,12 @@ class Reasoner:
         return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n)
 
     def reason_many(
-        self,
-        prompts: Sequence[Prompt],
-        options: ReasonOptions | None = None,
-        *,
-        window: int = 8,
-        **fields: Any,
+        self, prompts: Sequence[Prompt], options: ReasonOptions | None = None, **fields: Any
     ) -> list[ReasonResult]:
-        """`reason` on every prompt, `window` of them in flight at once (their candidates decode
-        as one batch in the model's shared context); the results in the prompts' order. Several
-        threads calling `reason` on one Reasoner share the batch the same way."""
-        o = options_of(options, fields)
-        if not 1 <= window <= 256:
-            raise InvalidRequestError("window must be between 1 and 256", param="window")
-        with ThreadPoolExecutor(window, "edge-metastone-many") as pool:
-            return list(pool.map(lambda p: self.reason(p, o), prompts))
+        """`reason` on every prompt, `window` (a field, default 8) of them at once: their
+        candidates decode as one batch. The results in the prompts' order."""
+        window = fields.pop("window", 8)
+        return _reason_many(self, prompts, options_of(options, fields), window)
 
     def close(self) -> None:
         """Cancel the running generations, wait for them to unwind, then free the model."""
@@ -218,6 +194,46 @@ class Reasoner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _search(
+    r: Reasoner,
+    o: ReasonOptions,
+    run: _Run,
+    plan: Plan,
+    strategy: Any,
+    ids: list[int],
+    on_event: Callable[[Event], None] | None,
+) -> tuple[Any, GenerationControl, list, bool]:
+    """Run the planned search (inside a shared hold of the gate): the strategy (adaptive's when
+    the plan says so), the request's own control, its candidates and whether it stopped early."""
+    if plan.effort is Effort.ADAPTIVE:
+        adaptive = adaptive_settings(r.backend.adaptive, o, r.default_strategy)
+        strategy = Adaptive(adaptive, make_strategy(adaptive.selector))
+    control = GenerationControl()  # this request's own handle (and timings)
+    control.aborted = lambda: r._gate.closing
+    cands, early = strategy.run(
+        r.backend,
+        ids,
+        plan.k,
+        o.sampling(r.sampling),
+        planned_settings(run.settings, plan),
+        deadline=run.stop_at,
+        on_event=r._gate.hook(on_event),
+        control=control,
+    )
+    r._planner.observe(plan, control.timings)  # a wrong calibration gets re-checked
+    return strategy, control, cands, early
+
+
+def _reason_many(
+    r: Reasoner, prompts: Sequence[Prompt], o: ReasonOptions, window: int
+) -> list[ReasonResult]:
+    """`Reasoner.reason_many`: a pool of `window` threads, each calling `reason`."""
+    if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= 256:
+        raise InvalidRequestError("window must be an integer from 1 to 256", param="window")
+    with ThreadPoolExecutor(window, "edge-metastone-many") as pool:
+        return list(pool.map(lambda p: r.reason(p, o), prompts))
 
 
 def _open(

@@ -129,8 +129,9 @@ class GenerationSettings:
     # the caller asks for them (`GenerationControl.extend` after a `WaveEvent`); None: k
     max_candidates: int | None = None
     # reuse the cells of an earlier prompt that starts the same way (a runtime with a shared
-    # context keeps finished prompts while their sequences are free), and keep this one's
-    cache_prompt: bool = True
+    # context keeps finished prompts while their sequences are free), and keep this one's. Off by
+    # default: a prompt decoded in two parts can round differently (1e-7 in F32) from one pass
+    cache_prompt: bool = False
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens

@@ -267,8 +267,7 @@ def test_native_capture_equals_the_python_callback(engine, prompt_ids, monkeypat
     the features of a two-chunk prefill, and a scored k=4 generation, bit for bit."""
     import functools
 
-    from edge_metastone.engine import capture
-    from edge_metastone.engine import pool as llama_pool
+    from edge_metastone.engine import capture, pool_admission
     from edge_metastone.engine.scoring import forward_features
 
     assert capture.native_available(), "the C feature capture was not built at install"
@@ -279,7 +278,7 @@ def test_native_capture_equals_the_python_callback(engine, prompt_ids, monkeypat
     native_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
     python_capture = functools.partial(capture.FeatureCapture, native=False)
     monkeypatch.setattr("edge_metastone.engine.scoring.FeatureCapture", python_capture)
-    monkeypatch.setattr(llama_pool, "FeatureCapture", python_capture)
+    monkeypatch.setattr(pool_admission, "FeatureCapture", python_capture)
     engine.pool.reset()  # the next generation builds its context with the Python callback
     py, _ = forward_features(engine.model, long_ids, layer)
     py_cands = engine.generate_all(prompt_ids, 4, sampled(seed=8), settings)
@@ -314,9 +313,9 @@ def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids, monkeypatch, ma
     the one-pass scorer's, also after candidates in the middle end. The live sequence ids then have
     gaps: short ones are filled with placeholders (max_gap 4), longer ones (and all, with max_gap
     0) make llama.cpp split each decode into several ubatches."""
-    from edge_metastone.engine import pool as llama_pool
+    from edge_metastone.engine import pool_rounds
 
-    monkeypatch.setattr(llama_pool, "MAX_FILLED_GAP", max_gap)
+    monkeypatch.setattr(pool_rounds, "MAX_FILLED_GAP", max_gap)
     gen = GenerationSettings(max_new_tokens=60, kv_layout="streams")
     sampling = sampled(seed=21)
     control = GenerationControl()
@@ -352,11 +351,12 @@ def test_per_sequence_kv_streams_keep_parity(engine, prompt_ids, monkeypatch, ma
 
 
 def test_auto_layout_is_named_in_the_timings(engine, prompt_ids):
-    """AUTO runs streams for k >= 2 (unified for one candidate, or a prompt that k streams would
-    copy into more than 1.5x the cells), and the timings say which."""
+    """AUTO runs streams for k >= 2 and for one candidate (a stream of the shared context: the
+    same work as a unified cache of one sequence), unified for a prompt that k streams would copy
+    into more than 1.5x the cells, and the timings say which."""
     long_prompt = (prompt_ids * 40)[:300]  # 3 x 380 cells in streams vs 540 in one cache
     for prompt, k, layout in (
-        (prompt_ids, 1, "unified"),
+        (prompt_ids, 1, "streams"),
         (prompt_ids, 3, "streams"),
         (long_prompt, 3, "unified"),
     ):

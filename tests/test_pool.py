@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import wait_until
-from edge_metastone.engine import pool as pool_module
+from edge_metastone.engine import pool_admission
 from edge_metastone.engine.engine import Engine
 from edge_metastone.engine.scoring import score_tokens
 from edge_metastone.types import (
@@ -131,7 +131,7 @@ def test_a_cancelled_request_frees_its_sequences_and_leaves_the_other_alone(engi
 
 def test_a_request_waits_for_sequences_when_the_pool_is_full(engine, prompts, monkeypatch):
     want = _alone(engine, prompts[2], 4, 21)
-    monkeypatch.setattr(pool_module, "MAX_SEQUENCES", 4)
+    monkeypatch.setattr(pool_admission, "MAX_SEQUENCES", 4)
     engine.pool.reset()
     hold = threading.Event()
     first = Run(engine, prompts[0], 4, 20, hold=hold)
@@ -190,7 +190,7 @@ def test_a_prompt_that_starts_like_a_finished_one_reuses_its_cells(engine, promp
     shared = next(i for i, (a, b) in enumerate(zip(first, turn, strict=False)) if a != b)
     assert shared > 4, "the fixture's template should give the turns a common prefix"
     engine.pool.reset()
-    cached_settings = GenerationSettings(max_new_tokens=48, kv_layout="streams")
+    cached_settings = GenerationSettings(max_new_tokens=48, kv_layout="streams", cache_prompt=True)
     engine.generate_all(first, 2, sampling(50), cached_settings)
     control = GenerationControl()
     reused = engine.generate_all(turn, 2, sampling(51), cached_settings, control=control)
@@ -204,3 +204,22 @@ def test_a_prompt_that_starts_like_a_finished_one_reuses_its_cells(engine, promp
     assert fresh_control.timings.cached_prompt_tokens == 0
     assert [c.token_ids for c in reused] == [c.token_ids for c in fresh]
     _check_against_reference(engine, turn, reused)
+
+
+def test_reason_many_batches_prompts_and_keeps_their_order():
+    from edge_metastone.reasoner import Reasoner
+
+    prompts = [
+        f"What is {a}+{b}*3?" for a, b in [(3, 4), (12, 7), (9, 9), (41, 3), (5, 15), (6, 2)]
+    ]
+    with Reasoner(n_threads=1) as r:
+        many = r.reason_many(prompts, effort="low", seed=3, window=3)
+        alone = [r.reason(p, effort="low", seed=3) for p in prompts]
+        with pytest.raises(Exception, match="window"):
+            r.reason_many(prompts, effort="low", window=0)
+    assert [m.prompt_text for m in many] == [a.prompt_text for a in alone]
+    assert any(m.timings["shared_rounds"] for m in many), "the prompts never shared a decode"
+    same = sum(m.answer == a.answer for m, a in zip(many, alone, strict=True))
+    assert same >= len(prompts) - 1, [
+        (m.answer, a.answer) for m, a in zip(many, alone, strict=True)
+    ]

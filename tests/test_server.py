@@ -31,9 +31,17 @@ LONG = {"messages": GO_ON, "effort": "medium", "temperature": 0.0, "max_tokens":
 
 @pytest.fixture(scope="module")
 def tiny(tiny_gguf):
-    """The random fixture model; a queue of one so a full queue is easy to reach."""
+    """The random fixture model, one request at a time (`--parallel 1`) behind a queue of one, so
+    a full queue is easy to reach (the nano server below runs requests together)."""
     with ServerProcess(
-        "--model", str(tiny_gguf("q8_0")), "--max-queue", "1", "--max-request-bytes", "65536"
+        "--model",
+        str(tiny_gguf("q8_0")),
+        "--parallel",
+        "1",
+        "--max-queue",
+        "1",
+        "--max-request-bytes",
+        "65536",
     ) as server:
         yield server
         assert server.stop() == 0
@@ -200,9 +208,11 @@ def test_eight_concurrent_clients_each_get_their_own_result(nano, nano_api):
             c.token_ids for c in direct.candidates
         ]
     assert len({r["ext"]["prompt_text"] for r in results.values()}) == len(problems)
-    # one generation at a time: 8 waiting requests cost their queue entries, not 8 contexts
+    # the 8 requests ran together in one shared context (8 x 8 sequences), not 8 contexts: its
+    # KV cells (64 streams of 256 cells, under 20 MiB for this model) and compute buffers
+    assert any(r["ext"]["timings"]["shared_rounds"] for r in results.values())
     grown_mib = (nano.status_kb("VmHWM") - base_kb) / 1024
-    assert grown_mib < 64, f"peak memory grew {grown_mib:.0f} MiB"
+    assert grown_mib < 160, f"peak memory grew {grown_mib:.0f} MiB"
     assert nano.health()["served"] >= 1 + len(problems)
 
 
@@ -311,7 +321,9 @@ ERRORS = [
     ({"messages": USER, "effort": "auto", "memory_budget": 1e308}, 400, "memory_budget"),
     ({"messages": USER, "kv_cache": "q2_k"}, 400, "kv_cache"),
     ({"messages": USER, "stop": [""]}, 400, "stop"),
-    ({"messages": USER, "n": 2}, 400, "n"),
+    ({"messages": USER, "n": 9}, 400, "n"),  # medium generates 8
+    ({"messages": USER, "n": 3, "effort": "low"}, 400, "n"),
+    ({"messages": USER, "n": 3, "effort": "auto"}, 400, "n"),  # auto may run low (2)
     ({"messages": USER, "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": USER, "effort": "auto", "latency_budget": 1e-3}, 400, "budget_cannot_be_met"),
     ({"messages": long_prompt(5000), "max_tokens": 64}, 400, "context_length_exceeded"),
@@ -397,7 +409,9 @@ def test_shutdown_lets_requests_in_flight_finish(tiny_gguf):
 @pytest.mark.parametrize("second_signal", [False, True], ids=["grace-over", "second-ctrl-c"])
 def test_shutdown_cancels_what_outlives_the_grace_time(tiny_gguf, second_signal):
     grace = "30" if second_signal else "0.5"
-    with ServerProcess("--model", str(tiny_gguf("q8_0")), "--shutdown-timeout", grace) as server:
+    with ServerProcess(
+        "--model", str(tiny_gguf("q8_0")), "--shutdown-timeout", grace, "--parallel", "1"
+    ) as server:
         queued: dict = {}
         with httpx.stream(
             "POST",

@@ -50,12 +50,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run on a Ray cluster (no ADDRESS: start a local one); needs edge-metastone[ray]",
     )
     p.add_argument(
+        "--cache-prompt",
+        action="store_true",
+        help="reuse the cells of an earlier problem's prompt where the next starts the same way "
+        "(a shared few-shot prefix): faster, but records may differ at the rounding level",
+    )
+    p.add_argument(
         "--window",
         type=int,
         default=8,
         metavar="N",
         help="problems in flight at once in one model, their candidates decoded as one batch "
-        "(default 8; 1: one problem at a time); records are still written in input order",
+        "(default 8); records are still written in input order. A problem's record can differ "
+        "at the rounding level with its batch companions; 1: one at a time, exactly reproducible",
     )
     p.add_argument(
         "--workers", type=int, default=0, help="Ray workers (default: cluster CPUs / --threads)"

@@ -122,6 +122,7 @@ def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
         "raw": args.raw,
         "kv_cache": args.kv_cache,
         "stop": stop_strings(args),
+        "cache_prompt": getattr(args, "cache_prompt", False),
     }
     return ReasonOptions(**{**fields, **changes})
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from edge_metastone.decode.steps import Prefilled
 from edge_metastone.engine.llama import Model
-from edge_metastone.engine.pool import PoolShape, SequencePool, Work
+from edge_metastone.engine.pool import SequencePool
+from edge_metastone.engine.pool_types import PoolShape, Work
 from edge_metastone.engine.sampling import Sampler
 from edge_metastone.kvpolicy import kv_cells, pad_cells, resolve_layout
 from edge_metastone.limits import PREFILL_BATCH
@@ -111,7 +112,7 @@ class LlamaSteps:
         no <think> window) and of its last token."""
         feats: dict[int, np.ndarray] = {}
         n, seq = len(prompt), self.seqs[0]
-        reused = self._reusable(wanted)
+        reused = _reusable(self, wanted)
         if self.keep and reused:
             feats.update({i: f for i, f in self.lease.reused_features.items() if i < reused})
         last_row = 0
@@ -133,18 +134,6 @@ class LlamaSteps:
         scores = _score_prompt(self.head, kept) if self.scoring else {}
         return Prefilled(scores, kept, cached=reused)
 
-    def _reusable(self, wanted: set[int]) -> int:
-        """The cached prefix this generation can use: up to the first step boundary it needs a
-        feature of that the cache lacks (a cache made without features: up to the first)."""
-        lease, reused = self.lease, self.lease.reused
-        if reused and self.keep:
-            have = lease.reused_features or {}
-            missing = [i for i in wanted if i < reused and i not in have]
-            if missing:
-                reused = min(missing)
-                self.pool.drop(lease, self.seqs[0], keep=reused)
-        return reused
-
     def fork(self, first: int, n: int) -> None:
         """Give slots first..first+n-1 the prompt. The first wave copies the first sequence's
         cells (and to the keeper); a later one copies the keeper's cells but the last, then
@@ -159,7 +148,7 @@ class LlamaSteps:
         last = len(self.prompt) - 1
         for s in range(first, first + n):
             pool.copy(self.lease, seqs[self.keeper], seqs[s], drop_from=last)
-        self._decode([(s, self.prompt[last], last) for s in range(first, first + n)])
+        self.decode([(s, self.prompt[last], last) for s in range(first, first + n)])
 
     def sampler(self, sampling: SamplingSettings, candidate: int) -> Sampler:
         """llama.cpp's own sampler chain for one candidate."""
@@ -182,11 +171,8 @@ class LlamaSteps:
         return float(self.head.scores(self.features[slot][None, :])[0])
 
     def decode(self, rows: Sequence[tuple[int, int, int]]) -> None:
-        """The live slots' new tokens, in one round of the pool with every other generation's;
+        """The slots' new tokens, in one round of the pool with every other generation's;
         their features from the same pass."""
-        self._decode(rows)
-
-    def _decode(self, rows: Sequence[tuple[int, int, int]]) -> None:
         seqs = self.seqs
         w = self.pool.run(self.lease, Work(rows=[(seqs[s], tok, pos) for s, tok, pos in rows]))
         self.tm.shared_rounds += w.shared
@@ -221,6 +207,19 @@ class LlamaSteps:
         if self.cache_prompt and slot is not None and self.prompt:
             keep = (self.seqs[slot], self.prompt, self.prompt_features)
         self.pool.release(self.lease, keep)
+
+
+def _reusable(steps: LlamaSteps, wanted: set[int]) -> int:
+    """The cached prefix this generation can use: up to the first step boundary it needs a
+    feature of that the cache lacks (a cache made without features: up to the first)."""
+    lease, reused = steps.lease, steps.lease.reused
+    if reused and steps.keep:
+        have = lease.reused_features or {}
+        missing = [i for i in wanted if i < reused and i not in have]
+        if missing:
+            reused = min(missing)
+            steps.pool.drop(lease, steps.seqs[0], keep=reused)
+    return reused
 
 
 def _score_prompt(head: SprmHead, feats: dict[int, np.ndarray]) -> dict[int, float]:

@@ -125,9 +125,7 @@ class OnnxBackend(DecodingBackend):
         """k cache rows over `prompt` (one float cache per candidate). One generation at a time:
         its cache is a set of arrays of its own shape, so requests take turns (in arrival order,
         polling `control.aborted` while they wait) rather than batching together."""
-        while not self._turn.acquire(timeout=0.05):
-            if control is not None and control.aborted is not None and control.aborted():
-                raise RequestCancelledError("the request was cancelled while it waited")
+        _take_turn(self._turn, control)
         try:
             steps = OnnxSteps(self.session, self.tok, prompt, k, settings, scoring, tm)
         except BaseException:
@@ -186,3 +184,10 @@ class OnnxBackend(DecodingBackend):
     def close(self) -> None:
         """Free the session."""
         self.session.close()
+
+
+def _take_turn(turn: threading.Lock, control: GenerationControl | None) -> None:
+    """Wait for `turn`, giving up when the request is cancelled meanwhile."""
+    while not turn.acquire(timeout=0.05):
+        if control is not None and control.aborted is not None and control.aborted():
+            raise RequestCancelledError("the request was cancelled while it waited")

@@ -222,7 +222,7 @@ def _add_completions_route(app: FastAPI, model_id: str, limits: Limits, max_byte
             service.submit(job)
         except ApiError as e:
             return e.response()
-        completion = Completion(model_id)
+        completion = Completion(model_id, req.n)
         # the stream's headers wait for its first event: errors before it get their own status
         first = await watch_client(job.channel.get(), request.receive, service, job)
         terminal = next(((k, x) for k, x in first if k != "event"), None)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_metastone.errors import InvalidRequestError
-from edge_metastone.options import ReasonOptions, ReasonResult
+from edge_metastone.options import CandidateView, ReasonOptions, ReasonResult
 from edge_metastone.scheduler import Effort
 from edge_metastone.search.adaptive import stopped_early
 from edge_metastone.server.errors import ApiError, bad_request
@@ -83,6 +83,7 @@ class ChatRequest(_Strict):
     memory_budget: float | None = None
     allow_degrade: bool = False
     kv_cache: str | None = None  # the KV cache's type (default: f16, q8_0 under budget)
+    cache_prompt: bool = True  # llama-server's field: reuse the cells of an earlier prompt
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,20 @@ def parse_request(body: bytes) -> ChatRequest:
 
 def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], ReasonOptions]:
     """The request as the Reasoner's prompt (messages) and `ReasonOptions`."""
-    if req.n != 1:
+    try:
+        effort = Effort(req.effort) if req.effort else default_effort(limits.max_k)
+    except ValueError:
         raise bad_request(
-            "n must be 1: the server returns the chosen candidate (the effort sets how many "
-            "candidates are generated)",
+            f"effort must be one of {', '.join(e.value for e in Effort)}", param="effort"
+        ) from None
+    fixed = effort.mode.k
+    runs = fixed or Effort.LOW.k  # auto and adaptive: at least low's candidates
+    if not 1 <= req.n <= runs:
+        what = f"generates {runs}" if fixed else f"may generate as few as {runs}"
+        what = f"effort {effort.value} {what}"
+        raise bad_request(
+            f"n must be between 1 and the candidates the request runs ({what}); the n best "
+            "distinct candidates are returned",
             param="n",
         )
     if req.tools or req.functions:
@@ -142,7 +153,7 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
     messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
     try:
         options = ReasonOptions(
-            effort=req.effort or default_effort(limits.max_k),
+            effort=effort,
             latency_budget=req.latency_budget,
             memory_budget=req.memory_budget,
             seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
@@ -154,6 +165,7 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             stop=stop,
             max_k=limits.max_k,  # auto chooses among the efforts within the server's limit
             kv_cache=req.kv_cache,
+            cache_prompt=req.cache_prompt,
         )
     except InvalidRequestError as e:  # the one check of the values: mapped to the API's names
         raise bad_request(str(e), param=_PARAMS.get(e.param, e.param)) from None
@@ -169,13 +181,34 @@ def default_effort(max_k: int) -> Effort:
     return Effort.MEDIUM if Effort.MEDIUM.k <= max_k else Effort.LOW
 
 
-class Completion:
-    """Builds one request's response objects (shared id, creation time and model name)."""
+def ranked(result: ReasonResult, n: int) -> list[CandidateView]:
+    """The n best candidates by the request's selector: its choice first, then the others by the
+    signal it ranks with (the SPRM trajectory score where there is one, else the mean token
+    log-probability), candidates with an answer not given yet before repeats, cut-off ones last."""
+    chosen = result.chosen_candidate
+    rest = [c for i, c in enumerate(result.candidates) if i != result.chosen]
 
-    def __init__(self, model: str) -> None:
+    def key(c: CandidateView) -> tuple[bool, float]:
+        v = c.score if chosen.score is not None else c.mean_logprob
+        return (c.truncated, -(v if v is not None else -math.inf))
+
+    rest.sort(key=key)
+    seen, first, repeats = {chosen.answer.strip()}, [], []
+    for c in rest:
+        (repeats if c.answer.strip() in seen else first).append(c)
+        seen.add(c.answer.strip())
+    return [chosen, *first, *repeats][:n]
+
+
+class Completion:
+    """Builds one request's response objects (shared id, creation time and model name); `n`
+    choices, the best first (`ranked`)."""
+
+    def __init__(self, model: str, n: int = 1) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.n = n
 
     def response(self, result: ReasonResult, seed: int, *, capped: bool = False) -> dict[str, Any]:
         """The non-streaming `chat.completion` object."""
@@ -186,11 +219,20 @@ class Completion:
             "model": self.model,
             "choices": [
                 {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.answer},
+                    "finish_reason": "length" if c.truncated else "stop",
+                    "logprobs": None,
+                    "metastone": {"candidate": c.index, "score": c.score},
+                }
+                if i
+                else {
                     "index": 0,
                     "message": {"role": "assistant", "content": result.answer},
                     "finish_reason": finish_reason(result),
                     "logprobs": None,
                 }
+                for i, c in enumerate(ranked(result, self.n))
             ],
             "usage": usage(result),
             "metastone": extension(result, seed, capped=capped),
@@ -204,6 +246,7 @@ class Completion:
         metastone: dict[str, Any] | None = None,
         usage: dict[str, int] | None = None,
         choices: bool = True,
+        index: int = 0,
     ) -> dict[str, Any]:
         """One `chat.completion.chunk` of a stream."""
         out: dict[str, Any] = {
@@ -212,7 +255,7 @@ class Completion:
             "created": self.created,
             "model": self.model,
             "choices": [
-                {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
+                {"index": index, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
             ]
             if choices
             else [],

@@ -285,25 +285,29 @@ class GenerationService:
             if job.cancelled is not None:  # e.g. the reasoner closed under a cancelled request
                 return "cancelled", job.cancelled
             return "error", e
-        return self._capped(job, with_warnings(result, job.prompt, self.reasoner), deadline)
+        served = with_warnings(result, job.prompt, self.reasoner)
+        return capped(job, served, deadline, self.max_request_seconds)
 
-    def _capped(self, job: Job, result: ReasonResult, deadline: float | None) -> tuple[str, Any]:
-        """The result, marked when the time cap (not the request's own budget) stopped it; an
-        error when the cap came before any candidate had an answer."""
-        budget = job.options.latency_budget
-        budget_end = job.arrival + budget if budget is not None else None
-        if not result.early_stop or deadline is None:
-            return "result", result
-        if budget_end is not None and budget_end <= deadline:
-            return "result", result  # the request's own budget stopped it first
-        job.capped = True
-        if not result.answer.strip():
-            return "error", ApiError(
-                503,
-                f"the request reached this server's time limit ({self.max_request_seconds:g} s, "
-                "--max-request-seconds) before any candidate had an answer; ask for less (a lower "
-                "effort, fewer max_tokens)",
-                type="server_error",
-                code="request_time_limit",
-            )
+
+def capped(
+    job: Job, result: ReasonResult, deadline: float | None, cap: float | None
+) -> tuple[str, Any]:
+    """The result, marked when the time cap (not the request's own budget) stopped it; an
+    error when the cap came before any candidate had an answer."""
+    budget = job.options.latency_budget
+    budget_end = job.arrival + budget if budget is not None else None
+    if not result.early_stop or deadline is None:
         return "result", result
+    if budget_end is not None and budget_end <= deadline:
+        return "result", result  # the request's own budget stopped it first
+    job.capped = True
+    if not result.answer.strip():
+        return "error", ApiError(
+            503,
+            f"the request reached this server's time limit ({cap:g} s, "
+            "--max-request-seconds) before any candidate had an answer; ask for less (a lower "
+            "effort, fewer max_tokens)",
+            type="server_error",
+            code="request_time_limit",
+        )
+    return "result", result

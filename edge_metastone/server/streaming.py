@@ -19,7 +19,14 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from edge_metastone.server.errors import ApiError, from_exception, shutting_down
-from edge_metastone.server.schema import Completion, event_json, extension, finish_reason, usage
+from edge_metastone.server.schema import (
+    Completion,
+    event_json,
+    extension,
+    finish_reason,
+    ranked,
+    usage,
+)
 from edge_metastone.server.service import Cancel, GenerationService, Job
 
 logger = logging.getLogger(__name__)
@@ -133,6 +140,10 @@ class EventStream(Response):
                         )
                     )
                     yield sse(c.chunk(finish=finish_reason(item)))
+                    for i, cand in enumerate(ranked(item, c.n)[1:], start=1):
+                        yield sse(c.chunk({"role": "assistant", "content": cand.answer}, index=i))
+                        finish = "length" if cand.truncated else "stop"
+                        yield sse(c.chunk(finish=finish, index=i))
                     if self.include_usage:
                         yield sse(c.chunk(usage=usage(item), choices=False))
                     yield DONE

@@ -248,6 +248,10 @@ class SampleCache:
                 )
         else:
             write_text_atomic(meta, json.dumps(identity, indent=2, sort_keys=True))
+        # a writer killed mid-save (SIGKILL, power loss) cannot remove its temporary file: the
+        # next collection on this cache does (one collection at a time per cache folder)
+        for stale in self.root.glob(".*.npz.partial"):
+            stale.unlink(missing_ok=True)
 
     def path(self, key: str) -> Path:
         """Where one problem's samples live."""
