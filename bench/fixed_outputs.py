@@ -84,7 +84,7 @@ def reason_section(prompts: list[str]) -> list[Any]:
     return out
 
 
-def batch_section(prompts: list[str], work: Path) -> list[Any]:
+def batch_section(prompts: list[str], work: Path, extra: tuple[str, ...] = ()) -> list[Any]:
     """`edge-metastone batch` on the prompts (medium)."""
     src, dst = work / "batch-in.jsonl", work / "batch-out.jsonl"
     src.write_text(
@@ -92,7 +92,9 @@ def batch_section(prompts: list[str], work: Path) -> list[Any]:
     )
     dst.unlink(missing_ok=True)
     subprocess.run(
-        [*CLI, "batch", str(src), "-o", str(dst), "--no-progress"], check=True, capture_output=True
+        [*CLI, "batch", str(src), "-o", str(dst), "--no-progress", *extra],
+        check=True,
+        capture_output=True,
     )
     return [clean(json.loads(line)) for line in dst.read_text().splitlines()]
 
@@ -216,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("work", type=Path)
     ap.add_argument("--n", type=int, default=20)
+    ap.add_argument(
+        "--batch-window",
+        type=int,
+        default=None,
+        help="batch's --window (a commit before it ran one problem at a time: compare with 1)",
+    )
     args = ap.parse_args(argv)
     work = args.work
     (work / "outputs").mkdir(parents=True, exist_ok=True)
@@ -224,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     sections: dict[str, Any] = {}
     t0 = time.perf_counter()
     sections["reason"] = reason_section(prompts)
-    sections["batch"] = batch_section(prompts, work)
+    window = () if args.batch_window is None else ("--window", str(args.batch_window))
+    sections["batch"] = batch_section(prompts, work, window)
     sections["server"] = server_section(prompts[0])
     sections.update(tiny_section(work, prompts))
     commit = subprocess.run(

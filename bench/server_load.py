@@ -1,11 +1,12 @@
 """Load on `edge-metastone serve`: requests/s and p50/p95 latency for 1, 4 and 16 concurrent clients,
 against the same requests made through the Python API in a loop.
 
-Both sides run the same model file, threads, effort, max_new_tokens, sampling and seeds, so both do
-the same generation work (the script checks every answer and token count agree); the difference
-is the server's own cost: HTTP, JSON, the queue and the hand-off between threads. The server runs
-one generation at a time (requests queue on the one model), so its requests/s at any concurrency
-is compared with the loop's, and its latency at concurrency c includes c-1 requests of queueing.
+Both sides run the same model file, threads, effort, max_new_tokens, sampling and seeds. With one
+client the difference is the server's own cost: HTTP, JSON, the queue and the hand-off between
+threads. With c clients the server runs their requests together (`serve --parallel`, default 16:
+their candidates decode as one batch), so its requests/s against the loop's is the batching gain
+net of that cost; batched requests can round a close choice differently, so the script counts
+the answers and token counts that differ from the loop's instead of requiring them equal.
 
     python bench/server_load.py                      # the embedded MetaStone-nano, effort medium
     python bench/server_load.py --model F.gguf --effort low --max-new-tokens 256 --requests 16
@@ -223,14 +224,13 @@ def main() -> None:
     first = pairs[levels[0]][0][0]
     for c, runs in pairs.items():
         for a, b in runs:
-            for side, run in (("API", a), (f"server c={c}", b)):
-                assert run["answers"] == first["answers"], f"{side}: answers differ"
-                assert run["tokens"] == first["tokens"], f"{side}: token counts differ"
-    n_runs = sum(2 * len(v) for v in pairs.values())
-    print(
-        f"identical answers and token counts in all {n_runs} runs "
-        f"({first['tokens']} generated tokens per run of {len(reqs)} requests)\n"
-    )
+            assert a["answers"] == first["answers"], "the API loop is not reproducible"
+            differ = sum(x != y for x, y in zip(b["answers"], first["answers"], strict=True))
+            print(
+                f"c={c}: {differ} of {len(reqs)} server answers differ from the loop's; "
+                f"tokens {b['tokens']} vs {first['tokens']}"
+            )
+    print()
     print(
         "| clients | API loop req/s | server req/s | server/API | overhead "
         "| API p50 / p95 (s) | server p50 / p95 (s) | outside reason(): API / server |"
@@ -275,8 +275,8 @@ def main() -> None:
         )
     )
     print(
-        "latency: the API loop's is one call; the server's at c clients includes waiting behind "
-        "the c-1 others (one generation at a time)\n"
+        "latency: the API loop's is one call; the server's at c clients is its share of a batch "
+        "of up to c requests\n"
         "outside reason(): the share of wall time not spent inside Reasoner.reason (the server's "
         "HTTP, JSON and hand-off when nothing overlaps them; the loop's own Python between calls)"
     )

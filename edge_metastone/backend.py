@@ -93,6 +93,12 @@ class Backend(Protocol):
         """The `GenerationSettings.kv_type` values it accepts; F16 is its native cache."""
         ...
 
+    @property
+    def busy_sequences(self) -> int:
+        """Sequences other requests' candidates are decoding now (a runtime that batches
+        requests together; 0 for one that runs them one at a time): the batch a request joins."""
+        ...
+
     def render(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt text for a conversation, by the model's own sandboxed chat template."""
         ...

@@ -152,7 +152,8 @@ class Planner:
     def plan(self, prompt_tokens: int, o: ReasonOptions, max_new_tokens: int) -> Plan:
         """The scheduler's choice for a request of this size (no generation). A fixed effort under
         a latency budget runs (until the deadline when it is predicted over it)."""
-        req = Request(prompt_tokens, o.max_new_tokens or max_new_tokens)
+        others = self.backend.busy_sequences  # the batch this request joins
+        req = Request(prompt_tokens, o.max_new_tokens or max_new_tokens, others)
         budget = Budget(
             o.latency_budget,
             int(o.memory_budget * MIB) if o.memory_budget is not None else None,

@@ -203,6 +203,7 @@ class Request:
 
     prompt_tokens: int
     max_new_tokens: int
+    others: int = 0  # other requests' sequences decoding beside it in a shared context
 
 
 @dataclass(frozen=True)
@@ -265,10 +266,12 @@ def predict(
     attended = k * (t * p + t * (t + 1) / 2)
     masked = k * (k - 1) * t * (t + 1) / 2 if layout is KVLayout.UNIFIED else 0.0
     factor = 1.0 if kv_type is KVType.F16 else cal.quantized_attn_factor
+    # beside other requests' sequences, each step decodes their rows too (worst case: all along)
+    rows = k + req.others
     latency = (
         p / cal.prefill_tokens_per_s
-        + t * cal.step_time(k)
-        + cal.attn_time(k) * factor * attended
+        + t * cal.step_time(rows)
+        + cal.attn_time(rows) * factor * attended * rows / k
         + cal.masked_s_per_seq_cell * masked
     )
     cells = kv_cells(p, t, k, layout)

@@ -119,6 +119,7 @@ class FakeBackend:
         return FACTS.n_layers - 2
 
     kv_layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
+    busy_sequences = 0  # one request at a time
     kv_types = (KVType.F16, KVType.Q8_0)
 
     @property

@@ -360,3 +360,19 @@ def test_flash_attention_rule():
     assert flash_attention(KVType.F16, 14, 4096, 512)  # 112 MiB
     assert not flash_attention(KVType.F16, 14, 8192, 512, n_streams=4)  # each row sees a quarter
     assert flash_attention(KVType.Q8_0, 1, 256, 1)
+
+
+def test_a_request_beside_others_is_predicted_at_the_batch_it_joins():
+    """In a shared context every step also decodes the other requests' rows: k=2 beside 14 other
+    sequences costs a step of 16 rows (no attention cost in CAL: exactly the step time)."""
+    alone = predict(FACTS, CAL, REQ, 2)
+    beside = predict(FACTS, CAL, Request(100, 1000, others=14), 2)
+    prefill = 100 / CAL.prefill_tokens_per_s
+    assert alone.latency_s == pytest.approx(prefill + 1000 * CAL.step_time(2))
+    assert beside.latency_s == pytest.approx(prefill + 1000 * CAL.step_time(16))
+    assert beside.memory_bytes == alone.memory_bytes  # its own cells: the others' are theirs
+    # auto under a budget that k=8 meets alone but not beside 4 other sequences picks less
+    budget = Budget(latency_s=predict(FACTS, CAL, REQ, 8).latency_s * 1.01)
+    assert choose(Effort.AUTO, FACTS, CAL, REQ, budget).k == 8
+    crowded = choose(Effort.AUTO, FACTS, CAL, Request(100, 1000, others=4), budget)
+    assert crowded.k < 8

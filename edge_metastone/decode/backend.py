@@ -60,6 +60,11 @@ class DecodingBackend:
         """One generation's runtime steps (`edge_metastone.decode.steps.Runtime`)."""
         raise NotImplementedError
 
+    @property
+    def busy_sequences(self) -> int:
+        """Sequences other requests decode now (a runtime that runs one at a time: 0)."""
+        return 0
+
     def render(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt text for a conversation, by the model's own (sandboxed) chat template."""
         return self.template.render(messages, add_generation_prompt=True)

@@ -168,6 +168,11 @@ class Engine(DecodingBackend):
         return self._open_model().control_texts
 
     @property
+    def busy_sequences(self) -> int:
+        """Sequences of the shared context that hold running candidates now."""
+        return self.pool.live_sequences
+
+    @property
     def n_ctx(self) -> int:
         """The model's training context."""
         return self.model.n_ctx_train

@@ -115,6 +115,11 @@ class SequencePool(Admission, Rounds):
             self._cond.notify_all()
 
     @property
+    def live_sequences(self) -> int:
+        """Sequences of open generations that hold cells now (their candidates decode)."""
+        return sum(len(m.live) for m in list(self._members.values()))
+
+    @property
     def busy(self) -> int:
         """Generations holding sequences now."""
         return len(self._members)
