@@ -117,10 +117,14 @@ def test_interleaved_requests_get_what_they_get_alone(engine, prompts):
 def test_a_cancelled_request_frees_its_sequences_and_leaves_the_other_alone(engine, prompts):
     want = _alone(engine, prompts[1], 4, 11)
     free_before = len(engine.pool._free)
+    hold = threading.Event()
     keep = Run(engine, prompts[1], 4, 11)
-    quit_ = Run(engine, prompts[0], 4, 12, stop_after=6)
+    quit_ = Run(engine, prompts[0], 4, 12, hold=hold, stop_after=6)
     quit_.start()
+    wait_until(lambda: quit_.tokens >= 1, "the request that quits to start")
     keep.start()
+    wait_until(lambda: engine.pool.busy == 2, "the other request to be admitted beside it")
+    hold.set()  # it goes on for 5 more tokens beside the other, then stops listening
     quit_.join()
     keep.join()
     assert keep.error is None and quit_.error is None
