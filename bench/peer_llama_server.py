@@ -4,7 +4,10 @@ vendors, on the same GGUF, threads, prompts, sampling and max_tokens. Never run 
     python bench/peer_llama_server.py build          # once: sdist -> cmake -> ~/.cache (minutes)
     python bench/peer_llama_server.py run --model F.gguf [--cases a,b,c]
 
-Cases (every choice's tokens are counted on both sides):
+Cases (every choice's tokens are counted on both sides: ours from `usage`, which counts every
+candidate; llama-server's `usage` counts one choice of n, so each of its choices' text is counted
+with its own `/tokenize`, outside the timed request: a re-tokenized text can differ from the
+sampled ids by a token or so, and the end-of-turn token is in neither count):
   (a) one request: llama-server `n=8` (one prompt cache, `n_cmpl`) against ours at medium (k=8);
   (b) 16 clients at once, 2 requests each: llama-server `n=1` against ours at low (k=2, its
       lowest effort): tokens/s counts every candidate, latency is the request's;
@@ -157,9 +160,10 @@ def texts(n: int, seed: int) -> list[str]:
     ]
 
 
-def drive(url: str, bodies: list[dict], clients: int) -> dict:
+def drive(url: str, bodies: list[dict], clients: int, *, peer: bool = False) -> dict:
     """`clients` clients sending `bodies` (one after another each); tokens are every choice's."""
     lat, tokens = [0.0] * len(bodies), [0] * len(bodies)
+    texts: list[list[str]] = [[] for _ in bodies]
     it, lock, errors = iter(range(len(bodies))), threading.Lock(), []
 
     def client() -> None:
@@ -175,7 +179,9 @@ def drive(url: str, bodies: list[dict], clients: int) -> dict:
                 if r.status_code != 200:
                     errors.append(r.text[:300])
                     return
-                tokens[i] = r.json()["usage"]["completion_tokens"]
+                out = r.json()
+                texts[i] = [c["message"]["content"] for c in out["choices"]]
+                tokens[i] = out["usage"]["completion_tokens"]
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -186,6 +192,12 @@ def drive(url: str, bodies: list[dict], clients: int) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         raise SystemExit(f"server error: {errors[0]}")
+    if peer:  # its usage counts one choice of n: count each choice's text (after the timing)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            tokens = [
+                sum(len(http.post("/tokenize", json={"content": t}).json()["tokens"]) for t in ts)
+                for ts in texts
+            ]
     lat.sort()
     return {
         "tokens": sum(tokens),
@@ -282,8 +294,8 @@ def run(a: argparse.Namespace) -> None:
                 srv = Proc(cmd, env=dict(os.environ, PYTHONPATH=str(REPO)))
             try:
                 bodies = peer if side == "peer" else ours
-                drive(srv.url, bodies[:1], 1)  # warm up
-                res[side] = drive(srv.url, bodies, clients)
+                drive(srv.url, bodies[:1], 1, peer=side == "peer")  # warm up
+                res[side] = drive(srv.url, bodies, clients, peer=side == "peer")
             finally:
                 srv.stop()
         ratio = res["ours"]["tokens_per_s"] / res["peer"]["tokens_per_s"]

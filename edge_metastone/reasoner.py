@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from edge_metastone import cpu
 from edge_metastone.answers import counting_fallbacks
 from edge_metastone.backend import Backend
 from edge_metastone.bridge import stream
@@ -163,13 +164,14 @@ class Reasoner:
         with self._gate.shared():  # waits only while a calibration has the model alone
             run.timings["queue_s"] = time.perf_counter() - t0
             self._gate.check_open()
-            text, ids = self.encode(prompt, raw=o.raw)
+            with cpu.heavy:  # between the shared context's decodes, not beside them
+                text, ids = self.encode(prompt, raw=o.raw)
         # a calibration to measure has the model alone: outside the shared hold
         plan = run.plan(self._planner, len(ids), self.max_new_tokens)
         with self._gate.shared():  # beside the other requests: the runtime batches them
             self._gate.check_open()
             strategy, control, cands, early = _search(self, o, run, plan, strategy, ids, on_event)
-        with counting_fallbacks() as fallbacks:  # answer checks: off the lock
+        with counting_fallbacks() as fallbacks, cpu.heavy:  # off the gate, between decodes
             res = strategy.choose(self.backend, cands, plan.k, early)
         tm = {**control.timings.as_dict(), **run.timings}
         tm["queue_s"] = run.timings["queue_s"] + control.timings.queue_s  # the gate, the context

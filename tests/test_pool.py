@@ -227,3 +227,24 @@ def test_reason_many_batches_prompts_and_keeps_their_order():
     assert same >= len(prompts) - 1, [
         (m.answer, a.answer) for m, a in zip(many, alone, strict=True)
     ]
+
+
+def test_the_governor_caps_the_batch_below_the_size_that_gave_fewer_rows_per_second():
+    from edge_metastone.engine.pool_types import BatchGovernor
+
+    g = BatchGovernor()
+    assert g.cap() is None
+    for _ in range(g.MIN_SEEN):
+        g.observe(8, 8 / 3000)  # 8 rows: 3000 rows/s
+    assert g.cap() is None  # one size seen: no basis yet
+    for _ in range(g.MIN_SEEN - 1):
+        g.observe(4, 4 / 2000)
+    assert g.cap() is None  # the second size not seen often enough
+    g.observe(5, 5 / 2000)
+    assert g.cap() == 16  # 8-15 rows best so far: try up to 16
+    for _ in range(g.MIN_SEEN):
+        g.observe(16, 16 / 2500)  # 16 rows gave less than 8
+    assert g.cap() == 15  # two k=8 requests no longer run together
+    for _ in range(40):
+        g.observe(16, 16 / 5000)  # a memory-bound model: more rows, more rows/s
+    assert g.cap() == 32

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # foundation: errors, constants, text and SPRM rules, GGUF primitives, the embedded model
     (
         "edge_metastone.errors",
+        "edge_metastone.cpu",
         "edge_metastone.keys",
         "edge_metastone.limits",
         "edge_metastone.paths",

@@ -37,7 +37,7 @@ from edge_metastone.engine.capture import FeatureCapture
 from edge_metastone.engine.llama import Batch, Context, Model
 from edge_metastone.engine.pool_admission import MAX_SEQUENCES, Admission
 from edge_metastone.engine.pool_rounds import Rounds
-from edge_metastone.engine.pool_types import CachedPrompt, Lease, PoolShape
+from edge_metastone.engine.pool_types import BatchGovernor, CachedPrompt, Lease, PoolShape
 from edge_metastone.errors import EdgeMetastoneError
 
 
@@ -56,6 +56,8 @@ class SequencePool(Admission, Rounds):
         self.ctx: Context | None = None
         self.batch: Batch | None = None
         self.capture: FeatureCapture | None = None
+        self.governor = BatchGovernor()  # how many sequences decode together (admission)
+        self._cycle_start: float | None = None  # when the last decode round ended
         self.rebuilds = 0  # contexts made (a measure of how well the first shape fitted)
         self.moves = 0  # sequences moved down to close gaps (`_compact`)
         self.flash = False
@@ -89,6 +91,7 @@ class SequencePool(Admission, Rounds):
                 llama_cpp.llama_memory_seq_rm(self.ctx.memory, seq, keep, -1)
             if not keep:
                 lease.live.discard(seq)
+                self._cond.notify_all()  # a request waiting under the governor's cap may fit
 
     def release(
         self,

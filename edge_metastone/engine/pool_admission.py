@@ -53,36 +53,10 @@ class Admission:
                 self._cond.notify_all()
                 raise
             self._queue.popleft()
-            lease = self._lease(ticket, need.n_seq, prompt)
+            lease = _lease(self, ticket, need.n_seq, prompt)
             self._members[ticket] = lease
             self._cond.notify_all()
             return lease
-
-    def _lease(self, ticket: int, n: int, prompt: Sequence[int]) -> Lease:
-        """Take n free sequences: the best cached prompt first (when one shares a prefix), then
-        the lowest uncached ones, cached ones last (their caches are dropped)."""
-        reuse, best = None, 0
-        for seq, cached in self._cached.items():
-            m = common_prefix(cached.tokens, prompt)
-            if m > best:
-                reuse, best = seq, m
-        best = min(best, len(prompt) - 1)
-        rest = sorted((s for s in self._free if s != reuse), key=lambda s: (s in self._cached, s))
-        seqs = ([reuse] if reuse is not None and best > 0 else []) + rest
-        seqs = seqs[:n]
-        taken = set(seqs)
-        self._free = [s for s in self._free if s not in taken]
-        lease = Lease(seqs, ticket)
-        mem = self.ctx.memory
-        for s in seqs:
-            cached = self._cached.pop(s, None)
-            if s == reuse and best > 0:
-                llama_cpp.llama_memory_seq_rm(mem, s, best, -1)
-                lease.reused, lease.reused_features = best, cached.features
-                lease.live.add(s)
-            else:  # a filler or an old prompt may have left cells in it
-                llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
-        return lease
 
     def _admit(self, ticket: int, need: PoolShape) -> bool:
         """At the head of the queue: fits now (rebuilding an idle pool to fit)."""
@@ -92,6 +66,10 @@ class Admission:
         if shape is not None and shape.holds(need) and not self._grow:
             if not shape.streams and self._members:
                 return False  # a unified pool serves one request at a time
+            cap = self.governor.cap()
+            rows = sum(m.rows for m in self._members.values())
+            if cap is not None and self._members and rows + need.n_seq > cap:
+                return False  # more rows would not decode faster: wait for some to end
             if len(self._free) >= need.n_seq:
                 return True
             if shape.n_seq >= MAX_SEQUENCES:
@@ -171,3 +149,30 @@ class Admission:
         self._cached = {}
         self.rebuilds += 1
         logger.debug("sequence pool: %s (flash attention %s)", shape, self.flash)
+
+
+def _lease(pool: Admission, ticket: int, n: int, prompt: Sequence[int]) -> Lease:
+    """Take n free sequences: the best cached prompt first (when one shares a prefix), then
+    the lowest uncached ones, cached ones last (their caches are dropped)."""
+    reuse, best = None, 0
+    for seq, cached in pool._cached.items():
+        m = common_prefix(cached.tokens, prompt)
+        if m > best:
+            reuse, best = seq, m
+    best = min(best, len(prompt) - 1)
+    rest = sorted((s for s in pool._free if s != reuse), key=lambda s: (s in pool._cached, s))
+    seqs = ([reuse] if reuse is not None and best > 0 else []) + rest
+    seqs = seqs[:n]
+    taken = set(seqs)
+    pool._free = [s for s in pool._free if s not in taken]
+    lease = Lease(seqs, ticket)
+    mem = pool.ctx.memory
+    for s in seqs:
+        cached = pool._cached.pop(s, None)
+        if s == reuse and best > 0:
+            llama_cpp.llama_memory_seq_rm(mem, s, best, -1)
+            lease.reused, lease.reused_features = best, cached.features
+            lease.live.add(s)
+        else:  # a filler or an old prompt may have left cells in it
+            llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+    return lease

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections.abc import Callable
 
 import llama_cpp
 
+from edge_metastone import cpu
 from edge_metastone.engine.pool_types import Lease, Work
 from edge_metastone.errors import EdgeMetastoneError
 
@@ -32,6 +34,7 @@ class Rounds:
             if lease.ticket not in self._members:
                 raise EdgeMetastoneError("the generation's sequences were given back")
             lease.pending = work
+            lease.started = True
             lease.live.update([work.seq] if work.is_prompt else (r[0] for r in work.rows))
             self._wake_stepper()
             while not work.done:
@@ -77,6 +80,7 @@ class Rounds:
         steps = [m for m in members if not m.pending.is_prompt]
         if prompts and (not steps or not self._last_was_prompt):
             self._last_was_prompt = True
+            self._cycle_start = None  # the next decode's cycle would count this chunk too
             self._finish([prompts[0]], self._prompt_chunk, prompts[0].pending)
         else:
             self._last_was_prompt = False
@@ -141,6 +145,10 @@ class Rounds:
         finally:
             for g in fillers:
                 llama_cpp.llama_memory_seq_rm(self.ctx.memory, g, -1, -1)
+        end = time.perf_counter()
+        if self._cycle_start is not None:  # the members' work since the last decode, and this one
+            self.governor.observe(len(b), end - self._cycle_start)
+        self._cycle_start = end
         if self.capture is not None:
             feats = self.capture.take()
             for w in works:
@@ -154,9 +162,11 @@ class Rounds:
         return idle
 
     def _decode(self) -> None:
-        """Decode the batch; then settle llama.cpp's output order once, so members reading
-        their rows from their own threads only read."""
-        self.ctx.decode(self.batch)
+        """Decode the batch (holding `cpu.heavy`: no other heavy phase beside it); then settle
+        llama.cpp's output order once, so members reading their rows from their own threads only
+        read."""
+        with cpu.heavy:
+            self.ctx.decode(self.batch)
         llama_cpp.llama_get_logits(self.ctx.ptr)
 
 

@@ -71,6 +71,12 @@ class Lease:
     live: set[int] = field(default_factory=set)  # sequences that hold cells
     reused: int = 0
     reused_features: dict[int, np.ndarray] | None = None
+    started: bool = False  # it has submitted work (its live sequences say what it decodes)
+
+    @property
+    def rows(self) -> int:
+        """Sequences it decodes, or will once it starts (all it leased)."""
+        return len(self.live) if self.started else len(self.seqs)
 
 
 @dataclass
@@ -104,3 +110,37 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+class BatchGovernor:
+    """How many sequences to decode together: the rows/s each batch size has given (by powers
+    of two, a moving average over whole cycles: the decode and the members' own work between
+    two decodes), and a cap at twice the best size seen often enough. A compute-bound model (the
+    embedded one on a CPU) gains nothing past a few rows and loses to cache misses and Python
+    beyond; a memory-bound one gains up to tens of rows. The cap lets the batch grow one size past
+    the best until that size has been seen (then it stays below it)."""
+
+    MIN_SEEN = 8  # cycles of a size before it counts
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}  # batch-size bucket (a power of two) -> rows per second
+        self.seen: dict[int, int] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """One cycle of `rows` rows took `seconds`."""
+        if rows < 1 or seconds <= 0:
+            return
+        b = 1 << (rows.bit_length() - 1)
+        rate = rows / seconds
+        self.rates[b] = rate if b not in self.rates else 0.8 * self.rates[b] + 0.2 * rate
+        self.seen[b] = self.seen.get(b, 0) + 1
+
+    def cap(self) -> int | None:
+        """The most sequences to run at once (None until two sizes were seen often enough)."""
+        known = [b for b in self.rates if self.seen[b] >= self.MIN_SEEN]
+        if len(known) < 2:
+            return None
+        best = max(known, key=lambda b: (self.rates[b], b))
+        if 2 * best in known:  # the next size was tried and gave less: stay below it
+            return 2 * best - 1
+        return 2 * best  # let the batch try the next size
