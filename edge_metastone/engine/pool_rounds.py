@@ -114,8 +114,9 @@ class Rounds:
         decoded ids are closed by moving sequences when several generations share the round
         (`_compact`); a generation alone fills short gaps with placeholders instead, which keeps
         each candidate's row where it was, so its tokens do not depend on when the others end."""
-        fill = len(works) == 1
-        if not fill:
+        streams = self.shape.streams  # a unified cache decodes any ids as one graph
+        fill = streams and len(works) == 1
+        if streams and not fill:
             compact(self, works)
         rows = sorted(
             (seq, tok, pos, wi, ri)
