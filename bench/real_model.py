@@ -227,7 +227,7 @@ def generate_pool(work: Path, model: Path, test: list[tuple], threads: int, cloc
         for i in range(have, len(test)):
             if clock.left() < 20:
                 break
-            ids = engine.tokenize(prompt(test[i]))
+            ids = engine.tokenize_prompt(prompt(test[i]))
             sampling = SamplingSettings(temperature=TEMPERATURE, top_p=TOP_P, seed=1000 + i)
             cands = engine.generate_all(ids, POOL_K, sampling, settings)
             gen = [response_features(c, len(ids)) for c in cands]  # the steps each one wrote
@@ -297,7 +297,7 @@ def measure_speed(work: Path, model: Path, threads: int, rounds: int = 3) -> dic
         llm = llama_cpp.Llama(
             str(model), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
         )
-    ids = engine.tokenize(prompt((3, 2, 5)))
+    ids = engine.tokenize_prompt(prompt((3, 2, 5)))
     greedy = SamplingSettings(
         temperature=0.0, seed=0, logit_bias=tuple((t, -1e9) for t in engine.eog_ids)
     )

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from edge_metastone.chat import PromptFormat
 from edge_metastone.sprm import StepRule
 from edge_metastone.types import (
     Candidate,
@@ -105,6 +106,16 @@ class Backend(Protocol):
 
     def tokenize(self, text: str) -> list[int]:
         """Pre-rendered prompt text -> token ids, control-token markup parsed."""
+        ...
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How chat prompts are written (the file's template, a fallback, or raw only)."""
+        ...
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """A raw prompt -> ids as the runtime's own completion makes them: markup parsed, the
+        model's BOS (and EOS) added where its tokenizer asks for them, a BOS never doubled."""
         ...
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:

@@ -10,6 +10,7 @@ import string
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import jinja2
 from jinja2 import nodes
@@ -19,13 +20,61 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_metastone.errors import InvalidRequestError
 
-# Used when a model file carries no template: the Qwen2 / MetaStone format.
-DEFAULT_TEMPLATE = (
+# A model file without a template whose vocabulary has ChatML's tokens (the Qwen2 family) gets
+# ChatML; its assistant turn opens a thought (`<think>`) only where that is one token too.
+CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+CHATML_THINK_TEMPLATE = CHATML_TEMPLATE.replace("assistant\\n'", "assistant\\n<think>\\n'")
+DEFAULT_TEMPLATE = CHATML_THINK_TEMPLATE  # the Qwen2 / MetaStone format
+NO_TEMPLATE = (
+    "this model file has no chat template and its vocabulary has no ChatML tokens, so a chat "
+    "prompt has no format to take: give the prompt as raw text (--raw; the API's raw=True)"
+)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a model's chat prompts are written: `template` (None: raw prompts only) and what
+    `describe` says of it, for `inspect`, `doctor --model`, `--json` warnings and the page."""
+
+    template: str | None
+    name: str  # "file", "chatml", "chatml+think" or "none"
+    describe: str
+    warning: str | None = None  # said with every chat request when the format is a fallback
+
+
+def prompt_format(file_template: str | None, control_texts: Sequence[str]) -> PromptFormat:
+    """The file's own template where it has one; else ChatML where the vocabulary has ChatML's
+    tokens (with the `<think>` opening where that is a token), which is what llama-server uses
+    for a file without a template; else none: chat prompts are refused (`NO_TEMPLATE`), never
+    written in another model's markup."""
+    if file_template:
+        return PromptFormat(file_template, "file", "the file's chat template")
+    have = set(control_texts)
+    if {"<|im_start|>", "<|im_end|>"} <= have:
+        think = "<think>" in have
+        why = "the file has no chat template; its vocabulary has <|im_start|>/<|im_end|>" + (
+            " and <think>" if think else ""
+        )
+        name = "chatml+think" if think else "chatml"
+        return PromptFormat(
+            CHATML_THINK_TEMPLATE if think else CHATML_TEMPLATE,
+            name,
+            f"{name} ({why})",
+            f"chat prompt written as {name}: {why}",
+        )
+    return PromptFormat(None, "none", f"none: raw prompts only ({NO_TEMPLATE.split(', so')[0]})")
+
+
+def dedupe_bos(ids: list[int], bos: int | None) -> list[int]:
+    """`ids` with a doubled leading BOS made single (an added one and the text's own)."""
+    if bos is not None and bos >= 0 and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        return ids[1:]
+    return ids
 
 
 MAX_TEMPLATE_OUTPUT = 4 << 20  # characters (or items) one value, or the output, may have
@@ -384,9 +433,9 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         env.globals["range"] = _bounded_range(env)
         self._env = env
-        self.source = source or DEFAULT_TEMPLATE
+        self.source = source
         try:
-            self._template = env.from_string(self.source)
+            self._template = env.from_string(source) if source is not None else None
         except (jinja2.exceptions.TemplateError, RecursionError, MemoryError) as e:
             raise InvalidRequestError(f"the model's chat template does not compile: {e}") from None
         if variables is None:
@@ -397,6 +446,8 @@ class ChatTemplate:
         self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
     ) -> str:
         """The prompt text for `messages` (each {'role', 'content'})."""
+        if self._template is None:
+            raise InvalidRequestError(NO_TEMPLATE)
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidRequestError("each message needs a string 'role' and 'content'")

@@ -21,6 +21,7 @@ from edge_metastone.answers import counting_fallbacks
 from edge_metastone.backend import Backend
 from edge_metastone.bridge import stream
 from edge_metastone.calibration import ProgressHook
+from edge_metastone.chat import PromptFormat
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.gate import RequestGate
 from edge_metastone.limits import MAX_THREADS, default_threads
@@ -81,6 +82,7 @@ class Reasoner:
         if backend is not None and (model is not None or head is not None):
             raise InvalidRequestError("pass either a model path or an opened backend")
         self.model_path = self.backend.path
+        self.prompt_format: PromptFormat = self.backend.prompt_format  # how chat is written
         self.head_path = Path(head) if head is not None else None  # as given (None: the file's)
         self.facts: ModelFacts = self.backend.facts
         self.sampling = sampling
@@ -123,7 +125,7 @@ class Reasoner:
         if raw:
             if not isinstance(prompt, str):
                 raise InvalidRequestError("a raw prompt is one pre-rendered string")
-            return prompt, self.backend.tokenize(prompt)
+            return prompt, self.backend.tokenize_prompt(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return self.backend.encode_chat(messages)
 

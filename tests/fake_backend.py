@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_metastone.chat import PromptFormat
 from edge_metastone.kvpolicy import resolve_layout
 from edge_metastone.sprm import StepRule, trajectory_score
 from edge_metastone.types import (
@@ -133,6 +134,11 @@ class FakeBackend:
 
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    prompt_format = PromptFormat("fake", "file", "the file's chat template")
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        return self.tokenize(text)  # a byte vocabulary: no BOS
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
         text = self.render(messages)

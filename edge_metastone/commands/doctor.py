@@ -111,7 +111,20 @@ def report(model: Path | None) -> dict[str, Any]:
         },
         "embedded_model": str(default_model_path()),
         "test_decode": {"model": str(path), "ok": decode.ok, "detail": decode.detail},
+        # how prompts are written for it (read once the child decoded it: the file loads)
+        "prompt": _prompt(path) if decode.ok else None,
     }
+
+
+def _prompt(path: Path) -> dict[str, Any]:
+    """`inspect`'s prompt facts of the model file (its vocabulary alone is loaded)."""
+    from edge_metastone.engine.engine import prompt_facts
+    from edge_metastone.engine.llama import Model
+    from edge_metastone.modelfile.read import open_model_file
+
+    mf = open_model_file(path)
+    with Model(path, vocab_only=True) as vocab:
+        return prompt_facts(mf, vocab)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,5 +173,11 @@ def run(args: argparse.Namespace) -> int:
         f"test decode:     {'ok' if td['ok'] else 'FAILED'}: {td['detail']} ({Path(td['model']).name}, "
         "child process)",
     ]
+    if d["prompt"] is not None:
+        pr = d["prompt"]
+        lines.append(
+            f"prompt format:   {pr['prompt_format_reason']}; BOS "
+            + ("added to raw prompts" if pr["add_bos"] else "not added")
+        )
     print("\n".join(lines))
     return 0 if td["ok"] else 1

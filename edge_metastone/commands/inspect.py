@@ -74,13 +74,43 @@ def _about_lines(a: dict) -> list[str]:
     return lines
 
 
+def _prompt_lines(p: dict) -> list[str]:
+    """How prompts are written: the chat format, BOS/EOS, think tags, the step delimiter."""
+
+    def special(add: bool, text: str | None, key: str) -> str:
+        if text is None:
+            return "none"
+        return f"{text!r} " + ("added to raw prompts" if add else "not added") + f" ({key})"
+
+    think = p["think_tags"]
+    return [
+        f"prompt format: {p['prompt_format_reason']}",
+        f"BOS {special(p['add_bos'], p['bos'], 'add_bos_token')}; "
+        f"EOS {special(p['add_eos'], p['eos'], 'add_eos_token')}",
+        f"think tags: <think>/</think> ids {think}"
+        if think
+        else "think tags: none (no think window: every step is scored)",
+        f"step delimiter: {p['step_delimiter']}, ids {_ids(p['step_token_ids'])}",
+    ]
+
+
+def _ids(ids: list[int]) -> str:
+    return str(ids) if len(ids) <= 8 else f"[{', '.join(map(str, ids[:8]))}, ...]"
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the description."""
+    from edge_metastone.engine.engine import prompt_facts
+    from edge_metastone.engine.llama import Model
     from edge_metastone.engine.weight_buffers import plan_for  # loads llama.cpp
 
     mf = open_model_file(args.model, args.head)
     d = describe(mf)
     d["weight_buffers"] = plan_for(mf.path).plan.to_json()  # how this machine would load it
+    with Model(mf.path, vocab_only=True) as vocab:  # the tokenizer alone: no weights loaded
+        d["prompt"] = prompt_facts(mf, vocab)
+    d["step_token_ids"] = d["prompt"]["step_token_ids"]  # the rule the engine uses
+    d["think_ids"] = d["prompt"]["think_tags"] or [-1, -1]
     if args.json:
         print_json(d, indent=2)
         return 0
@@ -100,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
             f"  SPRM head: {head['hidden_size']} -> {head['inner_size']} -> 1 ({head['dtype']}, "
             f"{head['parameters']} parameters) on layer {head['feature_layer']}, from {head['source']}"
         )
-    print(f"  step token ids {d['step_token_ids']}, <think>/</think> ids {d['think_ids']}")
+    for line in _prompt_lines(d["prompt"]):
+        print(f"  {line}")
     for line in _about_lines(d["about"]):
         print(f"  {line}")
     wb = d["weight_buffers"]

@@ -159,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
             r.calibration(refresh=True)
         facts = about(r.model_path, r.head_path)
         warnings = prompt_warnings(facts, prompt, raw=args.raw)
+        if not args.raw and r.prompt_format.warning:
+            warnings.append(r.prompt_format.warning)
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         result = r.reason(prompt, options)

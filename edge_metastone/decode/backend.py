@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from edge_metastone.backend import generate_all
-from edge_metastone.chat import ChatTemplate, encode_chat
+from edge_metastone.chat import ChatTemplate, PromptFormat, dedupe_bos, encode_chat
 from edge_metastone.decode.loop import decode_loop
 from edge_metastone.decode.steps import Steps
 from edge_metastone.normalization import NormalForm, normalize
@@ -32,6 +32,8 @@ class DecodingBackend:
     control_texts: tuple[str, ...]  # control tokens' spellings (kept as they are by normalizing)
     tokenize: Callable[[str], list[int]]  # pre-rendered text, control-token markup parsed
     tokenize_text: Callable[[str], list[int]]  # plain text: markup stays text
+    prompt_format: PromptFormat  # how chat prompts are written (the file's template, ...)
+    bos_id: int | None  # a BOS the chat encoding never doubles (None: nothing to check)
 
     @property
     def has_head(self) -> bool:
@@ -72,7 +74,7 @@ class DecodingBackend:
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[str, list[int]]:
         """The prompt text and ids for a conversation. Only the template's own markup becomes
         control tokens: text in a message that spells one (`<|im_end|>`, `<think>`) stays text."""
-        return encode_chat(
+        text, ids = encode_chat(
             self.render,
             messages,
             tokenize=self.tokenize,
@@ -80,6 +82,7 @@ class DecodingBackend:
             control_texts=self.control_texts,
             normalize=self._normalize,
         )
+        return text, dedupe_bos(ids, self.bos_id)
 
     def _normalize(self, text: str) -> str:
         """`text` in the tokenizer's normal form, control tokens' spellings kept as they are."""

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from edge_metastone.chat import ChatTemplate
+from edge_metastone.chat import ChatTemplate, prompt_format
 from edge_metastone.decode.backend import DecodingBackend
-from edge_metastone.engine.llama import Model
+from edge_metastone.engine.llama import Model, prompt_ids
 from edge_metastone.engine.pool import SequencePool
 from edge_metastone.engine.scoring import score_tokens
 from edge_metastone.engine.steps import LlamaSetup, LlamaSteps
@@ -48,6 +48,35 @@ def step_rule(mf: ModelFile, model: Model) -> StepRule:
             (t, b.decode("utf-8", errors="replace")) for t, b in enumerate(texts)
         )
     return StepRule.of(step_ids, single(THINK_START), single(THINK_END))
+
+
+def prompt_facts(mf: ModelFile, model: Model) -> dict[str, object]:
+    """How prompts are written for the file (`inspect`, `doctor --model`): the chat prompt's
+    format and why, the BOS/EOS a raw prompt gets, the think tags and the step delimiter."""
+    fmt = prompt_format(mf.chat_template, model.control_texts)
+    rule = step_rule(mf, model)
+
+    def text(t: int) -> str | None:
+        return model.token_to_bytes(t).decode("utf-8", errors="replace") if t >= 0 else None
+
+    steps = sorted(rule.step_token_ids)
+    single = len(steps) == 1
+    think = rule.think_start_id >= 0 and rule.think_end_id >= 0
+    return {
+        "prompt_format": fmt.name,
+        "prompt_format_reason": fmt.describe,
+        "add_bos": model.add_bos,
+        "bos": text(model.bos_id),
+        "add_eos": model.add_eos,
+        "eos": text(model.eos_id),
+        "think_tags": [rule.think_start_id, rule.think_end_id] if think else None,
+        "step_token_ids": steps,
+        "step_delimiter": (
+            f"{text(steps[0])!r} (one token)"
+            if single
+            else f"every token that ends a line ({len(steps)} tokens)"
+        ),
+    }
 
 
 def model_facts(mf: ModelFile) -> ModelFacts:
@@ -94,7 +123,10 @@ class Engine(DecodingBackend):
         self.n_gpu_layers = n_gpu_layers
         self.n_threads = n_threads or default_threads()
         self.facts = model_facts(mf)
-        self.template = ChatTemplate(mf.chat_template, variables=mf.template_variables)
+        # chat prompts: the file's template, else ChatML where the vocabulary has it, else none
+        self.prompt_format = prompt_format(mf.chat_template, model.control_texts)
+        self.template = ChatTemplate(self.prompt_format.template, variables=mf.template_variables)
+        self.bos_id = model.bos_id if model.bos_id >= 0 else None
         self.rule = step_rule(mf, model)
         layer = mf.head.feature_layer if mf.head is not None else model.n_layer - 2
         self.pool = SequencePool(model, n_threads, layer, min_sequences)
@@ -103,6 +135,10 @@ class Engine(DecodingBackend):
     def tokenize(self, text: str) -> list[int]:
         """Text -> ids, control-token markup in it parsed."""
         return self._open_model().tokenize(text)
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """A raw prompt -> ids as llama.cpp's completion makes them (the file's BOS/EOS)."""
+        return prompt_ids(self._open_model(), text)
 
     def tokenize_text(self, text: str) -> list[int]:
         """Plain text -> ids: markup in it stays text."""

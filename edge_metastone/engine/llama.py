@@ -14,6 +14,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from edge_metastone.chat import dedupe_bos
 from edge_metastone.engine.weight_buffers import WeightBuffers, WeightPlan, plan_for
 from edge_metastone.errors import (
     BadModelFileError,
@@ -51,6 +52,13 @@ def ensure_backend() -> None:
             _backend_ready = True
 
 
+def prompt_ids(model: Model, text: str) -> list[int]:
+    """A raw prompt's ids as llama.cpp's completion makes them (markup parsed, the BOS/EOS the
+    file asks for), a BOS the text starts with not doubled (llama.cpp would)."""
+    ids = model.tokenize(text, add_special=True)
+    return dedupe_bos(ids, model.bos_id if model.add_bos else None)
+
+
 class Model:
     """A loaded llama.cpp model and its vocabulary."""
 
@@ -60,6 +68,7 @@ class Model:
         *,
         n_gpu_layers: int = 0,
         weight_buffers: WeightBuffers | str | None = None,
+        vocab_only: bool = False,  # the tokenizer alone (no weights): what the vocabulary says
     ) -> None:
         ensure_backend()
         self.path = Path(path)
@@ -69,18 +78,24 @@ class Model:
         # where the weights live (AMX-safe by default): `weight_buffers`, env, or auto
         placement = plan_for(self.path, weight_buffers, gpu_layers=n_gpu_layers)
         placement.apply(params)
+        params.vocab_only = vocab_only
         self.weight_plan: WeightPlan = placement.plan
         self._ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._ptr:
             raise BadModelFileError(f"{self.path}: llama.cpp could not load this model file")
         self.vocab = llama_cpp.llama_model_get_vocab(self._ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_embd = llama_cpp.llama_model_n_embd(self._ptr)
-        self.n_layer = llama_cpp.llama_model_n_layer(self._ptr)
-        self.n_head = llama_cpp.llama_model_n_head(self._ptr)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
+        if not vocab_only:  # llama.cpp aborts on a vocabulary-only model's hyperparameters
+            self.n_embd = llama_cpp.llama_model_n_embd(self._ptr)
+            self.n_layer = llama_cpp.llama_model_n_layer(self._ptr)
+            self.n_head = llama_cpp.llama_model_n_head(self._ptr)
+            self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
         self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
         self.eot_id = llama_cpp.llama_vocab_eot(self.vocab)
+        self.bos_id = llama_cpp.llama_vocab_bos(self.vocab)
+        # add_bos_token / add_eos_token (or llama.cpp's default): what a completion prompt gets
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab)) and self.bos_id >= 0
+        self.add_eos = bool(llama_cpp.llama_vocab_get_add_eos(self.vocab)) and self.eos_id >= 0
         self.normalizer: NormalForm | None = self._normalizer()
 
     def _normalizer(self) -> NormalForm | None:

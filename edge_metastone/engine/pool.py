@@ -6,8 +6,8 @@ gives each back as its candidate ends. Every decode goes through `run`, a rendez
 generations ("members"):
 
     each member submits its next piece of work (a prompt chunk, or its live sequences' tokens)
-    -> when every member has submitted, the pool's step thread runs the round (a member alone
-       runs its own, with no hand-off):
+    -> when every member has submitted, the pool's step thread runs the round (always that
+       thread, even for a member alone: see `Rounds._step_loop`), and wakes only the members in it:
        a prompt chunk alone (one per round, oldest first: a long prompt never stalls the others
        for more than one chunk), else every member's tokens as one llama_decode
     -> each member reads its rows (logits, features) and samples, then submits again
@@ -38,7 +38,7 @@ from edge_metastone.engine.llama import Batch, Context, Model
 from edge_metastone.engine.pool_admission import MAX_SEQUENCES, Admission
 from edge_metastone.engine.pool_rounds import Rounds
 from edge_metastone.engine.pool_types import BatchGovernor, CachedPrompt, Lease, PoolShape
-from edge_metastone.errors import EdgeMetastoneError
+from edge_metastone.errors import EdgeMetastoneError, RequestCancelledError
 
 
 class SequencePool(Admission, Rounds):
@@ -61,8 +61,9 @@ class SequencePool(Admission, Rounds):
         self.rebuilds = 0  # contexts made (a measure of how well the first shape fitted)
         self.moves = 0  # sequences moved down to close gaps (`_compact`)
         self.flash = False
-        self._cond = threading.Condition()  # admission, leases, rounds: one lock
-        self._due = threading.Condition(self._cond._lock)  # the step thread waits for a round
+        self._lock = threading.Lock()  # admission, leases, rounds: one lock
+        self._cond = threading.Condition(self._lock)  # requests waiting for admission
+        self._due = threading.Condition(self._lock)  # the step thread waits for a round
         self._stepper: threading.Thread | None = None
         self._free: list[int] = []  # unleased sequences, kept sorted
         self._cached: dict[int, CachedPrompt] = {}  # free sequences holding a prompt's cells
@@ -149,5 +150,10 @@ class SequencePool(Admission, Rounds):
         with self._cond:
             self._closed = True
             self._close_context()
+            for m in self._members.values():  # a member waiting for a round gets an error
+                if m.pending is not None:
+                    m.pending.error = RequestCancelledError("the model was closed")
+                    m.pending.done, m.pending = True, None
+                    m.wake.notify()
             self._cond.notify_all()
             self._due.notify_all()

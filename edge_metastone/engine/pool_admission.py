@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 import llama_cpp
@@ -165,7 +166,7 @@ def _lease(pool: Admission, ticket: int, n: int, prompt: Sequence[int]) -> Lease
     seqs = seqs[:n]
     taken = set(seqs)
     pool._free = [s for s in pool._free if s not in taken]
-    lease = Lease(seqs, ticket)
+    lease = Lease(seqs, ticket, wake=threading.Condition(pool._lock))
     mem = pool.ctx.memory
     for s in seqs:
         cached = pool._cached.pop(s, None)

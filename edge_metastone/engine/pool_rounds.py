@@ -38,7 +38,7 @@ class Rounds:
             lease.live.update([work.seq] if work.is_prompt else (r[0] for r in work.rows))
             self._wake_stepper()
             while not work.done:
-                self._cond.wait()
+                lease.wake.wait()
         if work.error is not None:
             raise work.error
         return work
@@ -66,7 +66,6 @@ class Rounds:
             while not self._closed:
                 if self._ready():
                     self._round()
-                    self._cond.notify_all()
                 else:
                     self._due.wait()
 
@@ -97,6 +96,7 @@ class Rounds:
             w = m.pending
             m.pending = None
             w.error, w.done = err, True
+            m.wake.notify()  # only the round's own members wake (not every waiting thread)
 
     def _prompt_chunk(self, w: Work) -> None:
         """Decode one chunk of a prompt in its sequence; its rows' features go to `w.features`."""

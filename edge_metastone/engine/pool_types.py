@@ -4,6 +4,7 @@ prompt (`edge_metastone.engine.pool` holds the pool itself)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +73,7 @@ class Lease:
     reused: int = 0
     reused_features: dict[int, np.ndarray] | None = None
     started: bool = False  # it has submitted work (its live sequences say what it decodes)
+    wake: threading.Condition | None = None  # on the pool's lock: its round has run
 
     @property
     def rows(self) -> int:

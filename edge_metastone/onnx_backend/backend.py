@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_metastone.chat import ChatTemplate
+from edge_metastone.chat import ChatTemplate, prompt_format
 from edge_metastone.decode.backend import DecodingBackend
 from edge_metastone.errors import (
     ContextExceededError,
@@ -19,7 +20,7 @@ from edge_metastone.errors import (
     RequestCancelledError,
 )
 from edge_metastone.limits import PREFILL_BATCH
-from edge_metastone.onnx_backend.modeldir import HfTokenizer, read_model_dir
+from edge_metastone.onnx_backend.modeldir import HfTokenizer, OnnxModelDir, read_model_dir
 from edge_metastone.onnx_backend.session import KVCache, Session
 from edge_metastone.onnx_backend.steps import OnnxSteps, prompt_pass
 from edge_metastone.sprm import StepRule, sigmoid, trajectory_score
@@ -34,6 +35,23 @@ from edge_metastone.types import (
 )
 
 
+def _facts(md: OnnxModelDir) -> ModelFacts:
+    """What the scheduler needs to know of the model directory."""
+    head_bytes = 4 * (2 * md.hidden_size**2 + 4 * md.hidden_size + 1) if md.has_head else 0
+    return ModelFacts(
+        weight_bytes=md.n_bytes,
+        n_layers=md.n_layers,
+        n_kv_heads=md.n_kv_heads,
+        head_dim=md.head_dim,
+        n_embd=md.hidden_size,
+        n_ff=md.intermediate_size,
+        n_head=md.n_heads,
+        n_vocab=md.vocab_size,
+        n_ctx_train=md.context_length,
+        head_bytes=head_bytes,
+    )
+
+
 class OnnxBackend(DecodingBackend):
     """Loads an ONNX model directory once; generates k scored candidates per request."""
 
@@ -43,7 +61,6 @@ class OnnxBackend(DecodingBackend):
         self.md = read_model_dir(Path(path))
         md = self.md
         self.tok = HfTokenizer(md.path, md.vocab_size)
-        self.template = ChatTemplate(md.chat_template, variables=md.template_variables)
         self.rule = StepRule.of(md.step_token_ids, md.think_start_id, md.think_end_id)
         self.session = Session(md, n_threads=n_threads, provider=provider)
         self._turn = threading.Lock()  # the generation running (see open_steps)
@@ -51,19 +68,12 @@ class OnnxBackend(DecodingBackend):
         self.control_texts = self.tok.control_texts
         self.tokenize = self.tok.encode  # added-token spellings in the text are parsed
         self.tokenize_text = self.tok.encode  # the template's markup is split out before
-        head_bytes = 4 * (2 * md.hidden_size**2 + 4 * md.hidden_size + 1) if md.has_head else 0
-        self.facts = ModelFacts(
-            weight_bytes=md.n_bytes,
-            n_layers=md.n_layers,
-            n_kv_heads=md.n_kv_heads,
-            head_dim=md.head_dim,
-            n_embd=md.hidden_size,
-            n_ff=md.intermediate_size,
-            n_head=md.n_heads,
-            n_vocab=md.vocab_size,
-            n_ctx_train=md.context_length,
-            head_bytes=head_bytes,
-        )
+        self.prompt_format = prompt_format(md.chat_template, self.control_texts)
+        self.template = ChatTemplate(self.prompt_format.template, variables=md.template_variables)
+        # a raw prompt: markup parsed, the tokenizer's own specials added (as HF does, once)
+        self.tokenize_prompt = functools.partial(self.tok.encode, add_special=True)
+        self.bos_id = None
+        self.facts = _facts(md)
 
     @property
     def path(self) -> Path:

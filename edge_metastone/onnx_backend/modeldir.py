@@ -262,8 +262,9 @@ class HfTokenizer:
         # spellings that parse as added tokens, longest first (kept as text in user messages)
         self.control_texts = tuple(sorted(set(added), key=len, reverse=True))
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids; added-token spellings in `text` become those tokens."""
+    def encode(self, text: str, add_special: bool = False) -> list[int]:
+        """Text -> ids; added-token spellings in `text` become those tokens; with `add_special`,
+        the tokenizer's post-processor adds its own specials (a BOS, where it has one)."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -272,7 +273,7 @@ class HfTokenizer:
             raise InvalidRequestError(
                 f"the text is not valid Unicode ({e.reason} at character {e.start})"
             ) from None
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        return list(self._tok.encode(text, add_special_tokens=add_special).ids)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for (control tokens spelled out)."""

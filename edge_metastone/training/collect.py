@@ -178,7 +178,7 @@ def _problem_seed(seed: int, key: str) -> int:
 def prompt_ids(backend: Backend, problem: Problem, settings: CollectSettings) -> list[int]:
     """The problem's prompt as the model sees it: its chat template applied, or raw text."""
     if settings.raw:
-        return backend.tokenize(problem.prompt)
+        return backend.tokenize_prompt(problem.prompt)
     return backend.encode_chat([{"role": "user", "content": problem.prompt}])[1]
 
 
