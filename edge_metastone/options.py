@@ -29,6 +29,7 @@ DEFAULT_SAMPLING = SamplingSettings(temperature=0.6, top_p=0.95)
 DEFAULT_MAX_NEW_TOKENS = 1024
 
 Prompt = str | Sequence[Mapping[str, str]]
+MAX_K = 256  # llama.cpp's most sequences in one context
 MAX_MEMORY_MB = float(2**43)  # a memory budget in bytes must fit a 64-bit count
 
 
@@ -47,8 +48,11 @@ class ReasonOptions:
     raw: bool = False  # the prompt is pre-rendered text: fed as is, control tokens parsed
     temperature: float | None = None  # None: the reasoner's sampling (MetaStone's 0.6)
     top_p: float | None = None  # None: the reasoner's sampling (0.95)
+    top_k: int | None = None  # None: the reasoner's sampling (0: off)
+    min_p: float | None = None  # None: the reasoner's sampling (0: off)
     stop: tuple[str, ...] = ()  # stop strings: a candidate ends before the first one it writes
     max_k: int | None = None  # the most candidates this request may run (auto picks within it)
+    k: int | None = None  # an explicit number of candidates (None: the effort's preset)
     # the KV cache's element type (f16, q8_0, q4_0); None: F16, or q8_0 where the scheduler needs
     # it to fit a memory budget
     kv_cache: KVType | None = None
@@ -83,6 +87,17 @@ class ReasonOptions:
         self.generation(1)
 
     def _check_max_k(self) -> None:
+        if self.k is not None:
+            if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= MAX_K:
+                raise InvalidRequestError(f"k must be an integer in 1..{MAX_K}", param="k")
+            if self.effort.mode.k is None:
+                raise InvalidRequestError(
+                    f"k sets the candidates itself: it does not go with effort {self.effort.value}",
+                    param="k",
+                )
+            if self.max_k is not None and self.k > self.max_k:
+                raise InvalidRequestError(f"k={self.k} is above max_k={self.max_k}", param="k")
+            return
         k = self.max_k
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise InvalidRequestError("max_k must be an integer >= 1", param="max_k")
@@ -95,12 +110,11 @@ class ReasonOptions:
             )
 
     def sampling(self, base: SamplingSettings) -> SamplingSettings:
-        """`base` with this request's seed, temperature and top_p."""
+        """`base` with this request's seed, temperature, top_p, top_k and min_p."""
         changes: dict[str, Any] = {"seed": self.seed}
-        if self.temperature is not None:
-            changes["temperature"] = self.temperature
-        if self.top_p is not None:
-            changes["top_p"] = self.top_p
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            if getattr(self, name) is not None:
+                changes[name] = getattr(self, name)
         return dataclasses.replace(base, **changes)
 
     def generation(self, default_max_new_tokens: int) -> GenerationSettings:

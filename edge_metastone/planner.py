@@ -166,10 +166,14 @@ class Planner:
             s = adaptive_settings(self.backend.adaptive, o, self.default_strategy())
             return plan_adaptive(o.effort, None, facts, cal, req, budget, s, kv_types[0])
         cal = self.calibration() if needs_calibration(o) else self._calibration
-        if cal is None or (not needs_calibration(o) and budget.latency_s is None):
-            k = o.effort.k
+        if (
+            o.k is not None
+            or cal is None
+            or (not needs_calibration(o) and budget.latency_s is None)
+        ):
+            k = o.k or o.effort.k
             pred = predict(facts, cal, req, k, kv_type=kv_types[0]) if cal else None
-            why = f"{o.effort.value} requested (k={k})"
+            why = f"k={k} requested" if o.k else f"{o.effort.value} requested (k={k})"
             if budget.latency_s is not None:
                 why += f"; it runs until its {budget.latency_s:g} s deadline (no calibration)"
             return Plan(o.effort, k, pred, why)

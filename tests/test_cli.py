@@ -219,3 +219,30 @@ def test_sigint_at_any_moment_exits_130_quietly(when):
     _quiet(err)
     assert out == "" and proc.returncode == 130, (proc.returncode, err)
     assert err in ("edge-metastone: interrupted\n", "edge-metastone reason: interrupted\n"), err
+
+
+def _reason(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "edge_metastone", "reason", "--max-new-tokens", "40", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_sampling_flags_and_an_explicit_k():
+    """`--temperature 0` is greedy (every candidate the same), `--top-k 1` draws the same tokens
+    as greedy, `--k N` runs N candidates, and a `--k` that cannot go with the effort is one line."""
+    import json
+
+    q = "What is 12+7*3?"
+    greedy = json.loads(_reason("--temperature", "0", "--k", "3", "--json", q).stdout)
+    assert greedy["k"] == 3 and len(greedy["candidates"]) == 3
+    assert len({tuple(c["token_ids"]) for c in greedy["candidates"]}) == 1
+    top1 = json.loads(_reason("--top-k", "1", "--k", "1", "--seed", "4", "--json", q).stdout)
+    assert top1["candidates"][0]["token_ids"] == greedy["candidates"][0]["token_ids"]
+    hot = json.loads(
+        _reason("--temperature", "1.5", "--top-p", "1", "--min-p", "0", "--json", q).stdout
+    )
+    assert hot["k"] == 8 and len({tuple(c["token_ids"]) for c in hot["candidates"]}) > 1
+    bad = _reason("--k", "3", "--effort", "auto", q)
+    assert bad.returncode == 1 and "does not go with effort auto" in bad.stderr
+    assert bad.stderr.count("\n") == 1
+    bad = _reason("--min-p", "1.5", q)
+    assert bad.returncode == 1 and "min_p" in bad.stderr and "Traceback" not in bad.stderr

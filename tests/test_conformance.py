@@ -111,3 +111,70 @@ def test_raw_prompt_gets_the_files_bos_once(files) -> None:
     with open_backend(files["qwen2"], n_threads=2) as b:
         assert b.tokenize_prompt(RAW) == b.tokenize(RAW)  # Qwen2 adds no BOS
         assert b.prompt_format.name == "file"
+
+
+def test_a_base_model_without_a_format_is_said_so_everywhere(files) -> None:
+    """No borrowed markup: `inspect` says the format and the BOS, `reason` refuses a chat prompt
+    in one line (exit 1) and answers a raw one, the server's model card names the format and a
+    chat request is a 400 saying to use a raw prompt."""
+    import json
+    import subprocess
+    import sys
+
+    from starlette.testclient import TestClient
+
+    from edge_metastone.reasoner import Reasoner
+    from edge_metastone.server.app import create_app
+
+    path = str(files["llama"])
+    cli = [sys.executable, "-m", "edge_metastone"]
+    out = subprocess.run([*cli, "inspect", path, "--json"], capture_output=True, text=True)
+    prompt = json.loads(out.stdout)["prompt"]
+    assert prompt["prompt_format"] == "none" and prompt["add_bos"] and prompt["think_tags"] is None
+    chat = subprocess.run(
+        [*cli, "reason", "--model", path, "--max-new-tokens", "4", "hi"],
+        capture_output=True,
+        text=True,
+    )
+    assert chat.returncode == 1 and "--raw" in chat.stderr
+    assert chat.stderr.count("\n") == 1 and "Traceback" not in chat.stderr
+    raw = subprocess.run(
+        [*cli, "reason", "--model", path, "--raw", "--max-new-tokens", "4", "--json", RAW],
+        capture_output=True,
+        text=True,
+    )
+    assert raw.returncode == 0, raw.stderr
+    with (
+        Reasoner(path, n_threads=2) as r,
+        TestClient(create_app(r), base_url="http://127.0.0.1") as http,
+    ):
+        card = http.get("/v1/models").json()["data"][0]["metastone"]
+        assert card["prompt_format"] == "none"
+        resp = http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
+        assert resp.status_code == 400 and "raw" in resp.json()["error"]["message"]
+
+
+def test_a_fallback_chatml_is_a_warning(files, tmp_path) -> None:
+    """A file without a template whose vocabulary has ChatML gets ChatML, and says so."""
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(HERE / "fixtures"))
+    from make_arch_variants import write_variant
+
+    path = write_variant(
+        files["qwen2"], tmp_path / "no-template.gguf", "qwen2", drop=("tokenizer.chat_template",)
+    )
+    cli = [sys.executable, "-m", "edge_metastone", "reason", "--model", str(path)]
+    out = subprocess.run(
+        [*cli, "--max-new-tokens", "4", "--json", "hi"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert any("chatml+think" in w for w in res["warnings"]), res["warnings"]
+    assert res["prompt_text"].endswith("<|im_start|>assistant\n<think>\n")
+    assert "warning: chat prompt written as chatml+think" in out.stderr

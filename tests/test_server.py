@@ -21,6 +21,7 @@ from edge_metastone.options import ReasonOptions
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.server.app import create_app
 from edge_metastone.server.errors import ErrorGuard
+from edge_metastone.server.progress import split_thinking
 
 USER = [{"role": "user", "content": "What is 2+3?"}]
 # ~40 s on the tiny fixture: greedy after "Go on." never ends its turn within 4,000 tokens (checked
@@ -64,6 +65,11 @@ def nano_api():
         yield r
 
 
+def said(c) -> tuple[str | None, str]:
+    """(reasoning_content, content) a chat choice carries for candidate `c` of the Python API."""
+    return split_thinking(c.text, True)
+
+
 def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
@@ -96,7 +102,10 @@ def test_openai_client_non_streaming_matches_the_python_api(tiny, tiny_gguf):
     ext = resp.model_extra["metastone"]
     assert [c["token_ids"] for c in ext["candidates"]] == [c.token_ids for c in direct.candidates]
     assert ext["chosen"] == direct.chosen and ext["k"] == 2 and ext["seed"] == 7
-    assert resp.choices[0].message.content == direct.answer
+    thought, answer = said(direct.chosen_candidate)
+    assert resp.choices[0].message.content == answer
+    assert resp.choices[0].message.model_extra["reasoning_content"] == thought
+    assert ext["answer"] == direct.answer
     assert resp.choices[0].finish_reason == (
         "length" if direct.chosen_candidate.truncated else "stop"
     )
@@ -116,9 +125,13 @@ def test_openai_client_non_streaming_matches_the_python_api(tiny, tiny_gguf):
 def read_stream(stream) -> dict:
     """Everything a streamed completion carried: content, candidates' texts and step events."""
     out = {"content": "", "texts": defaultdict(str), "steps": defaultdict(list), "finish": None}
+    out["reasoning"] = []  # each reasoning_content delta, with the time it came
     for chunk in stream:
         if chunk.choices:
-            out["content"] += chunk.choices[0].delta.content or ""
+            delta = chunk.choices[0].delta
+            out["content"] += delta.content or ""
+            if (delta.model_extra or {}).get("reasoning_content"):
+                out["reasoning"].append((time.monotonic(), delta.model_extra["reasoning_content"]))
             out["finish"] = chunk.choices[0].finish_reason or out["finish"]
         if chunk.usage is not None:
             out["usage"] = chunk.usage
@@ -146,7 +159,7 @@ def test_openai_client_streaming_rebuilds_every_candidate(nano, nano_api):
     )
     got = read_stream(stream)
     direct = nano_api.reason(prompt, ReasonOptions(effort="low", seed=11, temperature=1.0))
-    assert got["content"] == direct.answer and direct.answer
+    assert got["content"] == said(direct.chosen_candidate)[1] and direct.answer
     assert got["result"]["chosen"] == direct.chosen
     assert got["finish"] == "stop"
     assert got["usage"].completion_tokens == sum(c.tokens for c in direct.candidates)
@@ -203,7 +216,8 @@ def test_eight_concurrent_clients_each_get_their_own_result(nano, nano_api):
         direct = nano_api.reason(prompt, ReasonOptions(seed=seed))
         got = results[i]
         assert prompt in got["ext"]["prompt_text"]
-        assert got["content"] == direct.answer, (prompt, got["content"], direct.answer)
+        answer = said(direct.chosen_candidate)[1]
+        assert got["content"] == answer, (prompt, got["content"], answer)
         assert [c["token_ids"] for c in got["ext"]["candidates"]] == [
             c.token_ids for c in direct.candidates
         ]

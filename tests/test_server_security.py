@@ -76,7 +76,8 @@ def test_a_json_post_is_served(content_type):
     with http:
         r = post(http, **{"content-type": content_type})
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"] == "5" and fake.calls == 1
+    msg = r.json()["choices"][0]["message"]  # the fake writes "</think> \\boxed{5}"
+    assert msg["content"] == "\\boxed{5}" and msg["reasoning_content"] == "" and fake.calls == 1
 
 
 # --- Host -------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ def add_reason_options(
         help="KV cache element type (default f16, or q8_0 when a --memory-budget needs it)",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_sampling(p)
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -105,6 +106,22 @@ def add_reason_options(
     add_stop(p)
     add_threads_and_gpu(p)
     add_weight_buffers(p)
+
+
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    """How tokens are drawn (llama.cpp's sampler chain: top-k, top-p, min-p, temperature); each
+    defaults to the model's recommended sampling (MetaStone's T 0.6, top-p 0.95)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0.6)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 0.95)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k likeliest (default 0: off)")
+    g.add_argument("--min-p", type=float, default=None, help="llama.cpp's min-p (default 0: off)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="an explicit number of candidates (with low/medium/high: it replaces the preset's k)",
+    )
 
 
 def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
@@ -123,6 +140,11 @@ def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
         "kv_cache": args.kv_cache,
         "stop": stop_strings(args),
         "cache_prompt": getattr(args, "cache_prompt", False),
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "k": args.k,
     }
     return ReasonOptions(**{**fields, **changes})
 

@@ -1,4 +1,5 @@
-"""The FastAPI app: `/v1/chat/completions`, `/v1/models`, `/health`, and the web page at `/`."""
+"""The FastAPI app: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, and the
+web page at `/`."""
 
 from __future__ import annotations
 
@@ -32,9 +33,17 @@ from edge_metastone.server.guard import (
     login_or_none,
     note,
 )
-from edge_metastone.server.schema import Completion, Limits, parse_request, to_options
+from edge_metastone.server.schema import (
+    ChatRequest,
+    Completion,
+    Limits,
+    TextRequest,
+    parse_request,
+    to_options,
+)
 from edge_metastone.server.service import Channel, GenerationService, Job
 from edge_metastone.server.streaming import EventStream, error_of, watch_client
+from edge_metastone.server.text_completion import TextCompletion, TextEventStream
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +145,8 @@ def create_app(
     app.state.model_id = model_id
     _add_error_handlers(app)
     _add_model_routes(app, reasoner, model_id, limits)
-    _add_completions_route(app, model_id, limits, settings.max_request_bytes)
+    thinks = reasoner.backend.rule.think_end_id >= 0  # the model writes think markup
+    _add_completions_route(app, model_id, limits, settings.max_request_bytes, thinks)
     _add_page(app, settings.api_key)
     return app
 
@@ -170,6 +180,9 @@ def _model_card(reasoner: Reasoner, model_id: str, limits: Limits) -> dict[str, 
             "max_tokens_limit": limits.max_tokens,
             "default_max_tokens": limits.default_max_tokens,
             "efforts": {e.value: e.k for e in FIXED_EFFORTS if e.k <= limits.max_k},
+            # how a chat prompt is written: the file's template, a fallback, or "none" (raw only)
+            "prompt_format": reasoner.prompt_format.name,
+            "prompt_format_reason": reasoner.prompt_format.describe,
             "about": about(
                 path, reasoner.head_path
             ).to_json(),  # name, task, domain, which step signal informs
@@ -204,25 +217,28 @@ def _add_model_routes(app: FastAPI, reasoner: Reasoner, model_id: str, limits: L
         )
 
 
-def _add_completions_route(app: FastAPI, model_id: str, limits: Limits, max_bytes: int) -> None:
-    """`/v1/chat/completions`: a request queued on the service, answered whole or streamed."""
+def _add_completions_route(
+    app: FastAPI, model_id: str, limits: Limits, max_bytes: int, thinks: bool
+) -> None:
+    """`/v1/chat/completions` and `/v1/completions` (a raw prompt): a request queued on the
+    service, answered whole or streamed (`thinks`: a chat choice's thought goes in
+    `reasoning_content`)."""
     service: GenerationService = app.state.service
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
+    async def serve(request: Request, kind: type, make: Any, stream_class: type) -> Any:
         arrival = time.monotonic()
         try:
-            req = parse_request(await read_body(request, max_bytes))
+            req = parse_request(await read_body(request, max_bytes), kind)
             if req.model is not None and req.model != model_id:
                 raise _unknown_model(req.model, model_id)
-            messages, options = to_options(req, limits)
-            job = Job(messages, options, Channel(asyncio.get_running_loop()), stream=req.stream)
+            prompt, options = to_options(req, limits)
+            job = Job(prompt, options, Channel(asyncio.get_running_loop()), stream=req.stream)
             job.arrival = arrival
             note(request.scope, job=job)
             service.submit(job)
         except ApiError as e:
             return e.response()
-        completion = Completion(model_id, req.n)
+        completion = make(req.n)
         # the stream's headers wait for its first event: errors before it get their own status
         first = await watch_client(job.channel.get(), request.receive, service, job)
         terminal = next(((k, x) for k, x in first if k != "event"), None)
@@ -230,8 +246,18 @@ def _add_completions_route(app: FastAPI, model_id: str, limits: Limits, max_byte
             return error_of(*terminal, job, service).response()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(service, job, first, completion, include_usage)
+            return stream_class(service, job, first, completion, include_usage)
         return json_response(completion.response(terminal[1], options.seed, capped=job.capped))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        make = lambda n: Completion(model_id, n, thinks=thinks)  # noqa: E731
+        return await serve(request, ChatRequest, make, EventStream)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        make = lambda n: TextCompletion(model_id, n)  # noqa: E731
+        return await serve(request, TextRequest, make, TextEventStream)
 
 
 def _add_page(app: FastAPI, api_key: str | None) -> None:

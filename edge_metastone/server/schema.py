@@ -15,10 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_metastone.errors import InvalidRequestError
-from edge_metastone.options import CandidateView, ReasonOptions, ReasonResult
+from edge_metastone.options import CandidateView, Prompt, ReasonOptions, ReasonResult
 from edge_metastone.scheduler import Effort
 from edge_metastone.search.adaptive import stopped_early
 from edge_metastone.server.errors import ApiError, bad_request
+from edge_metastone.server.progress import message
 from edge_metastone.types import Event, FinishEvent, StepEvent, TokenEvent, WaveEvent
 
 MAX_STOP_STRINGS = 16
@@ -59,23 +60,22 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ChatRequest(_Strict):
-    """The fields read from a chat completion request; unknown fields are ignored."""
+class _Request(_Strict):
+    """The fields both completion routes read; unknown fields are ignored."""
 
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
     # the values are checked once, by `ReasonOptions`; here only the API's own limits
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = Field(default=None, le=2)  # OpenAI's range
     top_p: float | None = None
+    top_k: int | None = None  # llama-server's and vLLM's extensions (0: off)
+    min_p: float | None = None
     seed: int | None = Field(default=None, le=MAX_SEED)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
     # extension fields
     effort: str | None = None
     strategy: str | None = None
@@ -84,6 +84,25 @@ class ChatRequest(_Strict):
     allow_degrade: bool = False
     kv_cache: str | None = None  # the KV cache's type (default: f16, q8_0 under budget)
     cache_prompt: bool = True  # llama-server's field: reuse the cells of an earlier prompt
+
+
+class ChatRequest(_Request):
+    """A `/v1/chat/completions` request."""
+
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+
+class TextRequest(_Request):
+    """A `/v1/completions` request: one raw prompt (a string, or a list of one string), fed as
+    it is with the model's own BOS (the CLI's `--raw`)."""
+
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +118,9 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_request(body: bytes) -> ChatRequest:
-    """Parse and validate a request body; a 400 `ApiError` naming the field when it is bad."""
+def parse_request(body: bytes, kind: type[_Request] = ChatRequest) -> Any:
+    """Parse and validate a request body as `kind`; a 400 `ApiError` naming the field when it
+    is bad."""
     try:
         obj = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
@@ -110,15 +130,16 @@ def parse_request(body: bytes) -> ChatRequest:
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
     try:
-        return ChatRequest.model_validate(obj)
+        return kind.model_validate(obj)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise bad_request(f"{where}: {first['msg']}", param=where) from None
 
 
-def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], ReasonOptions]:
-    """The request as the Reasoner's prompt (messages) and `ReasonOptions`."""
+def to_options(req: _Request, limits: Limits) -> tuple[Prompt, ReasonOptions]:
+    """The request as the Reasoner's prompt (a chat's messages, or a raw text) and its
+    `ReasonOptions`."""
     try:
         effort = Effort(req.effort) if req.effort else default_effort(limits.max_k)
     except ValueError:
@@ -135,8 +156,7 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             "distinct candidates are returned",
             param="n",
         )
-    if req.tools or req.functions:
-        raise bad_request("tools are not supported", param="tools")
+    prompt = _prompt_of(req)
     given = [t for t in (req.max_completion_tokens, req.max_tokens) if t is not None]
     max_tokens = given[0] if given else limits.default_max_tokens
     if max_tokens > limits.max_tokens:
@@ -150,7 +170,6 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             f"stop: at most {MAX_STOP_STRINGS} strings of up to {MAX_STOP_CHARS} characters",
             param="stop",
         )
-    messages = [{"role": _role(m.role), "content": m.text()} for m in req.messages]
     try:
         options = ReasonOptions(
             effort=effort,
@@ -162,14 +181,41 @@ def to_options(req: ChatRequest, limits: Limits) -> tuple[list[dict[str, str]], 
             allow_degrade=req.allow_degrade,
             temperature=req.temperature,
             top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
             stop=stop,
+            raw=isinstance(req, TextRequest),
             max_k=limits.max_k,  # auto chooses among the efforts within the server's limit
             kv_cache=req.kv_cache,
             cache_prompt=req.cache_prompt,
         )
     except InvalidRequestError as e:  # the one check of the values: mapped to the API's names
         raise bad_request(str(e), param=_PARAMS.get(e.param, e.param)) from None
-    return messages, options
+    return prompt, options
+
+
+def _prompt_of(req: _Request) -> Prompt:
+    """A chat's messages, or a text request's one raw prompt; what the route cannot do refused."""
+    if isinstance(req, ChatRequest):
+        if req.tools or req.functions:
+            raise bad_request("tools are not supported", param="tools")
+        return [{"role": _role(m.role), "content": m.text()} for m in req.messages]
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise bad_request("prompt: one prompt per request (a string)", param="prompt")
+        prompt = prompt[0]
+    if not prompt:
+        raise bad_request("prompt: must not be empty", param="prompt")
+    for name, bad in (
+        ("echo", req.echo),
+        ("suffix", req.suffix is not None),
+        ("logprobs", req.logprobs),
+        ("best_of", req.best_of not in (None, 1)),
+    ):
+        if bad:
+            raise bad_request(f"{name} is not supported (use n and effort)", param=name)
+    return prompt
 
 
 def _role(role: str) -> str:
@@ -204,11 +250,12 @@ class Completion:
     """Builds one request's response objects (shared id, creation time and model name); `n`
     choices, the best first (`ranked`)."""
 
-    def __init__(self, model: str, n: int = 1) -> None:
+    def __init__(self, model: str, n: int = 1, *, thinks: bool = False) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.n = n
+        self.thinks = thinks  # the model has think markup: choices carry reasoning_content
 
     def response(self, result: ReasonResult, seed: int, *, capped: bool = False) -> dict[str, Any]:
         """The non-streaming `chat.completion` object."""
@@ -220,17 +267,10 @@ class Completion:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": c.answer},
+                    "message": message(c, self.thinks),
                     "finish_reason": "length" if c.truncated else "stop",
                     "logprobs": None,
-                    "metastone": {"candidate": c.index, "score": c.score},
-                }
-                if i
-                else {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.answer},
-                    "finish_reason": finish_reason(result),
-                    "logprobs": None,
+                    "metastone": {"candidate": c.index, "score": c.score, "answer": c.answer},
                 }
                 for i, c in enumerate(ranked(result, self.n))
             ],

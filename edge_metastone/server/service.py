@@ -131,7 +131,10 @@ def prompt_warnings(model_path: Path, prompt: Prompt) -> tuple[str, ...]:
 
 
 def with_warnings(result: ReasonResult, prompt: Prompt, reasoner: Reasoner) -> ServedResult:
-    """`result` with what `reason` would warn of for `prompt` (the response's `warnings`)."""
+    """`result` with what `reason` would warn of for `prompt` (the response's `warnings`); a
+    raw prompt (`/v1/completions`), as `reason --raw`, gets none."""
+    if isinstance(prompt, str):
+        return ServedResult.of(result, ())
     fmt = reasoner.prompt_format.warning  # the chat prompt's format is a fallback
     return ServedResult.of(
         result, prompt_warnings(reasoner.model_path, prompt) + ((fmt,) if fmt else ())

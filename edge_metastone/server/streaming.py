@@ -1,8 +1,10 @@
 """Server-sent events for a streaming request, and waiting on a request while watching its client.
 
 A stream is OpenAI's chunk sequence: a first chunk with the assistant role; progress chunks whose
-`metastone.events` carry every candidate's tokens, scored steps and finishes as they happen (their
-`delta` is empty: the answer is not known until the candidates are compared); then the chosen
+`metastone.events` carry every candidate's tokens, scored steps and finishes as they happen, and
+whose `delta.reasoning_content` says in words what stays true (`progress.Progress`: waves,
+each candidate's answer and score as it finishes, which one leads; the answer is not known until
+the candidates are compared); then the chosen candidate's thought as `reasoning_content`, its
 answer as the content delta with `metastone.result`, the finish chunk, the usage chunk when
 `stream_options.include_usage` asks for it, and `data: [DONE]`.
 """
@@ -18,7 +20,9 @@ from typing import Any, TypeVar
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from edge_metastone.options import ReasonResult
 from edge_metastone.server.errors import ApiError, from_exception, shutting_down
+from edge_metastone.server.progress import Progress, message, split_thinking
 from edge_metastone.server.schema import (
     Completion,
     event_json,
@@ -28,6 +32,7 @@ from edge_metastone.server.schema import (
     usage,
 )
 from edge_metastone.server.service import Cancel, GenerationService, Job
+from edge_metastone.types import Event
 
 logger = logging.getLogger(__name__)
 
@@ -120,32 +125,17 @@ class EventStream(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _body(self) -> AsyncIterator[bytes]:
-        c = self.completion
-        yield sse(c.chunk({"role": "assistant", "content": ""}))
+        for chunk in self._opening():
+            yield sse(chunk)
         items = self.first
         while True:
-            events = [event_json(ev) for kind, ev in items if kind == "event"]
-            if events:
-                yield sse(c.chunk(metastone={"events": events}))
+            chunk = self._progress([ev for kind, ev in items if kind == "event"])
+            if chunk is not None:
+                yield sse(chunk)
             for kind, item in items:
                 if kind == "result":
-                    seed = self.job.options.seed
-                    yield sse(
-                        c.chunk(
-                            {"content": item.answer},
-                            metastone={
-                                "events": [],
-                                "result": extension(item, seed, capped=self.job.capped),
-                            },
-                        )
-                    )
-                    yield sse(c.chunk(finish=finish_reason(item)))
-                    for i, cand in enumerate(ranked(item, c.n)[1:], start=1):
-                        yield sse(c.chunk({"role": "assistant", "content": cand.answer}, index=i))
-                        finish = "length" if cand.truncated else "stop"
-                        yield sse(c.chunk(finish=finish, index=i))
-                    if self.include_usage:
-                        yield sse(c.chunk(usage=usage(item), choices=False))
+                    for chunk in self._ending(item):
+                        yield sse(chunk)
                     yield DONE
                     return
                 if kind in ("error", "cancelled"):
@@ -155,3 +145,36 @@ class EventStream(Response):
                     return
             await asyncio.sleep(FLUSH_S)
             items = await self.job.channel.get()
+
+    def _opening(self) -> list[dict[str, Any]]:
+        """The chunks sent before any event: the assistant role."""
+        self._said = Progress(self.job.options.effort.value)
+        return [self.completion.chunk({"role": "assistant", "content": ""})]
+
+    def _progress(self, events: list[Event]) -> dict[str, Any] | None:
+        """The chunk for a batch of events: them in `metastone.events`, and the progress lines
+        they make in `reasoning_content` (None: nothing to send)."""
+        said = self._said.lines(events)
+        if not events and not said:
+            return None
+        delta = {"reasoning_content": said} if said else None
+        return self.completion.chunk(delta, metastone={"events": [event_json(e) for e in events]})
+
+    def _ending(self, item: ReasonResult) -> list[dict[str, Any]]:
+        """The chunks that end a stream: the chosen candidate's thought (`Progress.closing`)
+        and its answer, with `metastone.result`; its finish; the other choices (`n`), each as one
+        message; the usage chunk when asked for."""
+        c = self.completion
+        seed = self.job.options.seed
+        result = extension(item, seed, capped=self.job.capped)
+        closing = Progress.closing(item, c.thinks)
+        out = [c.chunk({"reasoning_content": "\n" + closing})] if c.thinks else []
+        _, answer = split_thinking(item.chosen_candidate.text, c.thinks)
+        out.append(c.chunk({"content": answer}, metastone={"events": [], "result": result}))
+        out.append(c.chunk(finish=finish_reason(item)))
+        for i, cand in enumerate(ranked(item, c.n)[1:], start=1):
+            out.append(c.chunk(message(cand, c.thinks), index=i))
+            out.append(c.chunk(finish="length" if cand.truncated else "stop", index=i))
+        if self.include_usage:
+            out.append(c.chunk(usage=usage(item), choices=False))
+        return out

@@ -418,6 +418,12 @@ async function loadModel() {
     el.append(
       ` · ${x.has_head ? (about.head_informative === false ? sprmLabel() : "SPRM head") : "no SPRM head"}` +
       ` · default selector ${x.default_strategy} · context ${x.context_length}`);
+    if (x.prompt_format && x.prompt_format !== "file") {  // a fallback format, or none at all
+      const fmt = document.createElement("span");
+      fmt.className = "format";
+      fmt.textContent = ` · prompt format ${x.prompt_format_reason}`;
+      el.append(fmt);
+    }
     if (about.domain) {
       $("domain").textContent =
         `${about.name || m.id} can do ${about.domain}. Other prompts still get a number, not a meaningful answer.`;
