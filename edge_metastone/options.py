@@ -30,6 +30,7 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 
 Prompt = str | Sequence[Mapping[str, str]]
 MAX_K = 256  # llama.cpp's most sequences in one context
+MAX_THINK_MESSAGE = 512  # characters of the text written before a budget's `</think>`
 MAX_MEMORY_MB = float(2**43)  # a memory budget in bytes must fit a 64-bit count
 
 
@@ -53,6 +54,10 @@ class ReasonOptions:
     stop: tuple[str, ...] = ()  # stop strings: a candidate ends before the first one it writes
     max_k: int | None = None  # the most candidates this request may run (auto picks within it)
     k: int | None = None  # an explicit number of candidates (None: the effort's preset)
+    # tokens each candidate may think (inside its think markup) before its thought is ended for
+    # it, after `think_budget_message` (llama-server's --reasoning-budget and its message)
+    think_budget: int | None = None
+    think_budget_message: str = ""
     # the KV cache's element type (f16, q8_0, q4_0); None: F16, or q8_0 where the scheduler needs
     # it to fit a memory budget
     kv_cache: KVType | None = None
@@ -79,6 +84,14 @@ class ReasonOptions:
                     f"{name} must be a finite positive number ({unit}{limit})", param=name
                 )
         self._check_max_k()
+        b, msg = self.think_budget, self.think_budget_message
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 0):
+            raise InvalidRequestError("think_budget must be an integer >= 0", param="think_budget")
+        if not isinstance(msg, str) or len(msg) > MAX_THINK_MESSAGE:
+            raise InvalidRequestError(
+                f"think_budget_message must be text of at most {MAX_THINK_MESSAGE} characters",
+                param="think_budget_message",
+            )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -157,6 +170,7 @@ class CandidateView:
     mean_logprob: float | None
     step_confidence: list[float | None] = field(default_factory=list)  # Candidate.step_confidence
     stopped_early: str | None = None  # why it was stopped before its end (pruned, halted)
+    thought_ended: bool = False  # its thinking budget ran out: its `</think>` was written for it
 
     @property
     def truncated(self) -> bool:
@@ -178,6 +192,7 @@ class CandidateView:
             mean_logprob=c.mean_logprob,
             step_confidence=list(c.step_confidence),
             stopped_early=stopped_early(c),
+            thought_ended=c.thought_ended,
         )
 
 
@@ -227,6 +242,7 @@ class ReasonResult:
                     "mean_logprob": c.mean_logprob,
                     "step_confidence": c.step_confidence,
                     "stopped_early": c.stopped_early,
+                    "thought_ended": c.thought_ended,
                 }
                 for c in self.candidates
             ],

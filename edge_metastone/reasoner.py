@@ -221,13 +221,30 @@ def _search(
         ids,
         plan.k,
         o.sampling(r.sampling),
-        planned_settings(run.settings, plan),
+        think_settings(r.backend, o, planned_settings(run.settings, plan)),
         deadline=run.stop_at,
         on_event=r._gate.hook(on_event),
         control=control,
     )
     r._planner.observe(plan, control.timings)  # a wrong calibration gets re-checked
     return strategy, control, cands, early
+
+
+def think_settings(backend: Backend, o: ReasonOptions, settings: GenerationSettings) -> Any:
+    """`settings` with the request's thinking budget and the tokens that end a thought for it
+    (its message's, as plain text); refused for a model without think markup."""
+    if o.think_budget is None:
+        return settings
+    rule = backend.rule
+    if rule.think_start_id < 0 or rule.think_end_id < 0:
+        raise InvalidRequestError(
+            "a thinking budget needs a model that thinks inside <think> ... </think> tokens; "
+            "this one has no such tokens",
+            param="think_budget",
+        )
+    msg = o.think_budget_message
+    close = tuple(backend.tokenize_text(msg)) if msg else ()
+    return dataclasses.replace(settings, think_budget=o.think_budget, think_close=close)
 
 
 def _reason_many(

@@ -132,9 +132,19 @@ class GenerationSettings:
     # context keeps finished prompts while their sequences are free), and keep this one's. Off by
     # default: a prompt decoded in two parts can round differently (1e-7 in F32) from one pass
     cache_prompt: bool = False
+    # tokens a candidate may write inside its think window; then the thought is ended for it
+    # (`think_close`, the tokens written in its place: a short message, then `</think>`) and it
+    # goes on to its answer under `max_answer_tokens`. None: no budget
+    think_budget: int | None = None
+    think_close: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
+        b = self.think_budget
+        _check(
+            b is None or whole_number(b, 0), "think_budget", "think_budget must be an integer >= 0"
+        )
+        object.__setattr__(self, "think_close", tuple(int(t) for t in self.think_close))
         _check(
             whole_number(n, 1),
             "max_new_tokens",
@@ -224,6 +234,7 @@ class Candidate:
     # per scored step: the model's own confidence, the geometric mean probability of the step's
     # tokens (settings.logprobs; None for a step in the prompt); [] without logprobs
     step_confidence: list[float | None] = field(default_factory=list)
+    thought_ended: bool = False  # its thinking budget ran out: the loop wrote `</think>` for it
 
     @property
     def n_tokens(self) -> int:

@@ -117,6 +117,20 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=None, help="keep the k likeliest (default 0: off)")
     g.add_argument("--min-p", type=float, default=None, help="llama.cpp's min-p (default 0: off)")
     p.add_argument(
+        "--think-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens each candidate may think; then its </think> is written for it and it "
+        "answers (a model with <think> tokens only)",
+    )
+    p.add_argument(
+        "--think-budget-message",
+        default="",
+        metavar="TEXT",
+        help="text written before that </think> (e.g. 'Time is up, the answer:')",
+    )
+    p.add_argument(
         "--k",
         type=int,
         default=None,
@@ -145,6 +159,8 @@ def reason_options(args: argparse.Namespace, **changes: Any) -> ReasonOptions:
         "top_k": args.top_k,
         "min_p": args.min_p,
         "k": args.k,
+        "think_budget": args.think_budget,
+        "think_budget_message": args.think_budget_message,
     }
     return ReasonOptions(**{**fields, **changes})
 

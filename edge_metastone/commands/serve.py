@@ -83,6 +83,14 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
         "model's shared context (default 16; 1: one request at a time)",
     )
     p.add_argument(
+        "--think-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a request's thinking budget when it gives no thinking_budget_tokens (default: none)",
+    )
+    p.add_argument("--think-budget-message", default="", metavar="TEXT")
+    p.add_argument(
         "--max-queue",
         type=int,
         default=32,
@@ -151,6 +159,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_request_bytes=args.max_request_bytes,
         max_tokens_limit=args.max_tokens_limit,
         max_k=args.max_k,
+        think_budget=args.think_budget,
+        think_budget_message=args.think_budget_message,
         max_request_seconds=args.max_request_seconds,
         allowed_hosts=allowed_hosts(args.host, args.allowed_host),
         api_key=check_api_key(args.api_key or os.environ.get(API_KEY_ENV)),

@@ -95,6 +95,7 @@ class CandidateStream:
         "confidence",
         "ends",
         "features_by_pos",
+        "forced",
         "index",
         "logprobs",
         "note",
@@ -110,6 +111,7 @@ class CandidateStream:
         "streamed",
         "text",
         "think",
+        "thought",
         "tokens",
         "utf8",
         "window_sum",
@@ -135,6 +137,8 @@ class CandidateStream:
         self.online: list[float] = []
         self.think = dataclasses.replace(run.think)
         self.answer_tokens = 0
+        self.thought = 0  # tokens written inside the think window (the thinking budget's count)
+        self.forced: list[int] | None = None  # the end of its thought being written (budget)
         self.logprobs: list[float] = []  # each scored token's log-probability (settings.logprobs)
         self.window_sum = 0.0  # of the last `control.window` of them
         self.note = ""  # why it stopped early
@@ -190,6 +194,8 @@ class CandidateStream:
                         trajectory_score(self.online),
                         self.confidence.by_pos.get(self.pos),
                     )
+        if self.think.starts and self.think.end_pos < 0 and tok != run.rule.think_end_id:
+            self.thought += 1
         self.think.note(run.rule, tok, pos)
         self.tokens.append(tok)
         run.timings.generated_tokens += 1
@@ -261,7 +267,22 @@ def _candidate(seq: CandidateStream) -> Candidate:
         token_logprobs=list(lps) if settings.logprobs else None,
         stop_note=seq.note,
         step_confidence=seq.confidence.of(positions) if settings.logprobs else [],
+        thought_ended=seq.forced is not None,
     )
+
+
+def forced_token(seq: CandidateStream) -> int | None:
+    """The token written for `seq` instead of a sampled one: its thinking budget is spent
+    (`settings.think_budget` tokens inside the open think window), so its thought is ended for
+    it, a token a step (`settings.think_close`, then `</think>`). None: sample as usual."""
+    run = seq.run
+    budget = run.settings.think_budget
+    if seq.forced is None:
+        think = seq.think
+        if budget is None or not think.starts or think.end_pos >= 0 or seq.thought < budget:
+            return None
+        seq.forced = [*run.settings.think_close, run.rule.think_end_id]
+    return seq.forced.pop(0) if seq.forced else None
 
 
 def _step_score(seq: CandidateStream) -> float | None:

@@ -14,7 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from edge_metastone.decode.candidate import CandidateRun, CandidateStream, token_logprob
+from edge_metastone.decode.candidate import (
+    CandidateRun,
+    CandidateStream,
+    forced_token,
+    token_logprob,
+)
 from edge_metastone.decode.steps import Runtime, Steps
 from edge_metastone.errors import ContextExceededError, InvalidRequestError
 from edge_metastone.types import (
@@ -176,7 +181,11 @@ def _next_token(seq: CandidateStream, steps: Steps, control: GenerationControl) 
         return None
     tm = seq.run.timings
     t0 = time.perf_counter()
-    tok = steps.sample(seq.slot, seq.sampler)
+    tok = forced_token(seq)
+    if tok is None:
+        tok = steps.sample(seq.slot, seq.sampler)
+    else:  # written for it (its thinking budget ran out): the sampler's history gets it too
+        seq.sampler.accept_all((tok,))
     eog = steps.is_eog(tok)
     low = False
     if seq.run.settings.logprobs:

@@ -60,6 +60,8 @@ class ServerSettings:
     max_request_bytes: int = MIB  # larger bodies get a 413
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
     max_k: int = 32  # the most candidates a request may generate (low 2, medium 8, high 32)
+    think_budget: int | None = None  # a request's thinking budget unless it gives its own
+    think_budget_message: str = ""  # written before the `</think>` a budget ends a thought with
     # a request's generation stops here and answers with the best candidate so far (None: no cap)
     max_request_seconds: float | None = None
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # names `Host` may carry (`*`: any); else 421
@@ -126,10 +128,17 @@ def create_app(
         reasoner, settings.max_queue, settings.max_request_seconds, settings.parallel
     )
     model_id = model_id or reasoner.model_path.name.removesuffix(".gguf")
+    if settings.think_budget is not None and reasoner.backend.rule.think_end_id < 0:
+        raise InvalidRequestError(
+            "--think-budget needs a model that thinks inside <think> ... </think> tokens; "
+            "this one has no such tokens"
+        )
     limits = Limits(
         max_tokens=settings.max_tokens_limit,
         default_max_tokens=min(reasoner.max_new_tokens, settings.max_tokens_limit),
         max_k=settings.max_k,
+        think_budget=settings.think_budget,
+        think_budget_message=settings.think_budget_message,
     )
 
     @asynccontextmanager

@@ -27,7 +27,7 @@ MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
 
 # the request's names for the `ReasonOptions` fields they set (where they differ)
-_PARAMS = {"max_new_tokens": "max_tokens"}
+_PARAMS = {"max_new_tokens": "max_tokens", "think_budget": "thinking_budget_tokens"}
 
 
 class _Strict(BaseModel):
@@ -84,6 +84,7 @@ class _Request(_Strict):
     allow_degrade: bool = False
     kv_cache: str | None = None  # the KV cache's type (default: f16, q8_0 under budget)
     cache_prompt: bool = True  # llama-server's field: reuse the cells of an earlier prompt
+    thinking_budget_tokens: int | None = None  # llama-server's field: each candidate's budget
 
 
 class ChatRequest(_Request):
@@ -112,6 +113,8 @@ class Limits:
     max_tokens: int  # the largest max_tokens accepted
     default_max_tokens: int  # used when a request gives none
     max_k: int  # the largest number of candidates (low 2, medium 8, high 32)
+    think_budget: int | None = None  # `serve --think-budget`: a request's default
+    think_budget_message: str = ""
 
 
 def _reject_constant(name: str) -> float:
@@ -185,6 +188,10 @@ def to_options(req: _Request, limits: Limits) -> tuple[Prompt, ReasonOptions]:
             min_p=req.min_p,
             stop=stop,
             raw=isinstance(req, TextRequest),
+            think_budget=req.thinking_budget_tokens
+            if req.thinking_budget_tokens is not None
+            else limits.think_budget,
+            think_budget_message=limits.think_budget_message,
             max_k=limits.max_k,  # auto chooses among the efforts within the server's limit
             kv_cache=req.kv_cache,
             cache_prompt=req.cache_prompt,
