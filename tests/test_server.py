@@ -222,9 +222,14 @@ def test_eight_concurrent_clients_each_get_their_own_result(nano, nano_api):
             c.token_ids for c in direct.candidates
         ]
     assert len({r["ext"]["prompt_text"] for r in results.values()}) == len(problems)
-    # the 8 requests ran together in one shared context (8 x 8 sequences), not 8 contexts: its
-    # KV cells (64 streams of 256 cells, under 20 MiB for this model) and compute buffers
-    assert any(r["ext"]["timings"]["shared_rounds"] for r in results.values())
+    # the 8 requests were in flight together in one shared context (up to 8 x 8 sequences), not 8
+    # contexts: its KV cells (64 streams of 256 cells, under 20 MiB for this model) and compute
+    # buffers. They decoded together, or waited for room: the batch governor holds requests back
+    # once it has measured that more rows decode no faster (the embedded model on a CPU)
+    assert any(
+        r["ext"]["timings"]["shared_rounds"] or r["ext"]["timings"]["queue_s"] > 0.01  # µs alone
+        for r in results.values()
+    )
     grown_mib = (nano.status_kb("VmHWM") - base_kb) / 1024
     assert grown_mib < 160, f"peak memory grew {grown_mib:.0f} MiB"
     assert nano.health()["served"] >= 1 + len(problems)

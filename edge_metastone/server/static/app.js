@@ -156,7 +156,8 @@ class Card {
       this.running.textContent = `score ${fmtSprm(c.score, c.step_scores)} · ${n} steps`;
       this.running.style.background = n ? hue(c.score) : "";
     }
-    this.info.textContent = `${c.tokens} tokens · ${c.finish_reason}`;
+    this.info.textContent = `${c.tokens} tokens · ${c.finish_reason}` +
+      (c.thought_ended ? " · thought ended by the thinking budget" : "");
     this.el.classList.remove("live");
     if (chosen) {
       this.el.classList.add("chosen");
