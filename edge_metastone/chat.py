@@ -72,7 +72,7 @@ def prompt_format(file_template: str | None, control_texts: Sequence[str]) -> Pr
 
 def dedupe_bos(ids: list[int], bos: int | None) -> list[int]:
     """`ids` with a doubled leading BOS made single (an added one and the text's own)."""
-    if bos is not None and bos >= 0 and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
         return ids[1:]
     return ids
 

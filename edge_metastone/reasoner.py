@@ -235,8 +235,7 @@ def think_settings(backend: Backend, o: ReasonOptions, settings: GenerationSetti
     (its message's, as plain text); refused for a model without think markup."""
     if o.think_budget is None:
         return settings
-    rule = backend.rule
-    if rule.think_start_id < 0 or rule.think_end_id < 0:
+    if not backend.rule.thinks:
         raise InvalidRequestError(
             "a thinking budget needs a model that thinks inside <think> ... </think> tokens; "
             "this one has no such tokens",

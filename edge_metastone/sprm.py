@@ -71,6 +71,11 @@ class StepRule:
     think_start_id: int = -1
     think_end_id: int = -1
 
+    @property
+    def thinks(self) -> bool:
+        """The vocabulary has both think tags: the model thinks inside `<think> ... </think>`."""
+        return self.think_start_id >= 0 and self.think_end_id >= 0
+
     @classmethod
     def of(cls, step_ids: Sequence[int], think_start: int, think_end: int) -> StepRule:
         """Build a rule from the ids stored in a model file."""

@@ -138,3 +138,24 @@ def nfkc_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("nfkc-gguf") / "tiny-nfkc-f32.gguf"
     convert(hf, path, "f32")
     return path
+
+
+@pytest.fixture(scope="module")
+def nano():
+    """`serve` on the embedded MetaStone-nano (real reasoning steps: step scores stream; its
+    thinking is inside think markup), one server per test module."""
+    from server_process import ServerProcess
+
+    with ServerProcess("--max-new-tokens", "96") as server:
+        yield server
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr, server.stderr
+
+
+@pytest.fixture(scope="module")
+def nano_api():
+    """The same model through the Python API, with the server's settings."""
+    from edge_metastone.reasoner import Reasoner
+
+    with Reasoner(max_new_tokens=96) as r:
+        yield r

@@ -49,22 +49,6 @@ def tiny(tiny_gguf):
         assert "Traceback" not in server.stderr, server.stderr
 
 
-@pytest.fixture(scope="module")
-def nano():
-    """The embedded MetaStone-nano: real reasoning steps, so step scores stream."""
-    with ServerProcess("--max-new-tokens", "96") as server:
-        yield server
-        assert server.stop() == 0
-        assert "Traceback" not in server.stderr, server.stderr
-
-
-@pytest.fixture(scope="module")
-def nano_api():
-    """The same model through the Python API, with the server's settings."""
-    with Reasoner(max_new_tokens=96) as r:
-        yield r
-
-
 def said(c) -> tuple[str | None, str]:
     """(reasoning_content, content) a chat choice carries for candidate `c` of the Python API."""
     return split_thinking(c.text, True)

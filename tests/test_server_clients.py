@@ -9,37 +9,21 @@ import pytest
 from server_process import ServerProcess
 
 from edge_metastone.options import ReasonOptions
-from edge_metastone.reasoner import Reasoner
 from edge_metastone.server.progress import split_thinking
 
 QUESTION = [{"role": "user", "content": "What is (17+25)*3-40?"}]
 RAW = "<|im_start|>user\nWhat is 12+7*3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
-@pytest.fixture(scope="module")
-def nano():
-    """The embedded MetaStone-nano (its thinking is inside think markup)."""
-    with ServerProcess("--max-new-tokens", "96") as server:
-        yield server
-        assert server.stop() == 0
-        assert "Traceback" not in server.stderr, server.stderr
-
-
-@pytest.fixture(scope="module")
-def api():
-    with Reasoner(max_new_tokens=96) as r:
-        yield r
-
-
 def oai(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_chat_returns_the_chosen_thought_as_reasoning_content(nano, api):
+def test_chat_returns_the_chosen_thought_as_reasoning_content(nano, nano_api):
     resp = oai(nano).chat.completions.create(
         model="default", messages=QUESTION, seed=3, n=2, extra_body={"effort": "low"}
     )
-    direct = api.reason(QUESTION, ReasonOptions(effort="low", seed=3))
+    direct = nano_api.reason(QUESTION, ReasonOptions(effort="low", seed=3))
     chosen = direct.chosen_candidate
     thought, answer = split_thinking(chosen.text, True)
     msg = resp.choices[0].message
@@ -55,7 +39,7 @@ def test_chat_returns_the_chosen_thought_as_reasoning_content(nano, api):
     assert resp.choices[1].model_extra["metastone"]["candidate"] == other.index
 
 
-def test_a_stream_shows_progress_first_and_ends_with_the_chosen_thought(nano, api):
+def test_a_stream_shows_progress_first_and_ends_with_the_chosen_thought(nano, nano_api):
     stream = oai(nano).chat.completions.create(
         model="default", messages=QUESTION, seed=5, stream=True, extra_body={"effort": "medium"}
     )
@@ -74,7 +58,7 @@ def test_a_stream_shows_progress_first_and_ends_with_the_chosen_thought(nano, ap
         if delta.content:
             order.append("content")
             content += delta.content
-    direct = api.reason(QUESTION, ReasonOptions(effort="medium", seed=5))
+    direct = nano_api.reason(QUESTION, ReasonOptions(effort="medium", seed=5))
     thought, answer = split_thinking(direct.chosen_candidate.text, True)
     # something readable came before any candidate had finished, and the answer came last
     assert order[0] == "reasoning" and order[-1] == "content" and content == answer
@@ -87,12 +71,12 @@ def test_a_stream_shows_progress_first_and_ends_with_the_chosen_thought(nano, ap
     assert reasoning.endswith(thought)
 
 
-def test_text_completions_feed_the_raw_prompt(nano, api):
+def test_text_completions_feed_the_raw_prompt(nano, nano_api):
     c = oai(nano)
     resp = c.completions.create(
         model="default", prompt=RAW, max_tokens=64, seed=9, n=2, extra_body={"effort": "low"}
     )
-    direct = api.reason(RAW, ReasonOptions(effort="low", seed=9, max_new_tokens=64, raw=True))
+    direct = nano_api.reason(RAW, ReasonOptions(effort="low", seed=9, max_new_tokens=64, raw=True))
     assert resp.object == "text_completion" and len(resp.choices) == 2
     assert (
         resp.choices[0].text == direct.chosen_candidate.text and "</think>" in resp.choices[0].text
@@ -121,7 +105,7 @@ def test_text_completions_feed_the_raw_prompt(nano, api):
         c.completions.create(model="default", prompt=[RAW, RAW])
 
 
-def test_litellm_completion_surfaces_reasoning_content(nano, api):
+def test_litellm_completion_surfaces_reasoning_content(nano, nano_api):
     """LiteLLM's `completion()` pointed at the server, as its docs say for an OpenAI-compatible
     one (`openai/` prefix, `api_base`): the thinking reaches `message.reasoning_content`."""
     import os
@@ -129,29 +113,21 @@ def test_litellm_completion_surfaces_reasoning_content(nano, api):
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # its bundled copy: no download at import
     import litellm
 
-    resp = litellm.completion(
-        model="openai/default",
-        api_base=nano.url + "/v1",
-        api_key="unused",
-        messages=QUESTION,
-        seed=3,
-        temperature=0.6,
-        extra_body={"effort": "low"},
-    )
-    direct = api.reason(QUESTION, ReasonOptions(effort="low", seed=3, temperature=0.6))
+    ask = {
+        "model": "openai/default",
+        "api_base": nano.url + "/v1",
+        "api_key": "unused",
+        "messages": QUESTION,
+        "seed": 3,
+        "temperature": 0.6,
+        "extra_body": {"effort": "low"},
+    }
+    resp = litellm.completion(**ask)
+    direct = nano_api.reason(QUESTION, ReasonOptions(effort="low", seed=3, temperature=0.6))
     thought, answer = split_thinking(direct.chosen_candidate.text, True)
     msg = resp.choices[0].message
     assert msg.content == answer and msg.reasoning_content == thought
-    chunks = litellm.completion(
-        model="openai/default",
-        api_base=nano.url + "/v1",
-        api_key="unused",
-        messages=QUESTION,
-        seed=3,
-        temperature=0.6,
-        stream=True,
-        extra_body={"effort": "low"},
-    )
+    chunks = litellm.completion(**ask, stream=True)
     content, reasoning = "", ""
     for ch in chunks:
         d = ch.choices[0].delta
@@ -161,7 +137,7 @@ def test_litellm_completion_surfaces_reasoning_content(nano, api):
     assert reasoning.startswith("Thinking with several candidates")
 
 
-def test_langchain_chat_openai_invoke_and_stream(nano, api):
+def test_langchain_chat_openai_invoke_and_stream(nano, nano_api):
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(
@@ -173,7 +149,7 @@ def test_langchain_chat_openai_invoke_and_stream(nano, api):
         max_retries=0,
         extra_body={"effort": "low"},
     )
-    direct = api.reason(QUESTION, ReasonOptions(effort="low", seed=3, temperature=0.6))
+    direct = nano_api.reason(QUESTION, ReasonOptions(effort="low", seed=3, temperature=0.6))
     _, answer = split_thinking(direct.chosen_candidate.text, True)
     out = llm.invoke(QUESTION)
     assert out.content == answer

@@ -18,35 +18,29 @@ from edge_metastone.server.app import ServerSettings, create_app
 Q = "What is (17+25)*3-40?"
 
 
-@pytest.fixture(scope="module")
-def nano():
-    with Reasoner(max_new_tokens=96) as r:
-        yield r
-
-
-def test_the_budget_ends_each_thought_after_n_tokens(nano):
-    think_end = nano.backend.rule.think_end_id
+def test_the_budget_ends_each_thought_after_n_tokens(nano_api):
+    think_end = nano_api.backend.rule.think_end_id
     for budget in (0, 3, 7):
-        res = nano.reason(Q, ReasonOptions(effort="low", seed=2, think_budget=budget))
+        res = nano_api.reason(Q, ReasonOptions(effort="low", seed=2, think_budget=budget))
         for c in res.candidates:
             assert c.thought_ended
             # the prompt opens the thought: its first `budget` tokens are the model's, then </think>
             assert c.token_ids[budget] == think_end
             assert think_end not in c.token_ids[:budget]
-    free = nano.reason(Q, ReasonOptions(effort="low", seed=2))
-    roomy = nano.reason(Q, ReasonOptions(effort="low", seed=2, think_budget=1000))
+    free = nano_api.reason(Q, ReasonOptions(effort="low", seed=2))
+    roomy = nano_api.reason(Q, ReasonOptions(effort="low", seed=2, think_budget=1000))
     assert [c.token_ids for c in roomy.candidates] == [c.token_ids for c in free.candidates]
     assert not any(c.thought_ended for c in roomy.candidates)
     assert all(c["thought_ended"] is False for c in roomy.to_json()["candidates"])
 
 
-def test_the_message_is_written_before_the_end_of_thought(nano):
+def test_the_message_is_written_before_the_end_of_thought(nano_api):
     msg = " Time is up."
-    ids = nano.backend.tokenize_text(msg)
-    res = nano.reason(
+    ids = nano_api.backend.tokenize_text(msg)
+    res = nano_api.reason(
         Q, ReasonOptions(effort="low", seed=4, think_budget=5, think_budget_message=msg)
     )
-    end = nano.backend.rule.think_end_id
+    end = nano_api.backend.rule.think_end_id
     for c in res.candidates:
         assert c.token_ids[5 : 5 + len(ids) + 1] == [*ids, end]
         assert msg + "</think>" in c.text
@@ -72,8 +66,8 @@ def test_refused_without_think_markup():
         ReasonOptions(think_budget=-1)
 
 
-def test_the_server_takes_thinking_budget_tokens(nano):
-    with TestClient(create_app(nano), base_url="http://127.0.0.1") as http:
+def test_the_server_takes_thinking_budget_tokens(nano_api):
+    with TestClient(create_app(nano_api), base_url="http://127.0.0.1") as http:
         body = {
             "messages": [{"role": "user", "content": Q}],
             "effort": "low",

@@ -20,8 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def describe(mf: ModelFile) -> dict[str, object]:
-    """The facts `inspect` shows, as a JSON-ready dict."""
+def describe(mf: ModelFile, prompt: dict[str, object]) -> dict[str, object]:
+    """The facts `inspect` shows, as a JSON-ready dict; `prompt`: the vocabulary's own
+    (`engine.prompt_facts`), whose step and think ids are the rule the engine uses."""
     head = None
     if mf.head is not None:
         head = {
@@ -49,11 +50,12 @@ def describe(mf: ModelFile) -> dict[str, object]:
         "tensor_bytes": mf.n_bytes,
         "tensor_types": mf.tensor_types,
         "sprm_head": head,
-        "step_token_ids": list(mf.step_token_ids),
-        "think_ids": [mf.think_start_id, mf.think_end_id],
+        "step_token_ids": prompt["step_token_ids"],
+        "think_ids": prompt["think_tags"] or [-1, -1],
         "about": about(
             mf.path, mf.head_source
         ).to_json(),  # from the provenance: task, domain, head quality
+        "prompt": prompt,
     }
 
 
@@ -105,12 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from edge_metastone.engine.weight_buffers import plan_for  # loads llama.cpp
 
     mf = open_model_file(args.model, args.head)
-    d = describe(mf)
-    d["weight_buffers"] = plan_for(mf.path).plan.to_json()  # how this machine would load it
     with Model(mf.path, vocab_only=True) as vocab:  # the tokenizer alone: no weights loaded
-        d["prompt"] = prompt_facts(mf, vocab)
-    d["step_token_ids"] = d["prompt"]["step_token_ids"]  # the rule the engine uses
-    d["think_ids"] = d["prompt"]["think_tags"] or [-1, -1]
+        d = describe(mf, prompt_facts(mf, vocab))
+    d["weight_buffers"] = plan_for(mf.path).plan.to_json()  # how this machine would load it
     if args.json:
         print_json(d, indent=2)
         return 0

@@ -61,7 +61,6 @@ def prompt_facts(mf: ModelFile, model: Model) -> dict[str, object]:
 
     steps = sorted(rule.step_token_ids)
     single = len(steps) == 1
-    think = rule.think_start_id >= 0 and rule.think_end_id >= 0
     return {
         "prompt_format": fmt.name,
         "prompt_format_reason": fmt.describe,
@@ -69,7 +68,7 @@ def prompt_facts(mf: ModelFile, model: Model) -> dict[str, object]:
         "bos": text(model.bos_id),
         "add_eos": model.add_eos,
         "eos": text(model.eos_id),
-        "think_tags": [rule.think_start_id, rule.think_end_id] if think else None,
+        "think_tags": [rule.think_start_id, rule.think_end_id] if rule.thinks else None,
         "step_token_ids": steps,
         "step_delimiter": (
             f"{text(steps[0])!r} (one token)"

@@ -128,7 +128,8 @@ def create_app(
         reasoner, settings.max_queue, settings.max_request_seconds, settings.parallel
     )
     model_id = model_id or reasoner.model_path.name.removesuffix(".gguf")
-    if settings.think_budget is not None and reasoner.backend.rule.think_end_id < 0:
+    thinks = reasoner.backend.rule.thinks  # the model writes think markup
+    if settings.think_budget is not None and not thinks:
         raise InvalidRequestError(
             "--think-budget needs a model that thinks inside <think> ... </think> tokens; "
             "this one has no such tokens"
@@ -154,7 +155,6 @@ def create_app(
     app.state.model_id = model_id
     _add_error_handlers(app)
     _add_model_routes(app, reasoner, model_id, limits)
-    thinks = reasoner.backend.rule.think_end_id >= 0  # the model writes think markup
     _add_completions_route(app, model_id, limits, settings.max_request_bytes, thinks)
     _add_page(app, settings.api_key)
     return app

@@ -9,6 +9,7 @@ import math
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -271,16 +272,7 @@ class Completion:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": i,
-                    "message": message(c, self.thinks),
-                    "finish_reason": "length" if c.truncated else "stop",
-                    "logprobs": None,
-                    "metastone": {"candidate": c.index, "score": c.score, "answer": c.answer},
-                }
-                for i, c in enumerate(ranked(result, self.n))
-            ],
+            "choices": choices(result, self.n, lambda c: {"message": message(c, self.thinks)}),
             "usage": usage(result),
             "metastone": extension(result, seed, capped=capped),
         }
@@ -314,9 +306,31 @@ class Completion:
         return out
 
 
+def choice_finish(c: CandidateView) -> str:
+    """OpenAI's finish reason of a candidate: `stop` when it ended its turn, else `length`."""
+    return "length" if c.truncated else "stop"
+
+
 def finish_reason(result: ReasonResult) -> str:
-    """OpenAI's finish reason of the chosen candidate: `stop` when it ended, else `length`."""
-    return "length" if result.chosen_candidate.truncated else "stop"
+    """OpenAI's finish reason of the chosen candidate."""
+    return choice_finish(result.chosen_candidate)
+
+
+def choices(
+    result: ReasonResult, n: int, body: Callable[[CandidateView], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The n best candidates (`ranked`) as a response's choices, each `body(c)` (its `message`
+    or `text`) with its finish reason and `metastone` (candidate index, score, short answer)."""
+    return [
+        {
+            "index": i,
+            **body(c),
+            "finish_reason": choice_finish(c),
+            "logprobs": None,
+            "metastone": {"candidate": c.index, "score": c.score, "answer": c.answer},
+        }
+        for i, c in enumerate(ranked(result, n))
+    ]
 
 
 def usage(result: ReasonResult) -> dict[str, int]:

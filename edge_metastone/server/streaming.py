@@ -25,6 +25,7 @@ from edge_metastone.server.errors import ApiError, from_exception, shutting_down
 from edge_metastone.server.progress import Progress, message, split_thinking
 from edge_metastone.server.schema import (
     Completion,
+    choice_finish,
     event_json,
     extension,
     finish_reason,
@@ -174,7 +175,7 @@ class EventStream(Response):
         out.append(c.chunk(finish=finish_reason(item)))
         for i, cand in enumerate(ranked(item, c.n)[1:], start=1):
             out.append(c.chunk(message(cand, c.thinks), index=i))
-            out.append(c.chunk(finish="length" if cand.truncated else "stop", index=i))
+            out.append(c.chunk(finish=choice_finish(cand), index=i))
         if self.include_usage:
             out.append(c.chunk(usage=usage(item), choices=False))
         return out

@@ -16,7 +16,15 @@ import uuid
 from typing import Any
 
 from edge_metastone.options import ReasonResult
-from edge_metastone.server.schema import event_json, extension, finish_reason, ranked, usage
+from edge_metastone.server.schema import (
+    choice_finish,
+    choices,
+    event_json,
+    extension,
+    finish_reason,
+    ranked,
+    usage,
+)
 from edge_metastone.server.streaming import EventStream
 from edge_metastone.types import Event
 
@@ -42,16 +50,7 @@ class TextCompletion:
         """The non-streaming `text_completion` object: n choices, the chosen one first."""
         return {
             **self._head(),
-            "choices": [
-                {
-                    "index": i,
-                    "text": c.text,
-                    "finish_reason": "length" if c.truncated else "stop",
-                    "logprobs": None,
-                    "metastone": {"candidate": c.index, "score": c.score, "answer": c.answer},
-                }
-                for i, c in enumerate(ranked(result, self.n))
-            ],
+            "choices": choices(result, self.n, lambda c: {"text": c.text}),
             "usage": usage(result),
             "metastone": extension(result, seed, capped=capped),
         }
@@ -90,7 +89,7 @@ class TextEventStream(EventStream):
         out.append(c.chunk(finish=finish_reason(item)))
         for i, cand in enumerate(ranked(item, c.n)[1:], start=1):
             out.append(c.chunk(cand.text, index=i))
-            out.append(c.chunk(finish="length" if cand.truncated else "stop", index=i))
+            out.append(c.chunk(finish=choice_finish(cand), index=i))
         if self.include_usage:
             out.append(c.chunk(choices=False, usage=usage(item)))
         return out
