@@ -6,8 +6,9 @@ collapsible "thinking" block), the answer after it in `content`. Several candida
 here and the selector picks one only when they have finished, so a stream cannot send the chosen
 thought as it is written. It sends what stays true instead, as `reasoning_content` deltas: a first
 line at once, each wave as it starts, each candidate's answer and score as it finishes and which
-one leads, a line of progress every few seconds while they think; then the chosen candidate's
-thought (after a blank line), and its answer as `content`.
+has the highest SPRM score so far (the selector still decides at the end), a line of progress
+every few seconds while they think; then the chosen candidate's thought (after a blank line), and
+its answer as `content`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def message(c: CandidateView, thinks: bool) -> dict[str, str]:
 
 
 def _score(x: float | None) -> str:
-    return f"{x:.2f}" if x is not None and math.isfinite(x) else "n/a"
+    return f"{x:.3g}" if x is not None and math.isfinite(x) else "n/a"  # a weak head's are ~1e-4
 
 
 class Progress:
@@ -96,7 +97,8 @@ class Progress:
             self.scores[c] = r.score
             lead = max(self.scores, key=lambda i: self.scores[i])
             line += (
-                f", score {_score(r.score)}; candidate {lead} leads ({_score(self.scores[lead])})"
+                f", SPRM score {_score(r.score)}; the highest so far: candidate {lead} "
+                f"({_score(self.scores[lead])}; the selector decides at the end)"
             )
         return line + ".\n"
 

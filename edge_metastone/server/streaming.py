@@ -3,7 +3,7 @@
 A stream is OpenAI's chunk sequence: a first chunk with the assistant role; progress chunks whose
 `metastone.events` carry every candidate's tokens, scored steps and finishes as they happen, and
 whose `delta.reasoning_content` says in words what stays true (`progress.Progress`: waves,
-each candidate's answer and score as it finishes, which one leads; the answer is not known until
+each candidate's answer and score as it finishes, which has the highest SPRM score so far; the answer is not known until
 the candidates are compared); then the chosen candidate's thought as `reasoning_content`, its
 answer as the content delta with `metastone.result`, the finish chunk, the usage chunk when
 `stream_options.include_usage` asks for it, and `data: [DONE]`.
