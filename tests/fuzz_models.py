@@ -231,7 +231,7 @@ def worker(text_file: str) -> None:
     import logging
 
     logging.disable(logging.CRITICAL)
-    from edge_metastone.commands.inspect import describe
+    from edge_metastone.commands.inspect import model_facts
     from edge_metastone.engine.scoring import score_text
     from edge_metastone.errors import EdgeMetastoneError
     from edge_metastone.modelfile.read import open_model_file
@@ -252,7 +252,7 @@ def worker(text_file: str) -> None:
         for step in ("inspect", "score"):
             try:
                 if step == "inspect":
-                    res = describe(open_model_file(path))
+                    res = model_facts(open_model_file(path))  # what `inspect` shows
                 else:
                     res = score_text(path, text).to_json()
                 outcome[step] = "ok" if strict(res) else "badjson"

@@ -59,6 +59,15 @@ def describe(mf: ModelFile, prompt: dict[str, object]) -> dict[str, object]:
     }
 
 
+def model_facts(mf: ModelFile) -> dict[str, object]:
+    """`describe` with the prompt facts of the file's vocabulary (loaded alone: no weights)."""
+    from edge_metastone.engine.engine import prompt_facts
+    from edge_metastone.engine.llama import Model
+
+    with Model(mf.path, vocab_only=True) as vocab:
+        return describe(mf, prompt_facts(mf, vocab))
+
+
 def _about_lines(a: dict) -> list[str]:
     """What the provenance says the model can do and how far its head can be trusted."""
     lines = []
@@ -102,13 +111,10 @@ def _ids(ids: list[int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the description."""
-    from edge_metastone.engine.engine import prompt_facts
-    from edge_metastone.engine.llama import Model
     from edge_metastone.engine.weight_buffers import plan_for  # loads llama.cpp
 
     mf = open_model_file(args.model, args.head)
-    with Model(mf.path, vocab_only=True) as vocab:  # the tokenizer alone: no weights loaded
-        d = describe(mf, prompt_facts(mf, vocab))
+    d = model_facts(mf)
     d["weight_buffers"] = plan_for(mf.path).plan.to_json()  # how this machine would load it
     if args.json:
         print_json(d, indent=2)
