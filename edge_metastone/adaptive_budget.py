@@ -20,6 +20,7 @@ from edge_metastone.scheduler import (
     Plan,
     Prediction,
     Request,
+    fits,
     predict,
 )
 from edge_metastone.search.adaptive import AdaptiveSettings
@@ -63,11 +64,6 @@ def matches_high(s: AdaptiveSettings) -> bool:
     return numbers and acc >= high - MATCHES_HIGH  # type: ignore[operator]
 
 
-def _fits(p: Prediction, budget: Budget) -> bool:
-    latency_ok = budget.latency_s is None or p.latency_s <= budget.latency_s
-    return latency_ok and (budget.memory_bytes is None or p.memory_bytes <= budget.memory_bytes)
-
-
 def plan_adaptive(
     requested: Effort,
     fixed: Plan | None,
@@ -87,13 +83,13 @@ def plan_adaptive(
         if pred is None:
             return Plan(Effort.ADAPTIVE, s.max_k, None, f"adaptive requested (waves {waves})")
         over = (
-            "" if _fits(pred, budget) else "; over the budget it stops anytime with the best so far"
+            "" if fits(pred, budget) else "; over the budget it stops anytime with the best so far"
         )
         why = f"adaptive requested (waves {waves}); expected {pred.latency_s:.2f} s{over}"
         return Plan(Effort.ADAPTIVE, s.max_k, pred, why, fixed.predictions if fixed else ())
     if requested is not Effort.AUTO or fixed is None or fixed.effort is None or pred is None:
         return None
-    if not matches_high(s) or not _fits(pred, budget):
+    if not matches_high(s) or not fits(pred, budget):
         return None
     if fixed.effort is Effort.HIGH or fixed.k < s.max_k:
         why = (
@@ -102,6 +98,11 @@ def plan_adaptive(
             f"instead of {fixed.effort.value}"
         )
         return dataclasses.replace(
-            fixed, effort=Effort.ADAPTIVE, k=s.max_k, prediction=pred, reason=why
+            fixed,
+            effort=Effort.ADAPTIVE,
+            k=s.max_k,
+            prediction=pred,
+            reason=why,
+            think_budget=None,
         )
     return None

@@ -65,6 +65,12 @@ class Backend(Protocol):
         ...
 
     @property
+    def thinking_scaling(self) -> str | None:
+        """The model's measured accuracy over k x thinking budget (`metastone.thinking_scaling`,
+        JSON), if any."""
+        ...
+
+    @property
     def selector(self) -> str | None:
         """The model's fitted combined selector (`metastone.selector`, JSON), if any."""
         ...

@@ -19,6 +19,10 @@ DEFAULT_STRATEGY = "metastone.default_strategy"
 # waves, consensus, min_agree, sharpness, window, floor, calibrate_floor, floor_margin, selector,
 # measured); absent or unreadable: safe defaults.
 ADAPTIVE = "metastone.adaptive"
+# JSON object: the model's measured accuracy over k x thinking budget (thinking_scaling.ScalingTable:
+# version, selector, max_new_tokens, measured, points), which `--effort auto` under a latency budget
+# chooses both axes from; absent or unreadable: auto chooses k alone.
+THINKING_SCALING = "metastone.thinking_scaling"
 # JSON object: the fitted combined selector (search.combined.Selector: version, features, weights,
 # bias, window, measured), a logistic combination of the head's step scores and the model's own
 # token log-probabilities that `combined` / `combined-vote` use; written by train-sprm with its

@@ -216,6 +216,8 @@ class ReasonResult:
     waves: list[dict[str, int]] = field(default_factory=list)  # adaptive: candidates, tokens
     stop_reason: str = ""  # adaptive: why no further wave ran
     answer_check_fallbacks: int = 0  # answer checks that fell back to comparing text
+    # the thinking budget each candidate ran under: the request's, or auto's choice; None: none
+    think_budget: int | None = None
 
     @property
     def chosen_candidate(self) -> CandidateView:
@@ -254,4 +256,5 @@ class ReasonResult:
             "waves": self.waves,
             "stop_reason": self.stop_reason,
             "answer_check_fallbacks": self.answer_check_fallbacks,
+            "think_budget": self.think_budget,
         }

@@ -42,6 +42,7 @@ from edge_metastone.scheduler import (
 from edge_metastone.search.adaptive import AdaptiveSettings
 from edge_metastone.search.base import StrategyName
 from edge_metastone.search.combined import Selector
+from edge_metastone.thinking_scaling import ScalingTable, plan_two_axis
 from edge_metastone.types import GenerationSettings, KVType, SamplingSettings, Timings
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Planner:
         efforts = [e for e in FIXED_EFFORTS if o.max_k is None or e.k <= o.max_k]
         if not efforts:
             raise InvalidRequestError(f"max_k={o.max_k} allows no effort mode (low needs k=2)")
-        plan = choose(
+        plan = two_axis(self.backend, o, cal, req, budget, kv_types) or choose(
             o.effort,
             facts,
             cal,
@@ -204,6 +205,35 @@ class Planner:
                 f"(it has {', '.join(t.value for t in have)})"
             )
         return (o.kv_cache,)
+
+
+def two_axis(
+    backend: Backend,
+    o: ReasonOptions,
+    cal: Calibration,
+    req: Request,
+    budget: Budget,
+    kv_types: tuple[KVType, ...],
+) -> Plan | None:
+    """Auto under a latency budget, with the model's thinking-scaling table: k and a thinking
+    budget together (`thinking_scaling.plan_two_axis`); None: the k-only choice decides (no
+    table, no point fits, or the request set its own thinking budget)."""
+    if o.effort is not Effort.AUTO or budget.latency_s is None or o.think_budget is not None:
+        return None
+    table = ScalingTable.from_json(backend.thinking_scaling)
+    if table is None:
+        return None
+    return plan_two_axis(
+        table,
+        backend.facts,
+        cal,
+        req,
+        budget,
+        max_k=o.max_k,
+        thinks=backend.rule.thinks,
+        layouts=backend.kv_layouts,
+        kv_types=kv_types,
+    )
 
 
 def default_strategy(backend: Backend) -> StrategyName:

@@ -179,7 +179,8 @@ class Reasoner:
         tm["queue_s"] = run.timings["queue_s"] + control.timings.queue_s  # the gate, the context
         tm["total_s"] = time.perf_counter() - t0
         out = _result(res, plan, text, tm, run.stopped_by, run.calibration)
-        return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n)
+        think = planned_think(o, plan).think_budget
+        return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n, think_budget=think)
 
     def reason_many(
         self, prompts: Sequence[Prompt], options: ReasonOptions | None = None, **fields: Any
@@ -221,13 +222,20 @@ def _search(
         ids,
         plan.k,
         o.sampling(r.sampling),
-        think_settings(r.backend, o, planned_settings(run.settings, plan)),
+        think_settings(r.backend, planned_think(o, plan), planned_settings(run.settings, plan)),
         deadline=run.stop_at,
         on_event=r._gate.hook(on_event),
         control=control,
     )
     r._planner.observe(plan, control.timings)  # a wrong calibration gets re-checked
     return strategy, control, cands, early
+
+
+def planned_think(o: ReasonOptions, plan: Plan) -> ReasonOptions:
+    """The request's options with the thinking budget auto chose with k, where it chose one."""
+    if plan.think_budget is None or o.think_budget is not None:
+        return o
+    return dataclasses.replace(o, think_budget=plan.think_budget)
 
 
 def think_settings(backend: Backend, o: ReasonOptions, settings: GenerationSettings) -> Any:

@@ -241,6 +241,7 @@ class Plan:
     prediction: Prediction | None  # None: a fixed effort with no budget, nothing predicted
     reason: str
     predictions: tuple[Prediction, ...] = ()
+    think_budget: int | None = None  # chosen with k from the model's table (thinking_scaling)
 
     @property
     def degraded(self) -> bool:
@@ -280,21 +281,23 @@ def predict(
     return Prediction(k, latency, int(memory), layout, kv_type)
 
 
-def _fits(p: Prediction, budget: Budget) -> bool:
+def fits(p: Prediction, budget: Budget) -> bool:
+    """The prediction is within both budgets (an unset one is no limit)."""
     return (budget.latency_s is None or p.latency_s <= budget.latency_s) and (
         budget.memory_bytes is None or p.memory_bytes <= budget.memory_bytes
     )
 
 
-def _describe(p: Prediction) -> str:
+def describe(p: Prediction) -> str:
+    """`k=8 (unified): ~1.2 s, ~300 MiB`."""
     kv = f", {p.kv_type.value} KV" if p.kv_type is not KVType.F16 else ""
     return f"k={p.k} ({p.layout.value}{kv}): ~{p.latency_s:.1f} s, ~{p.memory_bytes / MIB:.0f} MiB"
 
 
 @dataclass(frozen=True)
-class _Option:
+class Option:
     """One k's best way to run within the budget (`fit`), or None; `default` is how it runs
-    without a memory budget (see `_option`)."""
+    without a memory budget (see `option`)."""
 
     default: Prediction
     fit: Prediction | None
@@ -303,10 +306,10 @@ class _Option:
         """Why the fitting way is not the default one (empty when it is)."""
         if self.fit is None or self.fit == self.default:
             return ""
-        return f"; the default {_describe(self.default)} would not fit"
+        return f"; the default {describe(self.default)} would not fit"
 
 
-def _option(
+def option(
     facts: ModelFacts,
     cal: Calibration,
     req: Request,
@@ -314,7 +317,7 @@ def _option(
     budget: Budget,
     layouts: Sequence[KVLayout],
     kv_types: Sequence[KVType],
-) -> _Option:
+) -> Option:
     """k candidates as the engine would run them (AUTO layout, the first of `kv_types`: F16 unless
     the request named one), else, when that misses the memory budget, the other layout, then a
     q8_0 cache (step scores move by <= 0.008 on the bench model, bench/kv_quant.py), whichever
@@ -324,14 +327,14 @@ def _option(
     if k >= 2 and layouts and default.layout not in layouts:  # e.g. ONNX: one cache per row
         default = predict(facts, cal, req, k, layouts[0], first)
     ways = [default]
-    if k >= 2 and budget.memory_bytes is not None and not _fits(default, budget):
+    if k >= 2 and budget.memory_bytes is not None and not fits(default, budget):
         others = [lay for lay in (KVLayout.STREAMS, KVLayout.UNIFIED) if lay is not default.layout]
         order = [(default.layout, first)] + [(lay, first) for lay in others if lay in layouts]
         if first is KVType.F16 and KVType.Q8_0 in kv_types:
             order += [(lay, KVType.Q8_0) for lay, _ in order]
         ways = [predict(facts, cal, req, k, lay, kv) for lay, kv in order]
-    fit = next((w for w in ways if _fits(w, budget)), None)
-    return _Option(default, fit)
+    fit = next((w for w in ways if fits(w, budget)), None)
+    return Option(default, fit)
 
 
 def choose(
@@ -347,23 +350,23 @@ def choose(
 ) -> Plan:
     """The effort to run: the requested one (over a latency budget it runs until the deadline), or
     (auto) the highest of `efforts` that fits both budgets. Each plan names its KV layout and type
-    (see `_option`); `layouts` and `kv_types` are what the backend can run (the first type is the
+    (see `option`); `layouts` and `kv_types` are what the backend can run (the first type is the
     default)."""
     if req.prompt_tokens + req.max_new_tokens > facts.n_ctx_train:
         raise BudgetError(
             f"prompt ({req.prompt_tokens}) + max_new_tokens ({req.max_new_tokens}) exceeds the "
             f"model's context of {facts.n_ctx_train} tokens"
         )
-    opts = [_option(facts, cal, req, e.k, budget, layouts, kv_types) for e in efforts]
+    opts = [option(facts, cal, req, e.k, budget, layouts, kv_types) for e in efforts]
     preds = tuple(o.fit or o.default for o in opts)
     if not effort.mode.chooses:
-        o = dict(zip(efforts, opts, strict=True)).get(effort) or _option(
+        o = dict(zip(efforts, opts, strict=True)).get(effort) or option(
             facts, cal, req, effort.k, budget, layouts, kv_types
         )
         if o.fit is None:  # the ways that fit the memory budget alone
             memory_only = Budget(memory_bytes=budget.memory_bytes)
-            o = _Option(
-                o.default, _option(facts, cal, req, effort.k, memory_only, layouts, kv_types).fit
+            o = Option(
+                o.default, option(facts, cal, req, effort.k, memory_only, layouts, kv_types).fit
             )
             return _anytime(effort, o, budget, preds)
         return _fixed(effort, o, budget, preds)
@@ -373,31 +376,31 @@ def choose(
     return _single(facts, cal, req, budget, opts[0].default, preds)
 
 
-def _fixed(effort: Effort, o: _Option, budget: Budget, preds: tuple[Prediction, ...]) -> Plan:
+def _fixed(effort: Effort, o: Option, budget: Budget, preds: tuple[Prediction, ...]) -> Plan:
     """The requested effort, when it fits."""
     assert o.fit is not None
-    why = f"{effort.value} requested; predicted {_describe(o.fit)}{_limits(budget)}{o.why()}"
+    why = f"{effort.value} requested; predicted {describe(o.fit)}{limits(budget)}{o.why()}"
     return Plan(effort, o.fit.k, o.fit, why, preds)
 
 
-def _anytime(effort: Effort, o: _Option, budget: Budget, preds: tuple[Prediction, ...]) -> Plan:
+def _anytime(effort: Effort, o: Option, budget: Budget, preds: tuple[Prediction, ...]) -> Plan:
     """The requested effort over its latency budget: it runs, stops at the deadline and returns
     the best candidate so far. Only a memory budget that no way of running it fits refuses it."""
     if o.fit is None:
         raise BudgetError(
             f"effort {effort.value} does not fit the memory budget: predicted "
-            f"{_describe(o.default)}{_limits(budget)}"
+            f"{describe(o.default)}{limits(budget)}"
         )
     why = (
-        f"{effort.value} requested; predicted {_describe(o.fit)}{_limits(budget)}{o.why()}: "
+        f"{effort.value} requested; predicted {describe(o.fit)}{limits(budget)}{o.why()}: "
         "over the latency budget, it runs until the deadline and returns the best candidate so far"
     )
     return Plan(effort, o.fit.k, o.fit, why, preds)
 
 
 def _highest(
-    fitting: list[tuple[Effort, _Option]],
-    opts: list[_Option],
+    fitting: list[tuple[Effort, Option]],
+    opts: list[Option],
     budget: Budget,
     preds: tuple[Prediction, ...],
 ) -> Plan:
@@ -406,8 +409,8 @@ def _highest(
     p = o.fit
     assert p is not None
     higher = [q for q in opts if q.default.k > p.k]
-    why = f"; {_describe(higher[0].default)} would not fit" if higher else ""
-    reason = f"auto chose {e.value}: predicted {_describe(p)}{_limits(budget)}{o.why()}{why}"
+    why = f"; {describe(higher[0].default)} would not fit" if higher else ""
+    reason = f"auto chose {e.value}: predicted {describe(p)}{limits(budget)}{o.why()}{why}"
     return Plan(e, p.k, p, reason, preds)
 
 
@@ -423,25 +426,26 @@ def _single(
     until the deadline), else a clear error naming `--allow-degrade`. One candidate over the memory
     budget is refused either way."""
     single = predict(facts, cal, req, 1)
-    limits = _limits(budget)
+    lim = limits(budget)
     if budget.memory_bytes is not None and single.memory_bytes > budget.memory_bytes:
         raise BudgetError(
-            f"nothing fits the memory budget, not even one candidate: {_describe(single)}{limits}"
+            f"nothing fits the memory budget, not even one candidate: {describe(single)}{lim}"
         )
-    in_time = _fits(single, budget)
+    in_time = fits(single, budget)
     if not budget.allow_degrade:
         runs = "runs one candidate" + ("" if in_time else " until the deadline")
         raise BudgetError(
-            f"no effort mode fits the budget: the lowest needs {_describe(lowest)}{limits}; "
-            f"--allow-degrade (allow_degrade) {runs}, predicted {_describe(single)}"
+            f"no effort mode fits the budget: the lowest needs {describe(lowest)}{lim}; "
+            f"--allow-degrade (allow_degrade) {runs}, predicted {describe(single)}"
         )
     logger.warning("no effort mode fits the budget; running a single candidate")
-    late = "" if in_time else f" ({_describe(single)}): it runs until the deadline"
-    reason = f"no effort mode fits ({_describe(lowest)}{limits}); degraded to k=1{late}"
+    late = "" if in_time else f" ({describe(single)}): it runs until the deadline"
+    reason = f"no effort mode fits ({describe(lowest)}{lim}); degraded to k=1{late}"
     return Plan(None, 1, single, reason, preds)
 
 
-def _limits(budget: Budget) -> str:
+def limits(budget: Budget) -> str:
+    """` (budget 2 s, 512 MiB)`, or empty."""
     parts = []
     if budget.latency_s is not None:
         parts.append(f"{budget.latency_s:g} s")

@@ -109,6 +109,7 @@ class FakeBackend:
         return self._default_strategy
 
     adaptive: str | None = None  # metastone.adaptive
+    thinking_scaling: str | None = None  # metastone.thinking_scaling
     selector: str | None = None  # metastone.selector
 
     @property

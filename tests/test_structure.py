@@ -58,6 +58,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "edge_metastone.calibration",
         "edge_metastone.search",
         "edge_metastone.adaptive_budget",
+        "edge_metastone.thinking_scaling",
     ),
     # reasoning: options and results, the planner, the request gate, the stream bridge, Reasoner
     (

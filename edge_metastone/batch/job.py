@@ -39,7 +39,8 @@ class BatchJob:
     weight_buffers: str | None = None  # None: $EDGE_METASTONE_WEIGHT_BUFFERS or auto, per worker
     full: bool = False  # every candidate's text, token ids and step scores, and the prompt text
     ray_address: str | None = None  # None: run here; "" or an address: on Ray
-    ray_workers: int = 0  # 0: the cluster's CPUs / threads per worker
+    ray_workers: int = 0  # 0: each node's CPUs / threads per worker
+    ray_ship: bool = True  # send the model to a node without it (False: refuse the run)
     window: int = 8  # problems in flight at once in one model (their candidates batched together)
 
     def __post_init__(self) -> None:

@@ -64,6 +64,7 @@ def summarize(records: Sequence[dict[str, Any]], facts: dict[str, Any]) -> dict[
             "resumed_after": facts["resumed"],
             "wall_s": round(facts["wall_s"], 3),
             "records_per_s": round(facts["ran"] / facts["wall_s"], 3) if facts["wall_s"] else None,
+            **({"ray": facts["ray"]} if "ray" in facts else {}),
         },
     }
 

@@ -17,8 +17,9 @@ from edge_metastone.errors import EdgeMetastoneError
 
 logger = logging.getLogger(__name__)
 
-# runs units and hands each record, in unit order, to the callback: `run_local`, `run_on_ray`
-UnitRunner = Callable[[BatchJob, Sequence[Unit], Callable[[dict], None]], None]
+# runs units and hands each record, in unit order, to the callback: `run_local`, `run_on_ray`;
+# what it returns (if anything) joins the run's facts (Ray: its `ray` entry)
+UnitRunner = Callable[[BatchJob, Sequence[Unit], Callable[[dict], None]], "dict[str, Any] | None"]
 
 
 class Progress:
@@ -124,11 +125,12 @@ def run_batch(
             logger.info("%s: resuming after %d of %d records", job.output, resumed, len(units))
         bar = Progress(len(units), log.records, progress)
         writer = Writer(log, bar)
+        extra: dict[str, Any] = {}
         try:
             if todo:
-                run_units(job, todo, writer.put)
+                extra = run_units(job, todo, writer.put) or {}
         finally:
             bar.close()
         records = list(log.records)
-    facts = {"wall_s": time.perf_counter() - t0, "resumed": resumed, "ran": len(todo)}
+    facts = {"wall_s": time.perf_counter() - t0, "resumed": resumed, "ran": len(todo), **extra}
     return records, facts

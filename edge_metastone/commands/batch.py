@@ -41,14 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run every listed effort mode (e.g. low,medium,high) on every line, then plot each "
         "selector's accuracy against thinking compute (OUT.sweep.png; needs matplotlib)",
     )
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="run on a Ray cluster (no ADDRESS: start a local one); needs edge-metastone[ray]",
-    )
+    _add_ray_options(p)
     p.add_argument(
         "--cache-prompt",
         action="store_true",
@@ -65,9 +58,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "at the rounding level with its batch companions; 1: one at a time, exactly reproducible",
     )
     p.add_argument(
-        "--workers", type=int, default=0, help="Ray workers (default: cluster CPUs / --threads)"
-    )
-    p.add_argument(
         "--full",
         action="store_true",
         help="also write every candidate's text, token ids and step scores, and the prompt text",
@@ -76,6 +66,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    """--ray, --workers, --no-ship."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster (no ADDRESS: start a local one); needs edge-metastone[ray]",
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="Ray workers (default: each node's CPUs / --threads)"
+    )
+    p.add_argument(
+        "--no-ship",
+        action="store_true",
+        help="refuse the Ray run when a node lacks the model file, instead of sending it there",
+    )
 
 
 def parse_modes(text: str) -> tuple[Effort, ...]:
@@ -127,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
         raise EdgeMetastoneError("give --effort or --sweep, not both")
     if args.workers < 0:
         raise EdgeMetastoneError("--workers must be >= 0")
-    if args.workers and args.ray is None:
-        raise EdgeMetastoneError("--workers counts Ray workers: give --ray too")
+    if (args.workers or args.no_ship) and args.ray is None:
+        flag = "--workers counts Ray workers" if args.workers else "--no-ship is for Ray"
+        raise EdgeMetastoneError(f"{flag}: give --ray too")
     modes = parse_modes(args.sweep) if args.sweep else (Effort(args.effort or "medium"),)
     _check_extras(args)
     # a sweep scores every selector on the same candidates: log-probabilities are needed
@@ -147,8 +158,13 @@ def run(args: argparse.Namespace) -> int:
         full=args.full,
         ray_address=args.ray,
         ray_workers=args.workers,
+        ray_ship=not args.no_ship,
         window=args.window,
     )
+    if job.ray_address:  # a cluster that cannot be reached: one line before anything starts
+        from edge_metastone.batch.on_ray import reachable
+
+        reachable(job.ray_address)
     records, facts = run_batch(job, _unit_runner(job), progress=not args.no_progress)
     png = (args.png or sidecar(args.output, "sweep.png")) if args.sweep else None
     summary = write_report(job, records, facts, png)
@@ -183,6 +199,13 @@ def format_summary(s: dict) -> str:
         f"this run: {run['records']} records in {run['wall_s']:.1f} s "
         f"({_f(run['records_per_s'], '.2f')} records/s){resumed}"
     )
+    if ray := run.get("ray"):
+        lines.append(
+            f"Ray: {ray['workers']} workers on {ray['nodes']} nodes (model sent to "
+            f"{ray['shipped']}); {ray['lost_workers']} workers lost, {ray['retried_units']} "
+            f"units run again, {ray['poison_inputs']} poison inputs, {ray['failed_inputs']} "
+            "inputs failed on a worker"
+        )
     sweep = s.get("sweep")
     if sweep and sweep["points"]:
         lines += ["", _sweep_table(sweep)]

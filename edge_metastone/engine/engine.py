@@ -98,7 +98,33 @@ def model_facts(mf: ModelFile) -> ModelFacts:
     )
 
 
-class Engine(DecodingBackend):
+class FileRecords:
+    """What the model file records for the runtime (`metastone.*` keys), as a Backend exposes it."""
+
+    model_file: ModelFile
+
+    @property
+    def default_strategy(self) -> str | None:
+        """The file's `metastone.default_strategy`, if it names one."""
+        return self.model_file.default_strategy
+
+    @property
+    def selector(self) -> str | None:
+        """The file's (or its sidecar head's) `metastone.selector` (JSON), if any."""
+        return self.model_file.selector
+
+    @property
+    def adaptive(self) -> str | None:
+        """The file's `metastone.adaptive` (JSON), if any."""
+        return self.model_file.adaptive
+
+    @property
+    def thinking_scaling(self) -> str | None:
+        """The file's `metastone.thinking_scaling` (JSON), if any."""
+        return self.model_file.thinking_scaling
+
+
+class Engine(FileRecords, DecodingBackend):
     """Loads a model file (and its SPRM head) once; generates k scored candidates per request."""
 
     kv_layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
@@ -166,21 +192,6 @@ class Engine(DecodingBackend):
     def has_head(self) -> bool:
         """True when step scores are available."""
         return self.model_file.head is not None
-
-    @property
-    def default_strategy(self) -> str | None:
-        """The file's `metastone.default_strategy`, if it names one."""
-        return self.model_file.default_strategy
-
-    @property
-    def selector(self) -> str | None:
-        """The file's (or its sidecar head's) `metastone.selector` (JSON), if any."""
-        return self.model_file.selector
-
-    @property
-    def adaptive(self) -> str | None:
-        """The file's `metastone.adaptive` (JSON), if any."""
-        return self.model_file.adaptive
 
     @property
     def eog_ids(self) -> tuple[int, ...]:

@@ -258,6 +258,7 @@ class ModelFile:
     eos_token: str = ""
     default_strategy: str | None = None  # metastone.default_strategy, as written by the maker
     adaptive: str | None = None  # metastone.adaptive (JSON), as written; checked where it is used
+    thinking_scaling: str | None = None  # metastone.thinking_scaling (JSON), checked where used
     selector: str | None = None  # metastone.selector (JSON) of the head's file; checked where used
     normalizer: NormalForm | None = None  # metastone.tokenizer.normalizer
     # metastone.tokenizer.special_tokens: the tokenizer's named special tokens (None in older files)
@@ -348,6 +349,7 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         eos_token=eos,
         default_strategy=strategy or None,
         adaptive=adaptive or None,
+        thinking_scaling=_recorded(m, keys.THINKING_SCALING) or None,
         selector=_recorded(facts, keys.SELECTOR) or None,
         normalizer=normalizer,  # type: ignore[arg-type]
         special_tokens=special,

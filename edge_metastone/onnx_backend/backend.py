@@ -101,6 +101,11 @@ class OnnxBackend(DecodingBackend):
         return self.md.adaptive
 
     @property
+    def thinking_scaling(self) -> str | None:
+        """`metastone.thinking_scaling` from metastone.json, if any."""
+        return self.md.thinking_scaling
+
+    @property
     def selector(self) -> str | None:
         """`metastone.selector` from metastone.json, if any."""
         return self.md.selector

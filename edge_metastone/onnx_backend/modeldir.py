@@ -52,6 +52,7 @@ class OnnxModelDir:
     special_tokens: dict[str, str] | None = None  # the tokenizer's named special tokens
     normalizer: str | None = None  # the tokenizer's Unicode normal form (stop strings get it)
     adaptive: str | None = None  # metastone.adaptive (JSON), as the exporter copied it
+    thinking_scaling: str | None = None  # metastone.thinking_scaling (JSON), likewise
     selector: str | None = None  # metastone.selector (JSON), when one was recorded
 
     @property
@@ -195,6 +196,7 @@ def read_model_dir(path: Path) -> OnnxModelDir:
         special_tokens=_special_tokens(meta, where),
         normalizer=_normalizer(meta, where),
         adaptive=_str(meta, keys.ADAPTIVE, where),
+        thinking_scaling=_str(meta, keys.THINKING_SCALING, where),
         selector=_str(meta, keys.SELECTOR, where),
     )
 
