@@ -3,7 +3,7 @@ total thinking tokens actually spent; and `--effort auto` choosing both axes fro
 
     python bench/thinking_scaling.py [--problems 300] [--seed 5151] [--out bench/results/thinking_scaling]
     python bench/thinking_scaling.py --record OUT.gguf [--seed 2]      # the model file's table
-    python bench/thinking_scaling.py --auto LATENCY_S [--problems 200] [--seed 6161]
+    python bench/thinking_scaling.py --auto 0.3,0.6 [--problems 200] [--seed 6161]
     python bench/thinking_scaling.py --plot-only
 
 Grid: for each thinking budget (default 8, 12, 16, 24, 32 tokens and unlimited; the embedded
@@ -15,9 +15,12 @@ with other seeds), chosen by the model's default selector and by majority vote. 
 accuracy, thinking tokens (inside <think>) and generated tokens per problem, and `steps`, the 90th
 percentile over the groups of their longest candidate (what a batch's latency follows).
 
-It prints the grid, marks the Pareto front (no other point is more accurate with fewer thinking
-tokens), fits accuracy = a + b ln(thinking tokens) over the default selector's points (with R^2),
-and draws OUT.png (log x). `--record` measures the grid on the validation split and writes the
+The compute axis is every generated token, not only those inside <think>: a candidate whose
+thought is ended for it may go on computing in its answer (the embedded model does), and counting
+only its think window would credit the budget with savings it does not make. It prints the grid,
+marks the Pareto front (no other point is more accurate with fewer generated tokens), fits
+accuracy = a + b ln(generated tokens per problem) over every point and over the unlimited points
+(the k axis alone), with R^2, and draws OUT.png (log x). `--record` measures the grid on the validation split and writes the
 model copy with `metastone.thinking_scaling` (docs/model-file.md). `--auto` runs `--effort auto`
 under a latency budget on fresh problems three ways, with the same file's weights: without a table
 (today's k-only choice, worst-case lengths), with the table's unlimited-thinking points only (k
@@ -128,10 +131,13 @@ def grid_points(r: Reasoner, data: dict, selector_name: str) -> list[dict]:
     return rows
 
 
+X = "generated_per_problem"  # the compute axis: every token generated (see the docstring)
+
+
 def pareto(rows: list[dict], acc: str = "accuracy") -> list[dict]:
-    """The points no other point beats on accuracy with fewer (or equal) thinking tokens."""
+    """The points no other point beats on accuracy with fewer (or equal) generated tokens."""
     front, best = [], -1.0
-    for row in sorted(rows, key=lambda r: (r["thinking_per_problem"], -r[acc])):
+    for row in sorted(rows, key=lambda r: (r[X], -r[acc])):
         if row[acc] > best:
             front.append(row)
             best = row[acc]
@@ -139,8 +145,8 @@ def pareto(rows: list[dict], acc: str = "accuracy") -> list[dict]:
 
 
 def fit_log(rows: list[dict]) -> dict:
-    """Least squares accuracy = a + b ln(thinking tokens per problem), with R^2."""
-    xs = [math.log(r["thinking_per_problem"]) for r in rows]
+    """Least squares accuracy = a + b ln(generated tokens per problem), with R^2."""
+    xs = [math.log(r[X]) for r in rows]
     ys = [r["accuracy"] for r in rows]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
@@ -149,6 +155,14 @@ def fit_log(rows: list[dict]) -> dict:
     ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
     ss_tot = sum((y - my) ** 2 for y in ys)
     return {"a": a, "b": b, "r2": 1 - ss_res / ss_tot if ss_tot else 1.0, "points": len(rows)}
+
+
+def fits(rows: list[dict]) -> dict:
+    """The log fit over every point, and over the unlimited-thinking points (the k axis)."""
+    return {
+        "every point": fit_log(rows),
+        "unlimited thinking (k alone)": fit_log([r for r in rows if r["think_budget"] is None]),
+    }
 
 
 def measure(r: Reasoner, seed: int, n: int, budgets, max_new: int) -> tuple[list[dict], dict]:
@@ -186,10 +200,12 @@ def print_grid(rows: list[dict], fit: dict) -> None:
             f"{r['thinking_per_problem']:17.1f} {r['generated_per_problem']:18.1f} "
             f"{r['forced_share']:7.2f} {r['steps']:9d}{mark}"
         )
-    print(
-        f"\nfit over {fit['points']} points: accuracy = {fit['a']:.3f} + {fit['b']:.4f} "
-        f"ln(thinking tokens per problem), R^2 = {fit['r2']:.3f}; * = Pareto front"
-    )
+    for name, f in fit.items():
+        print(
+            f"fit over {name} ({f['points']} points): accuracy = {f['a']:.3f} + {f['b']:.4f} "
+            f"ln(generated tokens per problem), R^2 = {f['r2']:.3f}"
+        )
+    print("* = Pareto front (accuracy against generated tokens)")
 
 
 def table_of(rows: list[dict], meta: dict, unlimited_only: bool = False) -> ScalingTable:
@@ -205,37 +221,46 @@ def table_of(rows: list[dict], meta: dict, unlimited_only: bool = False) -> Scal
 
 
 def auto_compare(args) -> None:
-    """`--effort auto` under `args.auto` seconds, three ways, on the same fresh problems."""
+    """`--effort auto` under each latency budget of `args.auto`, three ways, on the same fresh
+    problems and seeds, with one calibration (measured once, given to every way)."""
     src = Path(args.model) if args.model else None
     with Reasoner(src) as r:
         src = r.model_path
         table = ScalingTable.from_json(r.backend.thinking_scaling)
+        cal = r.calibration(refresh=True)
         _, ids = r.encode(problems(args.seed, 1)[0].prompt)
-        high = r.plan(len(ids), effort="high", latency_budget=args.auto)
-        print(f"high's prediction at this prompt size: {high.reason}")
     if table is None:
         raise SystemExit(f"{src} has no {keys.THINKING_SCALING}: run --record first")
+    budgets = [float(x) for x in args.auto.split(",")]
+    out: dict = {"problems": args.problems, "seed": args.seed, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         files = {
             "k only, no table (today)": write_model_copy(
                 src, Path(tmp) / "none.gguf", extra={keys.THINKING_SCALING: ""}
             ),
-            "k only, table's unlimited points": write_model_copy(
+            "k only, the table's unlimited points": write_model_copy(
                 src,
                 Path(tmp) / "unlimited.gguf",
                 extra={keys.THINKING_SCALING: _unlimited(table).to_json()},
             ),
-            "k and thinking budget (table)": src,
+            "k and thinking budget (the table)": src,
         }
-        results = {name: _auto_run(path, args) for name, path in files.items()}
-    print(f"\n--effort auto --latency-budget {args.auto} on {args.problems} fresh problems:")
-    for name, res in results.items():
-        print(
-            f"{name:34s} accuracy {res['accuracy']:.3f}  mean {res['seconds']:.2f} s  "
-            f"over budget {res['over']}  stopped early {res['early']}  chose {res['chose']}"
-        )
+        for limit in budgets:
+            print(f"\n--effort auto --latency-budget {limit} on {args.problems} fresh problems:")
+            with Reasoner(src, calibration=cal) as r:
+                high = r.plan(len(ids), effort="high", latency_budget=limit)
+                print(f"  (high at this prompt: {high.reason})")
+            for name, path in files.items():
+                res = _auto_run(path, args, limit, cal)
+                out["runs"].setdefault(str(limit), {})[name] = res
+                print(
+                    f"  {name:38s} accuracy {res['accuracy']:.3f}, mean {res['seconds']:.3f} s, "
+                    f"over the budget {res['over']}, stopped early {res['early']}, "
+                    f"chose {res['chose']}",
+                    flush=True,
+                )
     path = Path(f"{args.out}_auto.json")
-    path.write_text(json.dumps({"latency_budget": args.auto, **vars_of(args), **results}, indent=1))
+    path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")
 
 
@@ -244,20 +269,24 @@ def _unlimited(t: ScalingTable) -> ScalingTable:
     return dataclasses.replace(t, points=pts)
 
 
-def _auto_run(path: Path, args) -> dict:
-    """One way: every problem through `Reasoner.reason` (effort auto, the latency budget)."""
+def _auto_run(path: Path, args, limit: float, cal) -> dict:
+    """One way: every problem through `Reasoner.reason` (effort auto, the latency budget, one
+    candidate allowed when nothing fits)."""
     right, secs, over, early, chose = 0, [], 0, 0, {}
-    with Reasoner(path) as r:
-        r.reason("1+1=?", effort="auto", latency_budget=30)  # the calibration, outside the timing
+    with Reasoner(path, calibration=cal) as r:
+        o = ReasonOptions(effort="auto", latency_budget=limit, allow_degrade=True)
+        r.reason("What is 2+3?", o)  # warm: the first request's one-off costs outside the timing
         for i, p in enumerate(problems(args.seed, args.problems)):
             t0 = time.perf_counter()
-            res = r.reason(p.prompt, effort="auto", latency_budget=args.auto, seed=i)
+            res = r.reason(p.prompt, dataclasses.replace(o, seed=i))
             dt = time.perf_counter() - t0
             secs.append(dt)
-            over += dt > args.auto
+            over += dt > limit
             early += res.early_stop
             right += correct(res.chosen_candidate, str(p.answer))
-            key = f"k={res.k} budget={res.think_budget}" if res.effort != "adaptive" else "adaptive"
+            key = f"{res.effort} k={res.k}" + (
+                f" budget {res.think_budget}" if res.think_budget is not None else ""
+            )
             chose[key] = chose.get(key, 0) + 1
     n = args.problems
     return {
@@ -269,16 +298,12 @@ def _auto_run(path: Path, args) -> dict:
     }
 
 
-def vars_of(args) -> dict:
-    return {"problems": args.problems, "seed": args.seed}
-
-
 COLOURS = ("#440154", "#3b528b", "#21918c", "#5ec962", "#fde725", "#d62728", "#ff7f0e")
 
 
 def plot(rows: list[dict], fit: dict, meta: dict, path: Path) -> None:
-    """Accuracy against thinking tokens per problem (log x): one line per thinking budget over k,
-    majority hollow, the Pareto front dashed, the fitted log line dotted."""
+    """Accuracy against generated tokens per problem (log x): one line per thinking budget over k
+    (labels: k), majority hollow, the Pareto front dashed, the two log fits dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,43 +313,35 @@ def plot(rows: list[dict], fit: dict, meta: dict, path: Path) -> None:
     budgets = list(dict.fromkeys(r["think_budget"] for r in rows))
     for colour, b in zip(COLOURS, budgets, strict=False):
         pts = [r for r in rows if r["think_budget"] == b]
-        xs = [r["thinking_per_problem"] for r in pts]
-        label = "unlimited thinking" if b is None else f"thinking budget {b}"
+        xs = [r[X] for r in pts]
+        label = "unlimited thinking" if b is None else f"thinking budget {b} tokens"
         ax.plot(xs, [r["accuracy"] for r in pts], "o-", color=colour, ms=5, lw=1, label=label)
-        ax.plot(xs, [r["majority"] for r in pts], "o", mfc="none", color=colour, ms=7, lw=0)
+        ax.plot(xs, [r["majority"] for r in pts], "o", mfc="none", color=colour, ms=8, lw=0)
         for r in pts:
             ax.annotate(
-                f"{r['k']}",
-                (r["thinking_per_problem"], r["accuracy"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-                color=colour,
-            )
+                f"{r['k']}", (r[X], r["accuracy"]), fontsize=7, xytext=(3, 3),
+                textcoords="offset points", color=colour,
+            )  # fmt: skip
     front = pareto(rows)
     ax.plot(
-        [r["thinking_per_problem"] for r in front],
-        [r["accuracy"] for r in front],
-        "k--",
-        lw=1.2,
+        [r[X] for r in front], [r["accuracy"] for r in front], "k--", lw=1.2,
         label="Pareto front (default selector)",
-    )
-    xs = sorted(r["thinking_per_problem"] for r in rows)
-    line = [fit["a"] + fit["b"] * math.log(x) for x in xs]
-    ax.plot(
-        xs,
-        line,
-        ":",
-        color="#777",
-        lw=1.5,
-        label=f"fit: {fit['a']:.3f} + {fit['b']:.4f} ln(x), R² = {fit['r2']:.2f}",
-    )
+    )  # fmt: skip
+    xs = sorted(r[X] for r in rows)
+    for (name, f), style in zip(fit.items(), (":", "-."), strict=True):
+        ax.plot(
+            xs, [f["a"] + f["b"] * math.log(x) for x in xs], style, color="#777", lw=1.5,
+            label=f"fit over {name}: {f['a']:.3f} + {f['b']:.4f} ln(x), R² = {f['r2']:.2f}",
+        )  # fmt: skip
     ax.plot([], [], "o", mfc="none", color="#555", label="hollow: majority vote at the same point")
     ax.set_xscale("log")
-    ax.set_xlabel("thinking tokens per problem, k x mean thought (log scale)")
-    ax.set_ylabel(f"accuracy ({meta['problems']} fresh problems, selector {meta['selector']})")
-    ax.set_title(f"MetaStone-nano: accuracy over k (labels) x thinking budget, seed {meta['seed']}")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("generated tokens per problem, k x mean candidate length (log scale)")
+    ax.set_ylabel(f"accuracy ({meta['problems']} problems, selector {meta['selector']})")
+    ax.set_ylim(0, 0.8)
+    ax.set_title(
+        f"MetaStone-nano: accuracy over k (labels) x thinking budget, problems of seed {meta['seed']}"
+    )
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -340,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS))
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--record", type=Path, help="write a model copy with the table here")
-    ap.add_argument("--auto", type=float, metavar="LATENCY_S", help="compare auto's choices")
+    ap.add_argument("--auto", metavar="S[,S...]", help="compare auto's choices at these budgets")
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT.png from OUT.json")
     args = ap.parse_args(argv)
     if args.auto is not None:
@@ -348,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.plot_only:
         d = json.loads(Path(f"{args.out}.json").read_text())
-        plot(d["rows"], d["fit"], d["meta"], Path(f"{args.out}.png"))
+        plot(d["rows"], fits(d["rows"]), d["meta"], Path(f"{args.out}.png"))
         return
     budgets = [None if b == "None" else int(b) for b in args.budgets.split(",")]
     with Reasoner(args.model) as r:
@@ -360,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows, meta = measure(r, args.seed, args.problems, budgets, args.max_new_tokens)
         src = r.model_path
-    fit = fit_log([r for r in rows])
+    fit = fits(rows)
     print_grid(rows, fit)
     if args.record:
         table = table_of(rows, meta)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ from edge_metastone.scheduler import (
     limits,
     option,
 )
-from edge_metastone.types import KVLayout, KVType, ModelFacts, whole_number
+from edge_metastone.types import KVLayout, KVType, ModelFacts, finite_number, whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class ScalingPoint:
         _check(ok, "steps", "an integer >= 1")
         for name in ("tokens", "thought"):
             v = getattr(self, name)
-            _check(_finite(v) and 0 <= v <= MAX_TOKENS, name, "a number >= 0")
+            _check(finite_number(v) and 0 <= v <= MAX_TOKENS, name, "a number >= 0")
 
     @property
     def label(self) -> str:
@@ -157,9 +156,5 @@ def _check(ok: bool, name: str, what: str) -> None:
         raise InvalidRequestError(f"a point's {name} must be {what}", param=name)
 
 
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _unit(v: object) -> bool:
-    return _finite(v) and 0.0 <= v <= 1.0  # type: ignore[operator]
+    return finite_number(v) and 0.0 <= v <= 1.0  # type: ignore[operator]

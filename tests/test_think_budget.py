@@ -78,3 +78,19 @@ def test_the_server_takes_thinking_budget_tokens(nano_api):
         assert all(c["thought_ended"] for c in resp["metastone"]["candidates"])
         bad = http.post("/v1/chat/completions", json={**body, "thinking_budget_tokens": -2})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "thinking_budget_tokens"
+
+
+def test_batch_records_the_budget_and_each_cut_thought(tmp_path):
+    from conftest import run_cli
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "What is (17+25)*3-40?", "answer": "86"}\n')
+    out = tmp_path / "out.jsonl"
+    args = ("--effort", "low", "--think-budget", "3", "--max-new-tokens", "64", "--no-progress")
+    proc = run_cli("batch", str(inp), "-o", str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    rec = json.loads(out.read_text())
+    assert rec["think_budget"] == 3
+    assert [c.get("thought_ended") for c in rec["candidates"]] == [True, True]

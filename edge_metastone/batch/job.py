@@ -117,6 +117,8 @@ def _result_record(res: ReasonResult, item: Item, full: bool) -> dict[str, Any]:
         }
         if c.stopped_early:
             d["stopped_early"] = c.stopped_early
+        if c.thought_ended:  # its thinking budget ended its thought
+            d["thought_ended"] = True
         if item.answer is not None:  # truncated candidates count as wrong (as in training)
             d["correct"] = not c.truncated and right(c.answer)
         if full:
@@ -130,6 +132,8 @@ def _result_record(res: ReasonResult, item: Item, full: bool) -> dict[str, Any]:
         "tokens": sum(c.tokens for c in res.candidates),
         "early_stop": res.early_stop,
     }
+    if res.think_budget is not None:  # the request's, or the one auto chose with k
+        rec["think_budget"] = res.think_budget
     if res.waves:  # adaptive: candidates and tokens after each wave, and why it stopped
         rec["waves"], rec["stop_reason"] = res.waves, res.stop_reason
     if item.answer is not None:

@@ -43,6 +43,8 @@ from edge_metastone.types import (
     GenerationSettings,
     SamplingSettings,
     WaveEvent,
+    finite_number,
+    whole_number,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,12 +78,14 @@ class AdaptiveSettings:
         )
         _check(ok, "waves", f"waves must be 1 to {MAX_WAVES} increasing candidate counts")
         _check(0 < self.consensus <= 1, "consensus", "consensus must be in (0, 1]")
-        _check(_is_int(self.min_agree, 1), "min_agree", "min_agree must be an integer >= 1")
-        _check(_finite(self.sharpness) and self.sharpness >= 0, "sharpness", "sharpness >= 0")
-        _check(_is_int(self.window, 1), "window", "window must be an integer >= 1")
+        _check(whole_number(self.min_agree, 1), "min_agree", "min_agree must be an integer >= 1")
+        _check(finite_number(self.sharpness) and self.sharpness >= 0, "sharpness", "sharpness >= 0")
+        _check(whole_number(self.window, 1), "window", "window must be an integer >= 1")
         floor = self.floor
-        _check(floor is None or (_finite(floor) and floor <= 0), "floor", "floor must be <= 0")
-        _check(_finite(self.floor_margin), "floor_margin", "floor_margin must be finite")
+        _check(
+            floor is None or (finite_number(floor) and floor <= 0), "floor", "floor must be <= 0"
+        )
+        _check(finite_number(self.floor_margin), "floor_margin", "floor_margin must be finite")
         try:
             object.__setattr__(self, "selector", StrategyName(self.selector))
         except ValueError as e:
@@ -120,14 +124,6 @@ class AdaptiveSettings:
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidRequestError(message, param=param)
-
-
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: object, low: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
 def consensus(cands: Sequence[Candidate], sharpness: float = 0.0) -> tuple[str, float, int, int]:

@@ -34,7 +34,7 @@ from edge_metastone.search.base import (
 from edge_metastone.search.confidence import DEFAULT_WINDOW, window_means
 from edge_metastone.search.strategy import SelectingStrategy
 from edge_metastone.search.vote import vote
-from edge_metastone.types import Candidate, GenerationSettings
+from edge_metastone.types import Candidate, GenerationSettings, finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,6 @@ def candidate_features(c: Candidate, window: int = DEFAULT_WINDOW) -> dict[str, 
     return feature_values(generated_step_scores(c), lps, window)
 
 
-def _finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 @dataclass(frozen=True)
 class Selector:
     """A fitted combination: weights per feature (absent: 0), bias, the log-probability window,
@@ -109,7 +105,7 @@ class Selector:
         unknown = sorted(set(w) - set(FEATURES))
         if unknown:
             raise ValueError(f"unknown selector features {unknown} (known: {', '.join(FEATURES)})")
-        if not all(_finite(v) for v in (*w.values(), self.bias)):
+        if not all(finite_number(v) for v in (*w.values(), self.bias)):
             raise ValueError("selector weights and bias must be finite numbers")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError("selector window must be an integer >= 1")
