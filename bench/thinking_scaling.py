@@ -229,6 +229,11 @@ def auto_compare(args) -> None:
         table = ScalingTable.from_json(r.backend.thinking_scaling)
         cal = r.calibration(refresh=True)
         _, ids = r.encode(problems(args.seed, 1)[0].prompt)
+        print(
+            f"every way: {src.name}'s weights, threads {r.n_threads}, T={r.sampling.temperature} "
+            f"top-p {r.sampling.top_p}, max_new_tokens {r.max_new_tokens}, problem i seed i, "
+            "one calibration"
+        )
     if table is None:
         raise SystemExit(f"{src} has no {keys.THINKING_SCALING}: run --record first")
     budgets = [float(x) for x in args.auto.split(",")]

@@ -7,6 +7,7 @@ then cached; re-checked after a run that disagreed with it, `observe`), and retu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -207,6 +208,12 @@ class Planner:
         return (o.kv_cache,)
 
 
+@functools.lru_cache(maxsize=8)
+def _scaling_table(text: str | None) -> ScalingTable | None:
+    """The model's table, parsed (and a bad one warned about) once per text, not per request."""
+    return ScalingTable.from_json(text)
+
+
 def two_axis(
     backend: Backend,
     o: ReasonOptions,
@@ -220,7 +227,7 @@ def two_axis(
     table, no point fits, or the request set its own thinking budget)."""
     if o.effort is not Effort.AUTO or budget.latency_s is None or o.think_budget is not None:
         return None
-    table = ScalingTable.from_json(backend.thinking_scaling)
+    table = _scaling_table(backend.thinking_scaling)
     if table is None:
         return None
     return plan_two_axis(

@@ -170,6 +170,7 @@ class Reasoner:
                 text, ids = self.encode(prompt, raw=o.raw)
         # a calibration to measure has the model alone: outside the shared hold
         plan = run.plan(self._planner, len(ids), self.max_new_tokens)
+        o = planned_think(o, plan)  # the thinking budget it runs: its own, or auto's choice
         with self._gate.shared():  # beside the other requests: the runtime batches them
             self._gate.check_open()
             strategy, control, cands, early = _search(self, o, run, plan, strategy, ids, on_event)
@@ -178,9 +179,8 @@ class Reasoner:
         tm = {**control.timings.as_dict(), **run.timings}
         tm["queue_s"] = run.timings["queue_s"] + control.timings.queue_s  # the gate, the context
         tm["total_s"] = time.perf_counter() - t0
-        out = _result(res, plan, text, tm, run.stopped_by, run.calibration)
-        think = planned_think(o, plan).think_budget
-        return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n, think_budget=think)
+        out = _result(res, plan, text, tm, run, o.think_budget)
+        return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n)
 
     def reason_many(
         self, prompts: Sequence[Prompt], options: ReasonOptions | None = None, **fields: Any
@@ -222,7 +222,7 @@ def _search(
         ids,
         plan.k,
         o.sampling(r.sampling),
-        think_settings(r.backend, planned_think(o, plan), planned_settings(run.settings, plan)),
+        think_settings(r.backend, o, planned_settings(run.settings, plan)),
         deadline=run.stop_at,
         on_event=r._gate.hook(on_event),
         control=control,
@@ -326,13 +326,14 @@ def _result(
     plan: Plan,
     text: str,
     tm: dict[str, Any],
-    stopped_by: str,
-    calibration: dict[str, Any],
+    run: _Run,
+    think_budget: int | None,
 ) -> ReasonResult:
-    """The search's outcome as the user sees it."""
+    """The search's outcome as the user sees it (`run`: where it stopped early, the calibration
+    note; `think_budget`: the one its candidates ran under)."""
     views = [CandidateView.of(c) for c in res.candidates]
     pred = plan.prediction
-    early = f" - stopped early at {stopped_by}" if res.early_stop else ""
+    early = f" - stopped early at {run.stopped_by}" if res.early_stop else ""
     return ReasonResult(
         answer=views[res.chosen].answer,
         effort=plan.effort.value if plan.effort else "single",
@@ -347,7 +348,8 @@ def _result(
         predicted={"latency_s": pred.latency_s, "memory_mb": pred.memory_bytes / MIB}
         if pred
         else {},
-        calibration=calibration,
+        calibration=run.calibration,
         waves=list(res.waves),
         stop_reason=res.stop_reason,
+        think_budget=think_budget,
     )

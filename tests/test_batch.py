@@ -55,15 +55,20 @@ def batch(inp: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run_cli("batch", str(inp), "-o", str(out), *COMMON, *args)
 
 
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory):
-    """An uninterrupted run over 60 problems at low effort: the reference."""
+def reference_run(tmp_path_factory, n: int) -> tuple[Path, Path, list[dict]]:
+    """An uninterrupted local run over `n` problems at low effort: (input, output, records)."""
     d = tmp_path_factory.mktemp("clean")
-    inp = write_input(d / "in.jsonl", 60)
+    inp = write_input(d / "in.jsonl", n)
     out = d / "out.jsonl"
     proc = batch(inp, out, "--effort", "low")
     assert proc.returncode == 0, proc.stderr
     return inp, out, read_records(out)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+    """An uninterrupted run over 60 problems at low effort: the reference."""
+    return reference_run(tmp_path_factory, 60)
 
 
 def copy_output(src: Path, dst: Path, n: int) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_batch import batch, read_records, stable, write_input
+from test_batch import batch, read_records, reference_run, stable
 
 from conftest import run_cli
 
@@ -31,12 +31,7 @@ from edge_metastone.batch.on_ray import Driver, RayStats  # noqa: E402
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
     """A local run over 30 problems at low effort, one at a time: the reference."""
-    d = tmp_path_factory.mktemp("clean")
-    inp = write_input(d / "in.jsonl", 30)
-    out = d / "out.jsonl"
-    proc = batch(inp, out, "--effort", "low")
-    assert proc.returncode == 0, proc.stderr
-    return inp, out, read_records(out)
+    return reference_run(tmp_path_factory, 30)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,8 @@ def run_on_ray(job: BatchJob, units: Sequence[Unit], put: Callable[[dict], None]
         nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
         if not nodes:
             raise EdgeMetastoneError("the Ray cluster has no node with a CPU")
-        paths = {n["NodeID"]: place_model(ray, job, n, stats) for n in nodes}
+        sent: dict[Path, list[Any]] = {}
+        paths = {n["NodeID"]: place_model(ray, job, n, stats, sent) for n in nodes}
         actors = start_workers(ray, job, nodes, paths, threads, len(units))
         stats.nodes, stats.workers = len(nodes), len(actors)
         logger.info(
@@ -208,9 +209,12 @@ def start_workers(
     return actors
 
 
-def place_model(ray: Any, job: BatchJob, node: dict, stats: RayStats) -> dict[str, Path | None]:
+def place_model(
+    ray: Any, job: BatchJob, node: dict, stats: RayStats, sent: dict[Path, list[Any]]
+) -> dict[str, Path | None]:
     """The model (and head) paths a worker on `node` loads: the job's own where the node has the
-    same bytes there, else a copy sent to the node's cache (or, `--no-ship`, a refusal)."""
+    same bytes there, else a copy sent to the node's cache (or, `--no-ship`, a refusal). `sent`
+    holds the object-store chunks of each file already put there this run."""
     out: dict[str, Path | None] = {"model": job.model, "head": job.head}
     for field in ("model", "head"):
         path = job.model_path if field == "model" else job.head
@@ -227,8 +231,9 @@ def place_model(ray: Any, job: BatchJob, node: dict, stats: RayStats) -> dict[st
                 "--no-ship to send it"
             )
         logger.info("sending %s to %s", path.name, where)
-        chunks = [ray.put(c) for c in _chunks(path)]
-        copy = ray.get(_on(ray, node, _receive).remote(chunks, path.name, digest))
+        if path not in sent:  # into the object store once, for every node that lacks it
+            sent[path] = [ray.put(c) for c in _chunks(path)]
+        copy = ray.get(_on(ray, node, _receive).remote(sent[path], path.name, digest))
         stats.shipped += field == "model"
         out[field] = Path(copy)
     return out
@@ -263,9 +268,10 @@ def _has_file(path: str, digest: str) -> bool:
     return p.is_file() and sha256_of(p) == digest
 
 
-def _chunks(path: Path) -> list[bytes]:
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The file in `CHUNK`-byte pieces, one read at a time (each is put before the next)."""
     with open(path, "rb") as f:
-        return list(iter(lambda: f.read(CHUNK), b""))
+        yield from iter(lambda: f.read(CHUNK), b"")
 
 
 def _receive(chunks: list[Any], name: str, digest: str) -> str:
@@ -281,7 +287,7 @@ def _receive(chunks: list[Any], name: str, digest: str) -> str:
     tmp = folder / f".{name}.{os.getpid()}.part"
     with open(tmp, "wb") as f:
         for ref in chunks:
-            f.write(ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref)
+            f.write(ray.get(ref))
     if sha256_of(tmp) != digest:
         tmp.unlink()
         raise EdgeMetastoneError(f"the copy of {name} sent to this node does not match its sha256")
@@ -312,6 +318,7 @@ class Driver:
         self.epoch = [0] * len(actors)
         self.load = [0] * len(actors)
         self.alone: set[int] = set()  # actors running a unit whose worker died, by itself
+        self.dead: set[int] = set()  # actors that will not come back: never sent a unit again
         self.deaths = [0] * len(units)  # how often each unit's worker died under it
         self.retry: list[int] = []  # units to run again, alone
         self.ready: dict[int, dict[str, Any]] = {}
@@ -332,16 +339,19 @@ class Driver:
         self.pending[self.actors[a].run.remote(self.units[pos])] = (pos, a, self.epoch[a])
         self.load[a] += 1
 
+    def _live(self) -> list[int]:
+        return [a for a in range(len(self.actors)) if a not in self.dead]
+
     def _submit(self) -> None:
         while self.retry:
-            idle = [a for a in range(len(self.actors)) if self.load[a] == 0]
+            idle = [a for a in self._live() if self.load[a] == 0]
             if not idle:
                 break
             self.alone.add(idle[0])
             self._send(self.retry.pop(0), idle[0])
         bound = self.written + 2 * self.per_actor * len(self.actors)  # results held stay bounded
         while self.next < min(len(self.units), bound):
-            room = [a for a in range(len(self.actors)) if a not in self.alone]
+            room = [a for a in self._live() if a not in self.alone]
             a = min(room, key=self.load.__getitem__, default=None)
             if a is None or self.load[a] >= self.per_actor:
                 return
@@ -384,9 +394,8 @@ class Driver:
         try:
             self.ray.get(self.actors[a].pid.remote(), timeout=RESTART_WAIT_S)
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
-            self.alone.add(a)  # never chosen again
-            self.load[a] = 1 << 30
-            if all(self.load[b] >= 1 << 30 for b in range(len(self.actors))):
+            self.dead.add(a)
+            if not self._live():
                 raise EdgeMetastoneError(
                     "every Ray worker died and none restarts; rerun the same command to resume"
                 ) from None
