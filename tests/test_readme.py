@@ -1,6 +1,7 @@
 """The README and docs/ as a reader meets them: the Python examples run as written, every option
-`--help` prints is in the command synopses, every model-file key is documented, and every link
-points inside the repository at something that exists."""
+`--help` prints is in the command synopses of docs/cli.md (their one home: the README links there
+and repeats none), the README's code map names what exists, every model-file key is documented,
+and every link points inside the repository at something that exists."""
 
 from __future__ import annotations
 
@@ -93,11 +94,11 @@ def _help_options(command: str) -> list[tuple[str, ...]]:
 
 
 def _synopses(path: Path) -> dict[str, str]:
-    """The command synopses: the first ```bash block after the `Commands`/`Synopsis` heading,
-    one entry per `edge-metastone COMMAND` line with its continuation lines."""
+    """The command synopses: the first ```bash block after the `Synopsis` heading, one entry per
+    `edge-metastone COMMAND` line with its continuation lines."""
     text = path.read_text(encoding="utf-8")
-    heading = re.search(r"^## (Commands|Synopsis)\n", text, re.M)
-    assert heading, f"{path.name} has no Commands or Synopsis section"
+    heading = re.search(r"^## Synopsis\n", text, re.M)
+    assert heading, f"{path.name} has no Synopsis section"
     block = _blocks(text[heading.end() :], "bash")[0]
     out: dict[str, str] = {}
     name = None
@@ -117,12 +118,11 @@ def _has(synopsis: str, flag: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", synopsis) is not None
 
 
-@pytest.mark.parametrize("doc", [README, CLI_DOC], ids=lambda p: p.name)
-def test_every_option_of_every_command_is_in_the_synopsis(doc):
-    synopses = _synopses(doc)
+def test_every_option_of_every_command_is_in_the_synopsis():
+    synopses = _synopses(CLI_DOC)
     missing = {}
     for command in COMMANDS:
-        assert command in synopses, f"{doc.name} has no `{command}` synopsis"
+        assert command in synopses, f"docs/cli.md has no `{command}` synopsis"
         lacking = [
             "/".join(flags)
             for flags in _help_options(command)
@@ -130,7 +130,84 @@ def test_every_option_of_every_command_is_in_the_synopsis(doc):
         ]
         if lacking:
             missing[command] = lacking
-    assert not missing, f"{doc.name}'s synopses lack what --help lists: {missing}"
+    assert not missing, f"docs/cli.md's synopses lack what --help lists: {missing}"
+
+
+def _section(text: str, heading: str) -> str:
+    """The body of the `## heading` section of a markdown text (fenced code blocks kept)."""
+    m = re.search(rf"^## {re.escape(heading)}\n", text, re.M)
+    assert m, f"no `## {heading}` section"
+    end = re.search(r"^## ", text[m.end() :], re.M)
+    return text[m.end() : m.end() + end.start()] if end else text[m.end() :]
+
+
+def _synopsis_like(line: str) -> bool:
+    """A line that reads like a synopsis: `edge-metastone` followed by two or more bracketed
+    options (`[--json] [-v]`), or a `[...]` continuation line of one."""
+    after = line.partition("edge-metastone ")[2] if "edge-metastone " in line else None
+    if after is not None and len(re.findall(r"\[-", after)) >= 2:
+        return True
+    return re.match(r"^\s+\[-", line) is not None
+
+
+def test_the_readme_links_to_the_synopses_and_repeats_none():
+    """docs/cli.md is the one home of the synopses: the README's Commands section gives each
+    command one line with a link there, and no synopsis (whole, a first line, or a continuation
+    line) comes back into the README."""
+    readme = README.read_text(encoding="utf-8")
+    commands = _section(readme, "Commands")
+    assert "](docs/cli.md)" in commands, "README's Commands section does not link docs/cli.md"
+    unlinked = [c for c in COMMANDS if f"](docs/cli.md#{c})" not in commands]
+    assert not unlinked, f"README's Commands section has no docs/cli.md link for {unlinked}"
+    assert "```" not in commands, "README's Commands section holds a code block (a synopsis?)"
+    assert not re.search(r"^## Synopsis", readme, re.M)
+    repeated = [line for line in readme.splitlines() if _synopsis_like(line)]
+    assert not repeated, f"the README repeats docs/cli.md's synopses: {repeated}"
+    for command, synopsis in _synopses(CLI_DOC).items():
+        first = synopsis.splitlines()[0].rstrip(" \\")
+        assert first not in readme, f"the README repeats the `{command}` synopsis: {first}"
+
+
+def test_the_synopsis_check_catches_a_repeated_synopsis():
+    assert _synopsis_like("edge-metastone reason [--model FILE.gguf] [--json] PROMPT")
+    assert _synopsis_like("    [--temperature T] [--top-p P] \\")
+    assert not _synopsis_like("edge-metastone reason --model m.gguf --max-new-tokens 8192 \\")
+    assert not _synopsis_like("`edge-metastone doctor [--json]` says what will run here")
+    assert not _synopsis_like("    --stop '\\n\\n' --samples 8 --temperature 0.7")
+
+
+def _layout_names() -> list[str]:
+    """The modules and folders the README's code map (the ```block in `## Layout`) names."""
+    block = _blocks(_section(README.read_text(encoding="utf-8"), "Layout"), "")[0]
+    layers: list[str] = []
+    for line in block.splitlines():  # a layer's name in the first 12 columns, then its parts
+        if line[:12].strip():
+            layers.append("")
+        layers[-1] += " " + line[12:]
+    names = []
+    for layer in layers:
+        layer = re.sub(r"\([^)]*\)", "", layer)  # what each one is for
+        names += [name.strip() for name in layer.split(",") if name.strip()]
+    return names
+
+
+def test_the_readme_code_map_names_what_exists():
+    names = _layout_names()
+    assert len(names) >= 30, names
+    gone = []
+    for name in names:
+        if name.endswith("/"):
+            found = (REPO / "edge_metastone" / name).is_dir() or (REPO / name).is_dir()
+        else:
+            found = (REPO / "edge_metastone" / f"{name}.py").is_file()
+        if not found:
+            gone.append(name)
+    assert not gone, f"README's Layout names what is not there: {gone}"
+    readme = README.read_text(encoding="utf-8")
+    table = _section(readme, "Layout").split("```", 1)[0]
+    folders = re.findall(r"^\| `([^`]+)/` \|", table, re.M)
+    assert folders and all((REPO / f).is_dir() for f in folders), folders
+    assert readme.index("## Layout") < readme.index("## The embedded model"), "map near the top"
 
 
 def test_reason_help_states_the_embedded_models_domain():
