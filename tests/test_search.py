@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
+import fake_backend
 import pytest
 from fake_backend import FakeBackend, Script
 
 from edge_metastone.answers import answers_equivalent, extract_answer, group_answers
+from edge_metastone.search import base as search_base
 from edge_metastone.search import make_strategy
 from edge_metastone.search.base import argmax_lowest_index, select_by_score, selection_pool
 from edge_metastone.search.best_of_k import BestOfK
@@ -22,6 +25,7 @@ from edge_metastone.types import (
     GenerationSettings,
     SamplingSettings,
     StepEvent,
+    TokenEvent,
 )
 
 SAMPLING = SamplingSettings(temperature=1.0)
@@ -152,17 +156,50 @@ def test_vote_strategies_end_to_end():
     )
 
 
-def test_deadline_halts_and_flags_early_stop():
-    # 2 candidates x 500 tokens at 2 ms a round would take 1 s; the deadline is 0.2 s away
+class RoundClock:
+    """Time that passes only as the fake backend's rounds do: each round's closing `sleep` moves
+    it on, so a deadline test counts rounds and does not depend on how busy the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.rounds = 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.rounds += 1
+
+
+def test_deadline_halts_and_flags_early_stop(monkeypatch):
+    """A deadline halts every candidate before it passes, but not long before: the search stops
+    once the next round (at the pace it measured) would end past the deadline. It flags the early
+    stop. The search and the fake backend read one clock that moves 2 ms a decode round, so the
+    run is the same on any machine, however busy, and the bounds are counted in rounds."""
+    clock = RoundClock()
+    fake_time = SimpleNamespace(sleep=clock.sleep, perf_counter=clock.monotonic)
+    monkeypatch.setattr(fake_backend, "time", fake_time)
+    monkeypatch.setattr(search_base, "time", SimpleNamespace(monotonic=clock.monotonic))
+    # 2 candidates x 500 tokens at 2 ms a round would take 1 s (500 rounds); the deadline is
+    # 0.201 s away, so the round that starts at 0.200 s is the first that would end past it
     scripts = [Script([0.5] * 50, every=10), Script([0.6] * 50, every=10)]
     eng = FakeBackend(scripts, round_s=0.002)
-    t0 = time.monotonic()
-    res = BestOfK().search(eng, [1], 2, SAMPLING, SETTINGS, deadline=t0 + 0.2)
-    took = time.monotonic() - t0
+    settings = GenerationSettings(max_new_tokens=1000)  # SETTINGS' 100 would end it at 0.2 s
+    deadline = clock.now + 0.201
+    made_at: list[float] = []  # the clock at each token the search saw
+
+    def on_event(ev):
+        if isinstance(ev, TokenEvent):
+            made_at.append(clock.now)
+
+    res = BestOfK().search(eng, [1], 2, SAMPLING, settings, deadline=deadline, on_event=on_event)
     assert res.early_stop
     assert all(c.finish_reason is FinishReason.HALTED for c in res.candidates)
-    assert 2 * 20 < eng.generated < 2 * 150  # it ran for a while, then stopped well short of 1000
-    assert took < 0.2 + 0.05  # halted before the deadline passed by more than a few rounds
+    assert max(made_at) < deadline  # no token was made after the deadline
+    assert max(made_at) > deadline - 2 * 0.002  # nor did the search stop rounds early
+    assert 2 * 99 <= eng.generated <= 2 * 101  # of the 1000 tokens, about 100 rounds' worth
+    assert clock.rounds <= 103  # the halted candidates ended within two rounds of the halt
 
 
 def test_deadline_in_the_future_lets_a_short_run_finish():
