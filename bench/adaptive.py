@@ -31,7 +31,11 @@ from task import problems  # noqa: E402
 
 from edge_metastone.reasoner import Reasoner  # noqa: E402
 from edge_metastone.search.adaptive import Adaptive, AdaptiveSettings  # noqa: E402
-from edge_metastone.search.base import select_by_logprob, select_by_score  # noqa: E402
+from edge_metastone.search.base import (  # noqa: E402
+    StrategyName,
+    select_by_logprob,
+    select_by_score,
+)
 from edge_metastone.search.confidence import VoteRule  # noqa: E402
 from edge_metastone.search.logprob import LogProb  # noqa: E402
 from edge_metastone.search.vote import Vote  # noqa: E402
@@ -39,16 +43,21 @@ from edge_metastone.training.adaptive_fit import Problem, correct, evaluate, gri
 from edge_metastone.types import GenerationSettings  # noqa: E402
 
 FIXED = {"one sample": 1, "low": 2, "medium": 8, "high": 32}
+LOGPROB = StrategyName.LOGPROB.value  # the selector of "one sample" and of the ratios' base
 
 
 def selectors(backend):
-    """Fixed selectors over one run's candidates: name -> candidates -> chosen .index."""
+    """Fixed selectors over one run's candidates: strategy name -> candidates -> chosen .index."""
+
+    def vote(weighted: bool):
+        return lambda cs: Vote(weighted=weighted).select(backend, cs, len(cs))[0]
+
     return {
-        "logprob": select_by_logprob,
-        "majority": lambda cs: Vote().select(backend, cs, len(cs))[0],
-        "confidence-vote": VoteRule().choose,
-        "sprm": select_by_score,
-        "sprm-vote": lambda cs: Vote(weighted=True).select(backend, cs, len(cs))[0],
+        StrategyName.LOGPROB.value: select_by_logprob,
+        StrategyName.VOTE.value: vote(weighted=False),
+        StrategyName.CONFIDENCE_VOTE.value: VoteRule().choose,
+        StrategyName.BEST_OF_K.value: select_by_score,
+        StrategyName.WEIGHTED_VOTE.value: vote(weighted=True),
     }
 
 
@@ -87,7 +96,7 @@ def live(args, r: Reasoner, recorded: AdaptiveSettings):
             res, secs = run_policy(LogProb(), backend, ids, k, sampling, settings)
             cands = res.candidates
             tokens = sum(c.n_tokens for c in cands)
-            for sname, choose in sel.items() if k > 1 else [("logprob", select_by_logprob)]:
+            for sname, choose in sel.items() if k > 1 else [(LOGPROB, select_by_logprob)]:
                 chosen = next(c for c in cands if c.index == choose(cands))
                 add(f"{name} ({sname})" if k > 1 else name, correct(chosen, gold), tokens, secs)
             if k == 32:
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows, high = live(args, r, recorded)
     n = args.problems
-    base = rows["high (logprob)"]
+    base = rows[f"high ({LOGPROB})"]
     table = []
     print(
         f"\n{'policy':38s} {'accuracy':>15s} {'tokens':>9s} {'x high':>7s} {'wall s':>8s} {'x high':>7s}"
@@ -178,12 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}.json and {args.out}.png")
 
 
-SERIES = {  # selector -> (marker, colour, x offset factor so equal-k points do not overlap)
-    "logprob": ("o", "#1f77b4", 0.94),
-    "majority": ("s", "#2ca02c", 0.97),
-    "confidence-vote": ("D", "#9467bd", 1.0),
-    "sprm": ("v", "#8c564b", 1.03),
-    "sprm-vote": ("^", "#e377c2", 1.06),
+# strategy -> (legend label, marker, colour, x offset factor so equal-k points do not overlap)
+SERIES = {
+    StrategyName.LOGPROB.value: ("logprob", "o", "#1f77b4", 0.94),
+    StrategyName.VOTE.value: ("majority", "s", "#2ca02c", 0.97),
+    StrategyName.CONFIDENCE_VOTE.value: ("confidence-vote", "D", "#9467bd", 1.0),
+    StrategyName.BEST_OF_K.value: ("sprm", "v", "#8c564b", 1.03),
+    StrategyName.WEIGHTED_VOTE.value: ("sprm-vote", "^", "#e377c2", 1.06),
 }
 
 
@@ -204,7 +214,7 @@ def plot(table, curve, n, path: Path) -> None:
         label="adaptive, other grid settings (replayed)",
         zorder=1,
     )
-    for sel, (marker, colour, dx) in SERIES.items():
+    for sel, (label, marker, colour, dx) in SERIES.items():
         rows = [r for r in table if r["policy"].endswith(f"({sel})")]
         ax.errorbar(
             [r["tokens"] * dx for r in rows],
@@ -214,7 +224,7 @@ def plot(table, curve, n, path: Path) -> None:
             color=colour,
             ms=6,
             capsize=2,
-            label=f"low / medium / high: {sel}",
+            label=f"low / medium / high: {label}",
             zorder=3,
         )
     for name, marker, colour in (

@@ -28,14 +28,26 @@ from task import problems  # noqa: E402
 
 from edge_metastone.options import ReasonOptions  # noqa: E402
 from edge_metastone.reasoner import Reasoner  # noqa: E402
+from edge_metastone.search.base import StrategyName  # noqa: E402
 from edge_metastone.training.metrics import (  # noqa: E402
+    CHOOSERS,
     auc_report,
     samples_from_result,
     selection_report,
 )
 
 EFFORTS = ("low", "medium", "high")
-SHOWN = ("default", "sprm", "majority", "logprob")
+# "default": what the Reasoner chose (the model's default strategy); the others by strategy name
+SHOWN = (
+    "default",
+    StrategyName.BEST_OF_K.value,
+    StrategyName.VOTE.value,
+    StrategyName.LOGPROB.value,
+)
+LABELS = {  # column -> its header in the printed table and its name in the plot's legend
+    StrategyName.BEST_OF_K.value: "sprm",
+    StrategyName.VOTE.value: "majority",
+}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -67,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
                 "k": k,
                 "single": sel["random"],
                 "default": float(np.mean(chosen_right)),
-                **{name: sel[name] for name in ("sprm", "majority", "weighted-vote", "logprob")},
+                **{name.value: sel[name.value] for name in CHOOSERS},
                 "oracle": sel["oracle"],
                 "sprm_auc_within": aucs["trajectory_auc_within"],
                 "step_auc_within": aucs["step_auc_within"],
@@ -82,9 +94,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(res: dict) -> None:
     """The accuracy table."""
-    cols = ("k", "single", "default", "sprm", "majority", "logprob", "oracle", "sprm_auc_within")
+    cols = ("k", "single", *SHOWN, "oracle", "sprm_auc_within")
     print(f"\ndefault selector = {res['default']}")
-    print(f"{'effort':<8}" + "".join(f"{c:>17}" for c in cols) + f"{'tokens':>10}")
+    print(f"{'effort':<8}" + "".join(f"{LABELS.get(c, c):>17}" for c in cols) + f"{'tokens':>10}")
     for effort, row in res["table"].items():
         cells = "".join(
             f"{row[c]:>17}"
@@ -108,7 +120,7 @@ def plot(res: dict, path: Path) -> None:
     x = [row["tokens"] for row in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, style in zip(SHOWN, ("o-", "s--", "^-.", "d:"), strict=True):
-        label = f"default ({res['default']})" if name == "default" else name
+        label = f"default ({res['default']})" if name == "default" else LABELS.get(name, name)
         ax.plot(x, [row[name] for row in rows], style, label=label)
     ax.plot(x, [row["oracle"] for row in rows], "x:", color="grey", label="oracle pass@k")
     ax.axhline(rows[0]["single"], color="black", lw=0.8, ls="--", label="one sample")

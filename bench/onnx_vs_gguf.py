@@ -34,8 +34,8 @@ CONFIGS = [(1, True), (1, False), (8, True), (8, False)]
 
 def worker(model: str, threads: int, tokens: int, repeats: int, step_bias: float) -> dict:
     """Load one backend and time every config; the JSON result goes to stdout."""
+    from edge_metastone.calibration import current_rss_bytes
     from edge_metastone.runtime import open_backend
-    from edge_metastone.scheduler import current_rss_bytes
     from edge_metastone.types import GenerationControl, GenerationSettings, SamplingSettings
 
     t0 = time.perf_counter()

@@ -355,26 +355,20 @@ class _Stub:
 
 
 def selectors(sel: Selector) -> dict[str, Callable[[list[Candidate]], int]]:
-    """The package's own selection rules, by name: candidates -> the chosen `.index`."""
+    """The package's own selection rules, by strategy name: candidates -> the chosen `.index`."""
     stub = _Stub(sel.to_json())
+
+    def rule(strategy: Vote | Combined) -> Callable[[list[Candidate]], int]:
+        return lambda cs: strategy.select(stub, cs, len(cs))[0]
+
     return {
-        "majority": lambda cs: Vote().select(stub, cs, len(cs))[0],
-        "logprob": select_by_logprob,
-        "sprm": select_by_score,  # best-of-k as the product runs it (the trajectory score)
-        "sprm_vote": lambda cs: Vote(weighted=True).select(stub, cs, len(cs))[0],
-        "combined": lambda cs: Combined(selector=sel).select(stub, cs, len(cs))[0],
-        "combined_vote": lambda cs: Combined(vote=True, selector=sel).select(stub, cs, len(cs))[0],
+        StrategyName.VOTE.value: rule(Vote()),
+        StrategyName.LOGPROB.value: select_by_logprob,
+        StrategyName.BEST_OF_K.value: select_by_score,  # as the product runs it (trajectory score)
+        StrategyName.WEIGHTED_VOTE.value: rule(Vote(weighted=True)),
+        StrategyName.COMBINED.value: rule(Combined(selector=sel)),
+        StrategyName.COMBINED_VOTE.value: rule(Combined(vote=True, selector=sel)),
     }
-
-
-STRATEGY_NAMES = {
-    StrategyName.VOTE: "majority",
-    StrategyName.LOGPROB: "logprob",
-    StrategyName.BEST_OF_K: "sprm",
-    StrategyName.WEIGHTED_VOTE: "sprm_vote",
-    StrategyName.COMBINED: "combined",
-    StrategyName.COMBINED_VOTE: "combined_vote",
-}
 
 
 class _Fixed:
@@ -434,7 +428,7 @@ def adaptive_table(
     replayed on each of the pool's runs of k."""
     from edge_metastone.training.adaptive_fit import replay
 
-    rule = _Fixed(selectors(sel)[STRATEGY_NAMES[strategy]], strategy)
+    rule = _Fixed(selectors(sel)[strategy.value], strategy)
     out = {}
     for k in KS[1:]:
         s = dataclasses.replace(AdaptiveSettings(selector=strategy), measured={}).capped(k)
@@ -514,7 +508,16 @@ def evaluate_head(
     return pool, oks, sel, report
 
 
-HEAD_RULES = ("sprm", "sprm_vote", "combined", "combined_vote")
+HEAD_RULES = tuple(  # the strategies that use the head: best-of-k, weighted vote, combined (vote)
+    s.value
+    for s in (
+        StrategyName.BEST_OF_K,
+        StrategyName.WEIGHTED_VOTE,
+        StrategyName.COMBINED,
+        StrategyName.COMBINED_VOTE,
+    )
+)
+VOTE = StrategyName.VOTE.value  # the baseline the head's strategies are measured against
 
 
 def analyse(work: Path, n_train: int) -> dict:
@@ -576,11 +579,11 @@ def analyse(work: Path, n_train: int) -> dict:
         "accuracy": table,
         "adaptive": adaptive_table(pool, oks, sel, strategy),
         "auc_within": auc_table(pool, oks, sel),
-        "k8": {
-            "combined_vote_minus_majority": paired(per["combined_vote"][8], per["majority"][8]),
-            "combined_minus_majority": paired(per["combined"][8], per["majority"][8]),
+        "k8": {  # paired differences "a - b": strategy a's accuracy minus b's, per problem
+            "combined-vote - vote": paired(per[StrategyName.COMBINED_VOTE.value][8], per[VOTE][8]),
+            "combined - vote": paired(per[StrategyName.COMBINED.value][8], per[VOTE][8]),
             "best_head_selector": best,
-            "best_minus_majority": paired(per[best][8], per["majority"][8]),
+            "best - vote": paired(per[best][8], per[VOTE][8]),
         },
         "speed": json.loads((work / "speed.json").read_text()),
     }
@@ -589,7 +592,7 @@ def analyse(work: Path, n_train: int) -> dict:
 def targets(d: dict) -> dict:
     """The issue's targets against what was measured."""
     auc = d["auc_within"]["head"]
-    best = d["k8"]["best_minus_majority"]["diff"]
+    best = d["k8"]["best - vote"]["diff"]
     k1 = d["speed"]["k1 plain"]["ratio"]
     return {
         "head_auc_within >= 0.80": {"measured": auc, "met": auc >= 0.80},
@@ -604,13 +607,13 @@ def targets(d: dict) -> dict:
 
 # --- 5. the plot ----------------------------------------------------------------------------------
 
-LABELS = {
-    "majority": "majority vote",
-    "logprob": "log-prob best-of-k",
-    "sprm": "SPRM best-of-k",
-    "sprm_vote": "SPRM-weighted vote",
-    "combined": "combined best-of-k",
-    "combined_vote": "combined vote",
+LABELS = {  # strategy name (and "adaptive", "oracle") -> its label in the plot and the table
+    StrategyName.VOTE.value: "majority vote",
+    StrategyName.LOGPROB.value: "log-prob best-of-k",
+    StrategyName.BEST_OF_K.value: "SPRM best-of-k",
+    StrategyName.WEIGHTED_VOTE.value: "SPRM-weighted vote",
+    StrategyName.COMBINED.value: "combined best-of-k",
+    StrategyName.COMBINED_VOTE.value: "combined vote",
     "adaptive": "adaptive",
     "oracle": "oracle pass@k",
 }

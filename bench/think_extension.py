@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from thinking_scaling import collect, grid_points  # noqa: E402
+from thinking_scaling import VOTE, collect, grid_points  # noqa: E402
 
 from edge_metastone.decode import loop  # noqa: E402
 from edge_metastone.reasoner import Reasoner  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                 if row["k"] in (1, 8):
                     print(
                         f"{m or 'none':>12} {row['k']:3d} {row['accuracy']:9.3f} "
-                        f"{row['majority']:9.3f} {row['thought']:8.1f}",
+                        f"{row[VOTE]:9.3f} {row['thought']:8.1f}",
                         flush=True,
                     )
             t = [x for p in data[None] for x in p["thought"]]

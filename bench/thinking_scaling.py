@@ -50,6 +50,7 @@ from edge_metastone.modelfile.copy import write_model_copy  # noqa: E402
 from edge_metastone.options import ReasonOptions  # noqa: E402
 from edge_metastone.reasoner import Reasoner, think_settings  # noqa: E402
 from edge_metastone.search import make_strategy  # noqa: E402
+from edge_metastone.search.base import StrategyName  # noqa: E402
 from edge_metastone.search.vote import Vote  # noqa: E402
 from edge_metastone.thinking_scaling import ScalingPoint, ScalingTable  # noqa: E402
 from edge_metastone.training.adaptive_fit import correct  # noqa: E402
@@ -58,6 +59,8 @@ from edge_metastone.types import GenerationSettings  # noqa: E402
 KS = (1, 2, 4, 8, 16, 32)
 BUDGETS = (8, 12, 16, 24, 32, None)
 OUT = REPO / "bench" / "results" / "thinking_scaling"
+# a row's "accuracy" is the default selector's; its VOTE ("vote") the majority vote's
+VOTE = StrategyName.VOTE.value
 
 
 def thought_tokens(c, think_end: int) -> int:
@@ -94,19 +97,20 @@ def collect(r: Reasoner, seed: int, n: int, budget: int | None, max_new: int) ->
 
 
 def grid_points(r: Reasoner, data: dict, selector_name: str) -> list[dict]:
-    """Every (k, budget) point of the collected data, by the default selector and majority."""
+    """Every (k, budget) point of the collected data, by the default selector ("accuracy") and
+    by majority vote (VOTE)."""
     chooser = make_strategy(selector_name)
     vote = Vote()
     rows = []
     for budget, probs in data.items():
         for k in KS:
-            right = {"default": [], "majority": []}
+            right = {"default": [], VOTE: []}
             steps, tokens, thought, forced = [], [], [], []
             for p in probs:
                 for g in range(32 // k):
                     sl = slice(g * k, (g + 1) * k)
                     cands = p["cands"][sl]
-                    for name, sel in (("default", chooser), ("majority", vote)):
+                    for name, sel in (("default", chooser), (VOTE, vote)):
                         best = sel.select(r.backend, cands, k)[0]
                         right[name].append(p["right"][sl][[c.index for c in cands].index(best)])
                     steps.append(max(p["tokens"][sl]))
@@ -118,7 +122,7 @@ def grid_points(r: Reasoner, data: dict, selector_name: str) -> list[dict]:
                     "k": k,
                     "think_budget": budget,
                     "accuracy": statistics.fmean(right["default"]),
-                    "majority": statistics.fmean(right["majority"]),
+                    VOTE: statistics.fmean(right[VOTE]),
                     "steps": int(sorted(steps)[int(0.9 * (len(steps) - 1))]),
                     "tokens": statistics.fmean(tokens),
                     "thought": statistics.fmean(thought),
@@ -196,7 +200,7 @@ def print_grid(rows: list[dict], fit: dict) -> None:
         b = r["think_budget"] if r["think_budget"] is not None else "unlimited"
         mark = " *" if (r["k"], r["think_budget"]) in front else ""
         print(
-            f"{r['k']:3d} {b!s:>9} {r['accuracy']:9.3f} {r['majority']:9.3f} "
+            f"{r['k']:3d} {b!s:>9} {r['accuracy']:9.3f} {r[VOTE]:9.3f} "
             f"{r['thinking_per_problem']:17.1f} {r['generated_per_problem']:18.1f} "
             f"{r['forced_share']:7.2f} {r['steps']:9d}{mark}"
         )
@@ -321,7 +325,7 @@ def plot(rows: list[dict], fit: dict, meta: dict, path: Path) -> None:
         xs = [r[X] for r in pts]
         label = "unlimited thinking" if b is None else f"thinking budget {b} tokens"
         ax.plot(xs, [r["accuracy"] for r in pts], "o-", color=colour, ms=5, lw=1, label=label)
-        ax.plot(xs, [r["majority"] for r in pts], "o", mfc="none", color=colour, ms=8, lw=0)
+        ax.plot(xs, [r[VOTE] for r in pts], "o", mfc="none", color=colour, ms=8, lw=0)
         for r in pts:
             ax.annotate(
                 f"{r['k']}", (r[X], r["accuracy"]), fontsize=7, xytext=(3, 3),

@@ -23,7 +23,9 @@ from edge_metastone.converters.quant_mix import OutType, TypeMix
 from edge_metastone.converters.vocab import read_vocabulary
 from edge_metastone.errors import BadCheckpointError
 from edge_metastone.gguf_io import ArrayGGUFWriter, atomic_output
+from edge_metastone.modelfile.head import write_head_sidecar
 from edge_metastone.quant_kernels.ggml import quantize
+from edge_metastone.sprm import SprmHead, StepRule
 
 logger = logging.getLogger(__name__)
 
@@ -167,25 +169,27 @@ def _encode(t: PlannedTensor, data: np.ndarray) -> np.ndarray:
     return quantize(t.qtype, data.reshape(-1, t.shape[-1]))
 
 
-def write_head_sidecar(hf_dir: Path | str, out_path: Path | str) -> Path:
-    """Write only the SPRM head and step ids (a tensor-less GGUF) to sit beside an existing model file."""
-    hf_dir, out_path = Path(hf_dir), Path(out_path)
+def checkpoint_head_sidecar(hf_dir: Path | str, out_path: Path | str) -> Path:
+    """Write only the SPRM head and step ids (a tensor-less GGUF) to sit beside an existing model
+    file: the checkpoint's head, written as every sidecar is (`modelfile.head`)."""
+    hf_dir = Path(hf_dir)
     cfg = read_config(hf_dir)
-    head = read_head(hf_dir, cfg.hidden_size)
-    if head is None:
+    weights = read_head(hf_dir, cfg.hidden_size)
+    if weights is None:
         raise BadCheckpointError(f"{hf_dir} has no SPRM head (score_module.pt) to write")
     facts = read_tokenizer_facts(hf_dir)
-    with atomic_output(out_path) as tmp:
-        writer = ArrayGGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH])
-        writer.add_name(cfg.name)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_block_count(cfg.n_layers)
-        add_sprm_head(writer, head, cfg.n_layers - 2, facts)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
-    return out_path
+    head = SprmHead(
+        weights.fc1_weight,
+        weights.fc1_bias,
+        weights.fc2_weight,
+        weights.fc2_bias,
+        feature_layer=cfg.n_layers - 2,
+        dtype=weights.dtype,
+    )
+    rule = StepRule.of(facts.step_token_ids, facts.think_start_id, facts.think_end_id)
+    return write_head_sidecar(
+        out_path, head, rule, arch=gguf.MODEL_ARCH_NAMES[ARCH], backbone=(cfg.name, cfg.n_layers)
+    )
 
 
 def convert(

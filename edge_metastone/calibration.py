@@ -20,28 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import json
 import logging
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_metastone.backend import Backend
-from edge_metastone.scheduler import (
-    ATTENTION_BATCHES,
-    CALIBRATION_BATCHES,
-    MIB,
-    Calibration,
-    Request,
-    calibration_key,
-    current_rss_bytes,
-    load_cached,
-    predict,
-    store,
-)
+from edge_metastone.paths import cache_dir, write_text_atomic
+from edge_metastone.scheduler import MIB, Calibration, Request, predict
 from edge_metastone.types import (
     GenerationControl,
     GenerationSettings,
@@ -54,6 +49,9 @@ from edge_metastone.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
+ATTENTION_BATCHES = (1, 8, 32)  # batch sizes at which the cost of an attended cell is measured
 
 MONOTONE_SLACK = 0.15  # a larger batch's step may look this much faster (noise), no more
 NOISE_S = 20e-6  # differences below this many seconds per step are timer noise
@@ -563,3 +561,62 @@ def mark_suspect(cal: Calibration, why: str, *, cached: bool) -> Calibration:
     if cached:
         store(marked)
     return marked
+
+
+# --- the cache: one calibration per (model, machine, threads, runtime, sampling) -------------
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def calibration_key(model_path: Path, n_threads: int, runtime: str, extra: str = "") -> str:
+    """Identity of (model, machine, threads, runtime build, `extra`) for the cache. A model
+    directory (ONNX) is identified by each of its files: its own mtime misses rewritten files."""
+    if model_path.is_dir():
+        files = sorted(f for f in model_path.iterdir() if f.is_file())
+        stamp = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    else:
+        st = model_path.stat()
+        stamp = [str(st.st_size), str(int(st.st_mtime))]
+    ident = [
+        str(model_path.resolve()),
+        *stamp,
+        platform.node(),
+        platform.machine(),
+        str(os.cpu_count()),
+        str(n_threads),
+        runtime,
+        extra,
+    ]
+    return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:24]
+
+
+def load_cached(key: str) -> Calibration | None:
+    """A cached calibration for `key`, if one is stored and readable."""
+    path = cache_dir() / "calibration" / f"{key}.json"
+    try:
+        return Calibration.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(cal: Calibration) -> None:
+    """Save a calibration (atomically) for later processes."""
+    folder = cache_dir() / "calibration"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / f"{cal.key}.json", json.dumps(cal.to_json(), indent=1))
+    except OSError as e:
+        logger.warning("could not cache the calibration: %s", e)

@@ -89,8 +89,6 @@ def _configure(args: argparse.Namespace) -> int:
     """Logging and the process-wide settings the flags ask for; returns the verbosity."""
     import logging
 
-    from edge_metastone.engine.weight_buffers import ENV_VAR as WEIGHT_BUFFERS_ENV
-
     verbose = args.verbose + getattr(args, "verbose_after", 0)
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -98,8 +96,6 @@ def _configure(args: argparse.Namespace) -> int:
         logging.getLogger("llama_cpp.native").setLevel(logging.CRITICAL)
     elif verbose == 1:
         logging.getLogger("llama_cpp.native").setLevel(logging.ERROR)
-    if getattr(args, "weight_buffers", None):  # every load in this process and its children
-        os.environ[WEIGHT_BUFFERS_ENV] = args.weight_buffers
     return verbose
 
 

@@ -143,6 +143,12 @@ class ReasonOptions:
         )
 
 
+def latency_deadline(o: ReasonOptions, arrival: float) -> float | None:
+    """Where the request's latency budget ends (`time.monotonic()`): it counts from the
+    request's arrival (`arrival`), so time spent queued is spent from it. None without one."""
+    return arrival + o.latency_budget if o.latency_budget else None
+
+
 def options_of(options: ReasonOptions | None, fields: dict[str, Any]) -> ReasonOptions:
     """The request's options: a `ReasonOptions`, or its fields as keywords (not both)."""
     if options is not None and fields:
@@ -175,7 +181,7 @@ class CandidateView:
     @property
     def truncated(self) -> bool:
         """True when the candidate was cut before it ended its turn (as `Candidate.truncated`)."""
-        return self.finish_reason not in (FinishReason.EOS.value, FinishReason.STOP.value)
+        return FinishReason(self.finish_reason).cut
 
     @classmethod
     def of(cls, c: Candidate) -> CandidateView:
@@ -218,6 +224,12 @@ class ReasonResult:
     answer_check_fallbacks: int = 0  # answer checks that fell back to comparing text
     # the thinking budget each candidate ran under: the request's, or auto's choice; None: none
     think_budget: int | None = None
+    # what a person should know before trusting the answer (`Reasoner.prompt_warnings`: a prompt
+    # outside the model's known task, a fallback chat format); `reason --json`'s "warnings"
+    warnings: tuple[str, ...] = ()
+    # what stopped the search early: "latency_budget" (the request's own), "time_limit" (the
+    # caller's hard deadline, e.g. a server's cap); "" when it was not stopped
+    stopped_by: str = ""
 
     @property
     def chosen_candidate(self) -> CandidateView:

@@ -7,7 +7,6 @@ then cached; re-checked after a run that disagreed with it, `observe`), and retu
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from edge_metastone.calibration import (
     suspicion,
 )
 from edge_metastone.errors import InvalidRequestError
+from edge_metastone.model_records import ModelRecords
 from edge_metastone.options import ReasonOptions
 from edge_metastone.scheduler import (
     FIXED_EFFORTS,
@@ -41,32 +41,22 @@ from edge_metastone.scheduler import (
     predict,
 )
 from edge_metastone.search.adaptive import AdaptiveSettings
-from edge_metastone.search.base import StrategyName
-from edge_metastone.search.combined import Selector
-from edge_metastone.thinking_scaling import ScalingTable, plan_two_axis
+from edge_metastone.thinking_scaling import plan_two_axis
 from edge_metastone.types import GenerationSettings, KVType, SamplingSettings, Timings
 
 logger = logging.getLogger(__name__)
 
-_NEEDS_HEAD = {
-    StrategyName.BEST_OF_K,
-    StrategyName.PRUNE,
-    StrategyName.WEIGHTED_VOTE,
-    StrategyName.COMBINED,
-    StrategyName.COMBINED_VOTE,
-}
-_NEEDS_SELECTOR = {StrategyName.COMBINED, StrategyName.COMBINED_VOTE}
-
 
 class Planner:
-    """Plans requests for `backend` (from several requests' threads at once); `exclusive()` holds
-    the model alone while a calibration runs it. A calibration passed in is the caller's: used as
-    it is, never re-checked. `progress` hears how a calibration goes; `meter` replaces its
-    measurement (tests)."""
+    """Plans requests for `backend` (from several requests' threads at once) by its model's
+    `records`; `exclusive()` holds the model alone while a calibration runs it. A calibration
+    passed in is the caller's: used as it is, never re-checked. `progress` hears how a
+    calibration goes; `meter` replaces its measurement (tests)."""
 
     def __init__(
         self,
         backend: Backend,
+        records: ModelRecords,
         n_threads: int,
         sampling: SamplingSettings,
         calibration: Calibration | None,
@@ -74,6 +64,7 @@ class Planner:
         progress: ProgressHook | None = None,
     ) -> None:
         self.backend = backend
+        self.records = records
         self.n_threads = n_threads
         self.sampling = sampling
         self._calibration = calibration
@@ -147,10 +138,6 @@ class Planner:
                 logger.warning("%s: the calibration is re-checked before its next use", why)
                 self._calibration = mark_suspect(cal, why, cached=self._stored)
 
-    def default_strategy(self) -> StrategyName:
-        """The selector a request without one gets (`default_strategy`)."""
-        return default_strategy(self.backend)
-
     def plan(self, prompt_tokens: int, o: ReasonOptions, max_new_tokens: int) -> Plan:
         """The scheduler's choice for a request of this size (no generation). A fixed effort under
         a latency budget runs (until the deadline when it is predicted over it)."""
@@ -165,7 +152,7 @@ class Planner:
         facts = self.backend.facts
         if o.effort is Effort.ADAPTIVE:
             cal = self._calibration  # its prediction is informative: never calibrate for it
-            s = adaptive_settings(self.backend.adaptive, o, self.default_strategy())
+            s = adaptive_settings(self.records, o)
             return plan_adaptive(o.effort, None, facts, cal, req, budget, s, kv_types[0])
         cal = self.calibration() if needs_calibration(o) else self._calibration
         if (
@@ -182,7 +169,7 @@ class Planner:
         efforts = [e for e in FIXED_EFFORTS if o.max_k is None or e.k <= o.max_k]
         if not efforts:
             raise InvalidRequestError(f"max_k={o.max_k} allows no effort mode (low needs k=2)")
-        plan = two_axis(self.backend, o, cal, req, budget, kv_types) or choose(
+        plan = two_axis(self.backend, self.records, o, cal, req, budget, kv_types) or choose(
             o.effort,
             facts,
             cal,
@@ -192,7 +179,7 @@ class Planner:
             layouts=self.backend.kv_layouts,
             kv_types=kv_types,
         )
-        s = adaptive_settings(self.backend.adaptive, o, self.default_strategy())
+        s = adaptive_settings(self.records, o)
         return plan_adaptive(o.effort, plan, facts, cal, req, budget, s, kv_types[0]) or plan
 
     def kv_types(self, o: ReasonOptions) -> tuple[KVType, ...]:
@@ -208,14 +195,9 @@ class Planner:
         return (o.kv_cache,)
 
 
-@functools.lru_cache(maxsize=8)
-def _scaling_table(text: str | None) -> ScalingTable | None:
-    """The model's table, parsed (and a bad one warned about) once per text, not per request."""
-    return ScalingTable.from_json(text)
-
-
 def two_axis(
     backend: Backend,
+    records: ModelRecords,
     o: ReasonOptions,
     cal: Calibration,
     req: Request,
@@ -227,7 +209,7 @@ def two_axis(
     table, no point fits, or the request set its own thinking budget)."""
     if o.effort is not Effort.AUTO or budget.latency_s is None or o.think_budget is not None:
         return None
-    table = _scaling_table(backend.thinking_scaling)
+    table = records.thinking_scaling
     if table is None:
         return None
     return plan_two_axis(
@@ -241,25 +223,6 @@ def two_axis(
         layouts=backend.kv_layouts,
         kv_types=kv_types,
     )
-
-
-def default_strategy(backend: Backend) -> StrategyName:
-    """The model file's measured best selector (`metastone.default_strategy`) when it names one
-    this model can run (the combined ones: with a readable `metastone.selector`); else best-of-k
-    by SPRM score, or log-probability without a head."""
-    named = backend.default_strategy
-    has_head = backend.has_head
-    try:
-        choice = StrategyName(named) if named else None
-    except ValueError:
-        logger.warning("ignoring unknown default strategy %r in the model file", named)
-        choice = None
-    if choice in _NEEDS_SELECTOR and Selector.from_json(backend.selector) is None:
-        logger.warning("default strategy %r needs a recorded selector; none is readable", named)
-        choice = None
-    if choice is not None and (has_head or choice not in _NEEDS_HEAD):
-        return choice
-    return StrategyName.BEST_OF_K if has_head else StrategyName.LOGPROB
 
 
 def needs_calibration(o: ReasonOptions) -> bool:
@@ -276,14 +239,10 @@ def planned_settings(settings: GenerationSettings, plan: Plan) -> GenerationSett
     return dataclasses.replace(settings, kv_layout=p.layout, kv_type=p.kv_type)
 
 
-def adaptive_settings(
-    recorded: str | None, o: ReasonOptions, default_strategy: StrategyName
-) -> AdaptiveSettings:
-    """The model's recorded adaptive settings (safe defaults and the model's default selector
-    without), within the request's max_k, with its selector when it names one."""
-    s = AdaptiveSettings.from_json(recorded)
-    if not recorded:
-        s = dataclasses.replace(s, selector=default_strategy)
+def adaptive_settings(records: ModelRecords, o: ReasonOptions) -> AdaptiveSettings:
+    """The model's adaptive settings (`ModelRecords.adaptive`) within the request's max_k, with
+    its selector when it names one."""
+    s = records.adaptive
     if o.max_k is not None:
         s = s.capped(o.max_k)
     return dataclasses.replace(s, selector=o.strategy) if o.strategy else s

@@ -25,7 +25,8 @@ from edge_metastone.chat import PromptFormat
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.gate import RequestGate
 from edge_metastone.limits import MAX_THREADS, default_threads
-from edge_metastone.modelfile.about import model_max_new_tokens
+from edge_metastone.model_records import ModelRecords, prompt_warnings
+from edge_metastone.modelfile.about import ModelAbout
 from edge_metastone.models import default_model_path
 from edge_metastone.options import (
     DEFAULT_SAMPLING,
@@ -33,6 +34,7 @@ from edge_metastone.options import (
     Prompt,
     ReasonOptions,
     ReasonResult,
+    latency_deadline,
     options_of,
 )
 from edge_metastone.planner import Planner, adaptive_settings, planned_settings
@@ -55,8 +57,7 @@ class Reasoner:
 
     The model runs on the backend its path calls for (a GGUF file on llama.cpp, an ONNX directory
     on onnxruntime), or on a `backend` already opened (e.g. a fake one in tests). `weight_buffers`
-    (auto, extra, repack, plain; default $EDGE_METASTONE_WEIGHT_BUFFERS or auto) says where
-    llama.cpp keeps a GGUF's weights (`edge_metastone.engine.weight_buffers`).
+    (`WeightBuffers`) says where llama.cpp keeps a GGUF's weights.
     """
 
     def __init__(
@@ -78,19 +79,23 @@ class Reasoner:
         if max_new_tokens:  # checked before the model loads (None or 0: the model's own)
             GenerationSettings(max_new_tokens=max_new_tokens)
         self.n_threads = n_threads or default_threads()
-        self.backend = backend or _open(model, head, self.n_threads, n_gpu_layers, weight_buffers)
         if backend is not None and (model is not None or head is not None):
             raise InvalidRequestError("pass either a model path or an opened backend")
+        self.backend = backend or _open(model, head, self.n_threads, n_gpu_layers, weight_buffers)
         self.model_path = self.backend.path
         self.prompt_format: PromptFormat = self.backend.prompt_format  # how chat is written
         self.head_path = Path(head) if head is not None else None  # as given (None: the file's)
         self.facts: ModelFacts = self.backend.facts
+        # the model's recorded policy and provenance, parsed once (`model_records`)
+        self.records = ModelRecords.read(self.backend, self.head_path)
+        self.about: ModelAbout = self.records.about  # its name, task and measured head quality
         self.sampling = sampling
         # None: the model's own (its task's answer length, e.g. 160 for MetaStone-nano), else 1024
-        self.max_new_tokens = max_new_tokens or model_max_new_tokens(self.model_path)
+        self.max_new_tokens = max_new_tokens or self.about.max_new_tokens
         self._gate = RequestGate()  # requests share the model; the calibration has it alone
         self._planner = Planner(
             self.backend,
+            self.records,
             self.n_threads,
             sampling,
             calibration,
@@ -105,8 +110,13 @@ class Reasoner:
 
     @property
     def default_strategy(self) -> StrategyName:
-        """The selector a request without one gets (`Planner.default_strategy`)."""
-        return self._planner.default_strategy()
+        """The selector a request without one gets (`ModelRecords.default_strategy`)."""
+        return self.records.default_strategy
+
+    def prompt_warnings(self, prompt: Prompt, *, raw: bool = False) -> tuple[str, ...]:
+        """What a person should know before trusting an answer to `prompt` (the result's
+        `warnings`; `model_records.prompt_warnings`)."""
+        return prompt_warnings(self.about, self.prompt_format, prompt, raw=raw)
 
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once, then cached on disk)."""
@@ -122,12 +132,7 @@ class Reasoner:
     def encode(self, prompt: Prompt, *, raw: bool = False) -> tuple[str, list[int]]:
         """(prompt text, token ids). Messages' text never becomes control tokens; with `raw`, a
         string prompt is fed as it is, its control-token markup parsed (a pre-rendered prompt)."""
-        if raw:
-            if not isinstance(prompt, str):
-                raise InvalidRequestError("a raw prompt is one pre-rendered string")
-            return prompt, self.backend.tokenize_prompt(prompt)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.backend.encode_chat(messages)
+        return encode(self.backend, prompt, raw=raw)
 
     def plan(self, prompt_tokens: int, options: ReasonOptions | None = None, **fields: Any) -> Plan:
         """The scheduler's choice for a request of this size (no generation)."""
@@ -148,39 +153,18 @@ class Reasoner:
         *,
         on_event: Callable[[Event], None] | None = None,
         deadline: float | None = None,
+        arrival: float | None = None,
         **fields: Any,
     ) -> ReasonResult:
         """Generate k candidates (k from the effort, or chosen within the budgets) and pick one.
 
-        Settings come as a `ReasonOptions` or as its fields: `effort`, `latency_budget` (seconds),
-        `memory_budget` (MB), `seed`, `strategy`, `max_new_tokens`, `allow_degrade`, `logprobs`,
-        `raw`, `temperature`, `top_p`, `stop`, `max_k`, `kv_cache`. `deadline` (time.monotonic())
-        is a hard stop the planner does not see (a server's cap): the search halts there as at a
-        latency budget and chooses among the candidates so far.
+        Settings come as a `ReasonOptions` or as its fields (`effort`, `latency_budget`, ...).
+        `deadline` (time.monotonic()) is a hard stop the planner does not see (a server's cap):
+        the search halts there as at a latency budget and chooses among the candidates so far.
+        `arrival` (time.monotonic()): when the request arrived, where its latency budget starts.
         """
         o = options_of(options, fields)
-        t0 = time.perf_counter()
-        run = _Run(o, self.max_new_tokens, time.monotonic(), deadline)
-        strategy = make_strategy(o.strategy or self.default_strategy)
-        self._gate.check_open()
-        with self._gate.shared():  # waits only while a calibration has the model alone
-            run.timings["queue_s"] = time.perf_counter() - t0
-            self._gate.check_open()
-            with cpu.heavy:  # between the shared context's decodes, not beside them
-                text, ids = self.encode(prompt, raw=o.raw)
-        # a calibration to measure has the model alone: outside the shared hold
-        plan = run.plan(self._planner, len(ids), self.max_new_tokens)
-        o = planned_think(o, plan)  # the thinking budget it runs: its own, or auto's choice
-        with self._gate.shared():  # beside the other requests: the runtime batches them
-            self._gate.check_open()
-            strategy, control, cands, early = _search(self, o, run, plan, strategy, ids, on_event)
-        with counting_fallbacks() as fallbacks, cpu.heavy:  # off the gate, between decodes
-            res = strategy.choose(self.backend, cands, plan.k, early)
-        tm = {**control.timings.as_dict(), **run.timings}
-        tm["queue_s"] = run.timings["queue_s"] + control.timings.queue_s  # the gate, the context
-        tm["total_s"] = time.perf_counter() - t0
-        out = _result(res, plan, text, tm, run, o.think_budget)
-        return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n)
+        return _reason(self, prompt, o, on_event, deadline, arrival)
 
     def reason_many(
         self, prompts: Sequence[Prompt], options: ReasonOptions | None = None, **fields: Any
@@ -201,6 +185,49 @@ class Reasoner:
         self.close()
 
 
+def _reason(
+    r: Reasoner,
+    prompt: Prompt,
+    o: ReasonOptions,
+    on_event: Callable[[Event], None] | None,
+    deadline: float | None,
+    arrival: float | None,
+) -> ReasonResult:
+    """`Reasoner.reason`: one request's path, from its prompt to its chosen answer."""
+    t0 = time.perf_counter()
+    run = _Run(o, r.max_new_tokens, arrival or time.monotonic(), deadline)
+    strategy = make_strategy(o.strategy or r.default_strategy, r.records.selector)
+    r._gate.check_open()
+    with r._gate.shared():  # waits only while a calibration has the model alone
+        run.timings["queue_s"] = time.perf_counter() - t0
+        r._gate.check_open()
+        with cpu.heavy:  # between the shared context's decodes, not beside them
+            text, ids = r.encode(prompt, raw=o.raw)
+    warnings = r.prompt_warnings(prompt, raw=o.raw)
+    # a calibration to measure has the model alone: outside the shared hold
+    plan = run.plan(r._planner, len(ids), r.max_new_tokens)
+    o = planned_think(o, plan)  # the thinking budget it runs: its own, or auto's choice
+    with r._gate.shared():  # beside the other requests: the runtime batches them
+        r._gate.check_open()
+        strategy, control, cands, early = _search(r, o, run, plan, strategy, ids, on_event)
+    with counting_fallbacks() as fallbacks, cpu.heavy:  # off the gate, between decodes
+        res = strategy.choose(r.backend, cands, plan.k, early)
+    run.timings["total_s"] = time.perf_counter() - t0
+    out = _result(res, plan, text, run, control, o.think_budget)
+    return dataclasses.replace(out, answer_check_fallbacks=fallbacks.n, warnings=warnings)
+
+
+def encode(backend: Backend, prompt: Prompt, *, raw: bool = False) -> tuple[str, list[int]]:
+    """`Reasoner.encode`: a raw string as it is, else the chat's messages (a string: one user
+    message) by the model's template."""
+    if raw:
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("a raw prompt is one pre-rendered string")
+        return prompt, backend.tokenize_prompt(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return backend.encode_chat(messages)
+
+
 def _search(
     r: Reasoner,
     o: ReasonOptions,
@@ -213,8 +240,8 @@ def _search(
     """Run the planned search (inside a shared hold of the gate): the strategy (adaptive's when
     the plan says so), the request's own control, its candidates and whether it stopped early."""
     if plan.effort is Effort.ADAPTIVE:
-        adaptive = adaptive_settings(r.backend.adaptive, o, r.default_strategy)
-        strategy = Adaptive(adaptive, make_strategy(adaptive.selector))
+        adaptive = adaptive_settings(r.records, o)
+        strategy = Adaptive(adaptive, make_strategy(adaptive.selector, r.records.selector))
     control = GenerationControl()  # this request's own handle (and timings)
     control.aborted = lambda: r._gate.closing
     cands, early = strategy.run(
@@ -290,10 +317,9 @@ class _Run:
     ) -> None:
         self.options = o
         self.settings = o.generation(default_max_new)
-        self.deadline = arrival + o.latency_budget if o.latency_budget else None
-        by_budget = hard is None or (self.deadline is not None and self.deadline <= hard)
-        self.stop_at = self.deadline if by_budget else hard  # where the search halts
-        self.stopped_by = "the latency budget" if by_budget else "the request's time limit"
+        self.deadline = latency_deadline(o, arrival)
+        self.by_budget = hard is None or (self.deadline is not None and self.deadline <= hard)
+        self.stop_at = self.deadline if self.by_budget else hard  # where the search halts
         self.timings: dict[str, float] = {}
         self.calibration: dict[str, Any] = {}  # Planner.prepare's note for the result
 
@@ -325,15 +351,19 @@ def _result(
     res: SearchResult,
     plan: Plan,
     text: str,
-    tm: dict[str, Any],
     run: _Run,
+    control: GenerationControl,
     think_budget: int | None,
 ) -> ReasonResult:
     """The search's outcome as the user sees it (`run`: where it stopped early, the calibration
-    note; `think_budget`: the one its candidates ran under)."""
+    note, its own timings beside the generation's in `control`; `think_budget`: the one its
+    candidates ran under)."""
+    tm = {**control.timings.as_dict(), **run.timings}
+    tm["queue_s"] = run.timings["queue_s"] + control.timings.queue_s  # the gate, the context
     views = [CandidateView.of(c) for c in res.candidates]
     pred = plan.prediction
-    early = f" - stopped early at {run.stopped_by}" if res.early_stop else ""
+    by = "the latency budget" if run.by_budget else "the request's time limit"
+    early = f" - stopped early at {by}" if res.early_stop else ""
     return ReasonResult(
         answer=views[res.chosen].answer,
         effort=plan.effort.value if plan.effort else "single",
@@ -352,4 +382,5 @@ def _result(
         waves=list(res.waves),
         stop_reason=res.stop_reason,
         think_budget=think_budget,
+        stopped_by=("latency_budget" if run.by_budget else "time_limit") if res.early_stop else "",
     )

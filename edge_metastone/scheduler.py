@@ -3,7 +3,7 @@ choose the highest effort that fits the caller's budgets.
 
 Latency comes from a calibration of the machine with this model (decode step time at batch sizes
 1..32, what attention over the KV cache adds, prefill tokens/s), measured once (~20 s for a 200M
-model on 2 cores) and cached on disk. Memory comes from the model's facts: the process after
+model on 2 cores) and cached on disk (`calibration`). Memory comes from the model's facts: the process after
 loading (measured once), plus the KV cache, the logits buffer and llama.cpp's compute buffer of
 the context the request needs. Both depend on the KV layout and element type the request runs with (`KVLayout`, `KVType`):
 
@@ -16,17 +16,12 @@ the context the request needs. Both depend on the KV layout and element type the
 from __future__ import annotations
 
 import enum
-import hashlib
 import itertools
-import json
 import logging
 import math
-import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.kvpolicy import (
@@ -37,14 +32,11 @@ from edge_metastone.kvpolicy import (
     score_matrix_bytes,
 )
 from edge_metastone.limits import PREFILL_BATCH
-from edge_metastone.paths import cache_dir, write_text_atomic
 from edge_metastone.types import KVLayout, KVType, ModelFacts
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_VERSION = 5  # 5: checked measurements, the `suspect` mark
-CALIBRATION_BATCHES = (1, 2, 4, 8, 16, 32)
-ATTENTION_BATCHES = (1, 8, 32)  # batch sizes at which the cost of an attended cell is measured
 MIB = 2**20
 # bytes per KV element (ggml's block sizes: q8_0 is 34 bytes per 32, q4_0 18 per 32)
 KV_ELEMENT_BYTES = {KVType.F16: 2.0, KVType.Q8_0: 34 / 32, KVType.Q4_0: 18 / 32}
@@ -452,62 +444,3 @@ def limits(budget: Budget) -> str:
     if budget.memory_bytes is not None:
         parts.append(f"{budget.memory_bytes / MIB:.0f} MiB")
     return f" (budget {', '.join(parts)})" if parts else ""
-
-
-# --- calibration -----------------------------------------------------------------------------
-
-
-def current_rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc; ru_maxrss elsewhere)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    scale = 1 if platform.system() == "Darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def calibration_key(model_path: Path, n_threads: int, runtime: str, extra: str = "") -> str:
-    """Identity of (model, machine, threads, runtime build, `extra`) for the cache. A model
-    directory (ONNX) is identified by each of its files: its own mtime misses rewritten files."""
-    if model_path.is_dir():
-        files = sorted(f for f in model_path.iterdir() if f.is_file())
-        stamp = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    else:
-        st = model_path.stat()
-        stamp = [str(st.st_size), str(int(st.st_mtime))]
-    ident = [
-        str(model_path.resolve()),
-        *stamp,
-        platform.node(),
-        platform.machine(),
-        str(os.cpu_count()),
-        str(n_threads),
-        runtime,
-        extra,
-    ]
-    return hashlib.sha256("\0".join(ident).encode()).hexdigest()[:24]
-
-
-def load_cached(key: str) -> Calibration | None:
-    """A cached calibration for `key`, if one is stored and readable."""
-    path = cache_dir() / "calibration" / f"{key}.json"
-    try:
-        return Calibration.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def store(cal: Calibration) -> None:
-    """Save a calibration (atomically) for later processes."""
-    folder = cache_dir() / "calibration"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / f"{cal.key}.json", json.dumps(cal.to_json(), indent=1))
-    except OSError as e:
-        logger.warning("could not cache the calibration: %s", e)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -88,6 +89,32 @@ def _logit_bias(pairs: Iterable[tuple[int, float]]) -> tuple[tuple[int, float], 
         "logit_bias must be (token id >= 0, finite number) pairs",
     )
     return tuple((int(t), float(b)) for t, b in given)
+
+
+WEIGHT_BUFFERS_ENV = "EDGE_METASTONE_WEIGHT_BUFFERS"  # the mode when a caller names none
+
+
+class WeightBuffers(str, enum.Enum):
+    """How a model's weights are laid out in CPU memory (`engine.weight_buffers` decides and
+    applies it per load)."""
+
+    AUTO = "auto"
+    EXTRA = "extra"
+    REPACK = "repack"
+    PLAIN = "plain"
+
+
+def requested_mode(value: WeightBuffers | str | None = None) -> WeightBuffers:
+    """The caller's mode, else $EDGE_METASTONE_WEIGHT_BUFFERS, else auto (a bad value is one line)."""
+    source = "weight buffers"
+    if value is None:
+        value = os.environ.get(WEIGHT_BUFFERS_ENV) or WeightBuffers.AUTO
+        source = WEIGHT_BUFFERS_ENV
+    try:
+        return WeightBuffers(value)
+    except ValueError:
+        names = ", ".join(m.value for m in WeightBuffers)
+        raise InvalidRequestError(f"{source}: {value!r} is not one of {names}") from None
 
 
 class KVType(str, enum.Enum):
@@ -212,6 +239,11 @@ class FinishReason(str, enum.Enum):
     PRUNED = "pruned"  # dropped mid-generation: a search strategy's rule or low confidence
     HALTED = "halted"  # the caller stopped the whole generation (e.g. out of time)
 
+    @property
+    def cut(self) -> bool:
+        """The candidate was cut before it ended its turn (any reason but EOS and STOP)."""
+        return self is not FinishReason.EOS and self is not FinishReason.STOP
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -244,10 +276,7 @@ class Candidate:
     @property
     def truncated(self) -> bool:
         """True when the candidate was cut before it ended its turn."""
-        return (
-            self.finish_reason is not FinishReason.EOS
-            and self.finish_reason is not FinishReason.STOP
-        )
+        return self.finish_reason.cut
 
 
 @dataclass(frozen=True)

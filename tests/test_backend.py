@@ -13,10 +13,11 @@ from fake_backend import FakeBackend, Script
 
 from conftest import REPO, parked_at_gate, run_cli, wait_until
 from edge_metastone.backend import Backend
+from edge_metastone.calibration import calibration_key
 from edge_metastone.errors import BadModelFileError, InvalidRequestError
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.runtime import open_backend
-from edge_metastone.scheduler import MIB, Calibration, calibration_key
+from edge_metastone.scheduler import MIB, Calibration
 from edge_metastone.sprm import trajectory_score
 from edge_metastone.types import FinishEvent, StepEvent, TokenEvent
 

@@ -322,8 +322,8 @@ def test_ray_missing_says_how_to_install(tmp_path):
 
 
 def test_sweep_scores_every_selector_on_the_same_candidates_and_plots(tmp_path):
-    from edge_metastone.training.metrics import SELECTORS as PICK
-    from edge_metastone.training.metrics import ProblemSamples
+    from edge_metastone.search.base import StrategyName
+    from edge_metastone.training.metrics import CHOOSERS, ProblemSamples
 
     inp = write_input(tmp_path / "in.jsonl", 12, seed=9)
     out = tmp_path / "out.jsonl"
@@ -343,9 +343,9 @@ def test_sweep_scores_every_selector_on_the_same_candidates_and_plots(tmp_path):
         tokens = sum(r["tokens"] for r in mine)  # no generation beyond the records' candidates
         assert pts[mode]["compute"] == tokens * summary["sweep"]["n_params"]
         assert pts[mode]["default"] == sum(r["correct"] for r in mine) / len(mine)
-        for name in ("sprm", "majority", "logprob"):  # recomputed here from the records
+        for name in ("best-of-k", "vote", "logprob"):  # recomputed here from the records
             picks = [
-                PICK[name](
+                CHOOSERS[StrategyName(name)](
                     ProblemSamples(
                         [c["answer"] for c in r["candidates"]],
                         [c["correct"] for c in r["candidates"]],
@@ -358,8 +358,8 @@ def test_sweep_scores_every_selector_on_the_same_candidates_and_plots(tmp_path):
             ]
             acc = sum(r["candidates"][p]["correct"] for r, p in zip(mine, picks, strict=True))
             assert pts[mode][name] == acc / len(mine)
-        assert pts[mode]["oracle"] >= max(pts[mode][s] for s in ("default", "sprm", "logprob"))
-    assert set(summary["sweep"]["fit"]) == {"default", "sprm", "majority", "logprob"}
+        assert pts[mode]["oracle"] >= max(pts[mode][s] for s in ("default", "best-of-k", "logprob"))
+    assert set(summary["sweep"]["fit"]) == {"default", "best-of-k", "vote", "logprob"}
     assert summary["sweep"]["n_params"] > 6_000_000  # MetaStone-nano: 6.4M
     proc = batch(inp, out, "--sweep", "low,high")
     assert proc.returncode == 1 and "modes" in proc.stderr

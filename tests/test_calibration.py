@@ -18,13 +18,14 @@ from edge_metastone.calibration import (
     CalibrationProgress,
     CalibrationStatus,
     calibration_for,
+    load_cached,
     mark_suspect,
     run_disagreement,
     step_problems,
 )
 from edge_metastone.commands.calibrate import render
 from edge_metastone.reasoner import Reasoner
-from edge_metastone.scheduler import MIB, Calibration, load_cached
+from edge_metastone.scheduler import MIB, Calibration
 from edge_metastone.types import KVLayout, KVType, SamplingSettings, Timings
 
 SAMPLING = SamplingSettings(temperature=0.6, top_p=0.95)

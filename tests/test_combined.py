@@ -22,11 +22,10 @@ from edge_metastone.search.combined import (
     Selector,
     candidate_features,
     generated_step_scores,
-    sigmoid,
     step_logit,
 )
 from edge_metastone.training.metrics import ProblemSamples
-from edge_metastone.training.selector_fit import STRATEGY_OF, fit_logistic, fit_selector
+from edge_metastone.training.selector_fit import MEASURED, fit_logistic, fit_selector
 from edge_metastone.types import Candidate, FinishReason
 
 # z = log-odds of the mean step + 2 x mean token log-probability
@@ -79,7 +78,7 @@ def test_prompt_steps_are_left_out():
 def test_combined_picks_the_known_candidate():
     assert Combined(selector=SEL).select(None, KNOWN, 5)[0] == 2
     assert Combined(vote=True, selector=SEL).select(None, KNOWN, 5)[0] == 4
-    assert SEL.probability(KNOWN[2]) == pytest.approx(sigmoid(math.log(9) - 1.0))
+    assert SEL.probability(KNOWN[2]) == pytest.approx(1 / (1 + math.exp(1.0 - math.log(9))))
 
 
 def test_combined_skips_truncated_and_pruned():
@@ -178,9 +177,9 @@ def test_fit_selector_measures_and_chooses():
     assert m["auc_within"]["logprob"] > 0.95 and m["auc_within"]["combined"] > 0.95
     assert 0.3 < m["auc_within"]["head"] < 0.7
     acc = m["accuracy"]
-    assert set(acc) == {"one_sample", "majority", "logprob", "sprm", "sprm_vote", "combined",
-                        "combined_vote", "oracle"}  # fmt: skip
-    assert acc["combined"] > acc["sprm"] and acc["oracle"] >= acc["combined"]
-    name = next(k for k, v in STRATEGY_OF.items() if v is best)
-    assert m["default_strategy"] == best.value and acc[name] == max(acc[k] for k in STRATEGY_OF)
+    assert set(acc) == {"one_sample", "vote", "logprob", "best-of-k", "weighted-vote", "combined",
+                        "combined-vote", "oracle"}  # fmt: skip
+    assert acc["combined"] > acc["best-of-k"] and acc["oracle"] >= acc["combined"]
+    assert m["default_strategy"] == best.value
+    assert acc[best.value] == max(acc[k.value] for k in MEASURED)
     assert sel.weights["logprob_mean"] > 1 and Selector.from_json(sel.to_json()) == sel

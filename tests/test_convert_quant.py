@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edge_metastone.converters.convert import convert, write_head_sidecar
+from edge_metastone.converters.convert import checkpoint_head_sidecar, convert
 from edge_metastone.modelfile.read import open_model_file, read_gguf
 
 FTYPES = {
@@ -115,7 +115,7 @@ def test_head_sidecar_completes_a_headless_file(tiny_hf, tmp_path):
     model = tmp_path / "m.gguf"
     convert(hf, model, "q4_0")
     assert open_model_file(model).head is None
-    write_head_sidecar(tiny_hf, tmp_path / "m.sprm.gguf")
+    checkpoint_head_sidecar(tiny_hf, tmp_path / "m.sprm.gguf")
     mf = open_model_file(model)
     assert mf.head is not None and mf.head_source == tmp_path / "m.sprm.gguf"
     import torch

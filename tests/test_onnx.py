@@ -315,7 +315,7 @@ def test_convert_command_writes_a_directory(tiny_hf, tmp_path):
 def test_calibration_key_sees_a_rewritten_model_file(onnx_dirs, tmp_path):
     import os
 
-    from edge_metastone.scheduler import calibration_key
+    from edge_metastone.calibration import calibration_key
 
     d = tmp_path / "copy"
     shutil.copytree(onnx_dirs["int4"], d)

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from edge_metastone import scheduler
+from edge_metastone import calibration, scheduler
 from edge_metastone.errors import BudgetError, InvalidRequestError
 from edge_metastone.kvpolicy import flash_attention, kv_cells, score_matrix_bytes
 from edge_metastone.scheduler import (
@@ -203,12 +203,12 @@ def test_never_over_budget_and_monotone():
 def test_calibration_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
     cal = Calibration(CAL.step_seconds, 400.0, 1200 * MIB, 2, {8: 1e-8}, key="abc")
-    scheduler.store(cal)
-    back = scheduler.load_cached("abc")
+    calibration.store(cal)
+    back = calibration.load_cached("abc")
     assert back == cal
-    assert scheduler.load_cached("missing") is None
+    assert calibration.load_cached("missing") is None
     (tmp_path / "calibration" / "abc.json").write_text("{broken")
-    assert scheduler.load_cached("abc") is None
+    assert calibration.load_cached("abc") is None
 
 
 def test_prediction_counts_attended_and_masked_cells():

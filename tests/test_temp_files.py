@@ -83,7 +83,7 @@ def test_a_missing_folder_is_an_oserror_and_leaves_nothing(tmp_path):
 def test_an_interrupted_canary_store_leaves_no_temporary_file(tiny_gguf, monkeypatch, tmp_path):
     model = tiny_gguf("q8_0")
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
-    monkeypatch.delenv(wb.ENV_VAR, raising=False)
+    monkeypatch.delenv("EDGE_METASTONE_WEIGHT_BUFFERS", raising=False)
     monkeypatch.setattr(wb, "_verdicts", {})
     monkeypatch.setattr(wb, "run_child_decode", lambda *a, **k: CanaryResult(True, "decoded"))
     calls: list = []
@@ -120,19 +120,19 @@ def test_an_interrupted_summary_leaves_no_temporary_file(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("failure", FAILURES, ids=FAILURE_IDS)
 def test_an_interrupted_calibration_store_leaves_no_temporary_file(tmp_path, monkeypatch, failure):
-    from edge_metastone import scheduler
+    from edge_metastone import calibration, scheduler
 
-    monkeypatch.setattr(scheduler, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(calibration, "cache_dir", lambda: tmp_path)
     cal = scheduler.Calibration({1: 0.01, 8: 0.02}, 1000.0, 1 << 20, 2, key="m")
     monkeypatch.setattr(os, "replace", failing(failure))
     if raised(failure) is KeyboardInterrupt:
         with pytest.raises(KeyboardInterrupt):
-            scheduler.store(cal)
+            calibration.store(cal)
     else:
-        scheduler.store(cal)  # a cache that cannot be written is a warning, not an error
+        calibration.store(cal)  # a cache that cannot be written is a warning, not an error
     monkeypatch.setattr(os, "replace", os.rename)
     assert names(tmp_path / "calibration") == []
-    scheduler.store(cal)
+    calibration.store(cal)
     assert names(tmp_path / "calibration") == ["m.json"]
 
 

@@ -15,15 +15,10 @@ import pytest
 
 from conftest import cli_json, run_cli
 from edge_metastone.engine import weight_buffers as wb
-from edge_metastone.engine.weight_buffers import (
-    BuildReport,
-    CanaryResult,
-    WeightBuffers,
-    decide,
-    requested_mode,
-)
+from edge_metastone.engine.weight_buffers import BuildReport, CanaryResult, decide
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.models import default_model_path
+from edge_metastone.types import WEIGHT_BUFFERS_ENV, WeightBuffers, requested_mode
 
 AMX_XEON = BuildReport(
     cpu="Intel(R) Xeon(R) Processor",
@@ -65,13 +60,13 @@ def test_mode_decision_from_faked_build_reports(requested, report, gpu, expected
 
 
 def test_mode_from_argument_environment_and_default(monkeypatch):
-    monkeypatch.delenv(wb.ENV_VAR, raising=False)
+    monkeypatch.delenv(WEIGHT_BUFFERS_ENV, raising=False)
     assert requested_mode() is WeightBuffers.AUTO
-    monkeypatch.setenv(wb.ENV_VAR, "plain")
+    monkeypatch.setenv(WEIGHT_BUFFERS_ENV, "plain")
     assert requested_mode() is WeightBuffers.PLAIN
     assert requested_mode("extra") is WeightBuffers.EXTRA  # the argument wins
-    monkeypatch.setenv(wb.ENV_VAR, "amx-please")
-    with pytest.raises(InvalidRequestError, match=wb.ENV_VAR):
+    monkeypatch.setenv(WEIGHT_BUFFERS_ENV, "amx-please")
+    with pytest.raises(InvalidRequestError, match=WEIGHT_BUFFERS_ENV):
         requested_mode()
     from edge_metastone.cli import build_parser
 
@@ -85,7 +80,7 @@ def test_mode_from_argument_environment_and_default(monkeypatch):
 
 
 def test_this_machine_never_gets_a_known_bad_buffer_type_by_default(tiny_gguf, monkeypatch):
-    monkeypatch.delenv(wb.ENV_VAR, raising=False)
+    monkeypatch.delenv(WEIGHT_BUFFERS_ENV, raising=False)
     plan = wb.plan_for(tiny_gguf("q4_0")).plan
     report = wb.build_report()
     if any(b in wb.KNOWN_BAD for b in report.extra_bufts):
@@ -161,7 +156,7 @@ def test_repack_overrides_fill_cpu_repack_and_keep_the_logits(tiny_hf, tiny_gguf
 def test_canary_crash_steps_down_and_is_remembered(tiny_gguf, monkeypatch, tmp_path):
     """A mode whose test decode is killed by a signal is not used, and the verdict is cached."""
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
-    monkeypatch.delenv(wb.ENV_VAR, raising=False)
+    monkeypatch.delenv(WEIGHT_BUFFERS_ENV, raising=False)
     monkeypatch.setattr(wb, "_verdicts", {})
     calls = []
 
@@ -184,7 +179,7 @@ def test_canary_crash_steps_down_and_is_remembered(tiny_gguf, monkeypatch, tmp_p
 
 def test_canary_time_out_is_not_cached(tiny_gguf, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
-    monkeypatch.delenv(wb.ENV_VAR, raising=False)
+    monkeypatch.delenv(WEIGHT_BUFFERS_ENV, raising=False)
     monkeypatch.setattr(wb, "_verdicts", {})
     monkeypatch.setattr(
         wb, "run_child_decode", lambda *a, **k: CanaryResult(False, "no answer in 180 s")
@@ -202,7 +197,7 @@ def test_real_canary_decodes_in_a_child(tiny_gguf):
 def test_default_path_decodes_in_a_child_process(monkeypatch):
     """README command 1's path (embedded model, no flag, no variable) in a child process: a
     crash in llama.cpp fails this test with the signal's name instead of killing pytest."""
-    env = {k: v for k, v in os.environ.items() if k != wb.ENV_VAR}
+    env = {k: v for k, v in os.environ.items() if k != WEIGHT_BUFFERS_ENV}
     monkeypatch.setattr(os, "environ", env)
     proc = run_cli("reason", "What is (17+25)*3-40?", "--effort", "low", "--json")
     assert proc.returncode == 0, _signal_message(proc)
@@ -222,11 +217,11 @@ def test_flag_and_environment_reach_the_timings(tmp_path):
 
 
 def test_bad_environment_value_is_one_line(monkeypatch):
-    monkeypatch.setenv(wb.ENV_VAR, "turbo")
+    monkeypatch.setenv(WEIGHT_BUFFERS_ENV, "turbo")
     proc = run_cli("reason", "What is 2+3?", "--effort", "low")
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert wb.ENV_VAR in proc.stderr and "turbo" in proc.stderr
+    assert WEIGHT_BUFFERS_ENV in proc.stderr and "turbo" in proc.stderr
     assert proc.stdout == ""
 
 

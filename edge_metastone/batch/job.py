@@ -132,6 +132,8 @@ def _result_record(res: ReasonResult, item: Item, full: bool) -> dict[str, Any]:
         "tokens": sum(c.tokens for c in res.candidates),
         "early_stop": res.early_stop,
     }
+    if res.warnings:  # what `reason` warns of: a prompt outside the model's task, a fallback format
+        rec["warnings"] = list(res.warnings)
     if res.think_budget is not None:  # the request's, or the one auto chose with k
         rec["think_budget"] = res.think_budget
     if res.waves:  # adaptive: candidates and tokens after each wave, and why it stopped

@@ -19,11 +19,12 @@ from edge_metastone.training.metrics import ProblemSamples, selection_report
 if TYPE_CHECKING:
     from edge_metastone.batch.job import BatchJob
 
-SELECTORS = ("default", "sprm", "majority", "logprob")
+# "default": what the run chose (the model's default strategy); the others by strategy name
+SELECTORS = ("default", "best-of-k", "vote", "logprob")
 SELECTOR_LABELS = {
     "default": "default",
-    "sprm": "SPRM best-of-k",
-    "majority": "majority vote",
+    "best-of-k": "SPRM best-of-k",
+    "vote": "majority vote",
     "logprob": "mean log-prob",
 }
 
@@ -101,7 +102,7 @@ def sweep_points(records: Sequence[dict[str, Any]], n_params: int) -> dict[str, 
             "compute": float(tokens) * n_params,
             "default": float(np.mean([bool(r["correct"]) for r in checked])),
             "default_strategy": ",".join(strategies),
-            **{name: sel[name] for name in ("sprm", "majority", "logprob")},
+            **{name: sel[name] for name in SELECTORS[1:]},
             "single": sel["random"],
             "oracle": sel["oracle"],
         }

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-# importing it loads no llama.cpp (that happens on the first model load)
-from edge_metastone.engine.weight_buffers import ENV_VAR as WEIGHT_BUFFERS_ENV
-from edge_metastone.engine.weight_buffers import WeightBuffers
+from edge_metastone.types import WEIGHT_BUFFERS_ENV, WeightBuffers
 
 
 def add_threads_and_gpu(p: argparse.ArgumentParser) -> None:

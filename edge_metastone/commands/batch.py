@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_metastone.commands import print_json
 from edge_metastone.commands.reason import add_reason_options, reason_options
-from edge_metastone.engine.weight_buffers import ENV_VAR as WEIGHT_BUFFERS_ENV
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.scheduler import FIXED_EFFORTS, Effort
+from edge_metastone.types import requested_mode
 
 if TYPE_CHECKING:
     from edge_metastone.batch.job import BatchJob
@@ -153,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
         head=args.head,
         threads=args.threads,
         gpu_layers=args.gpu_layers,
-        # a Ray worker on another machine does not see this process's environment
-        weight_buffers=os.environ.get(WEIGHT_BUFFERS_ENV) or None,
+        # settled here (the flag, else $EDGE_METASTONE_WEIGHT_BUFFERS): a Ray worker on another
+        # machine does not see this process's environment
+        weight_buffers=requested_mode(args.weight_buffers).value,
         full=args.full,
         ray_address=args.ray,
         ray_workers=args.workers,
@@ -219,7 +219,7 @@ def _sweep_table(sweep: dict) -> str:
 
     points = sweep["points"]
     default = next(iter(points.values()))["default_strategy"]
-    head = ["default", "sprm", "majority", "logprob", "single", "oracle"]
+    head = [*SELECTORS, "single", "oracle"]
     lines = [
         f"sweep ({sweep['n_params']:,} parameters): accuracy of each selector on the same "
         f"candidates (default = {default})",
@@ -236,7 +236,7 @@ def _sweep_table(sweep: dict) -> str:
         for name in SELECTORS:
             f = sweep["fit"][name]
             lines.append(
-                f"  {name:<9} a = {f['intercept']:+.3f}  b = {f['slope_per_decade']:+.4f} "
+                f"  {name:<10} a = {f['intercept']:+.3f}  b = {f['slope_per_decade']:+.4f} "
                 f"per decade  R^2 = {_f(f['r2'], '.2f')}"
             )
     else:

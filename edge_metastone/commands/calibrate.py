@@ -79,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
     from edge_metastone.reasoner import Reasoner
 
     with Reasoner(
-        args.model, head=args.head, n_threads=args.threads, n_gpu_layers=args.gpu_layers
+        args.model,
+        head=args.head,
+        n_threads=args.threads,
+        n_gpu_layers=args.gpu_layers,
+        weight_buffers=args.weight_buffers,
     ) as r:
         out = calibration_for(
             r.backend, r.n_threads, r.sampling, refresh=args.force, progress=ProgressBar()

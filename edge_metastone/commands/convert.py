@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert and report."""
-    from edge_metastone.converters.convert import convert, write_head_sidecar
+    from edge_metastone.converters.convert import checkpoint_head_sidecar, convert
 
     if args.format == "onnx":
         return _run_onnx(args)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             f"--outtype {outtype} is for --format onnx (gguf: f32|f16|q8_0|q4_0|q4_k_m)"
         )
     if args.head_only:
-        path = write_head_sidecar(args.hf_dir, args.output)
+        path = checkpoint_head_sidecar(args.hf_dir, args.output)
         print(f"wrote SPRM head sidecar {path}", file=sys.stderr)
         return 0
     result = convert(args.hf_dir, args.output, outtype, progress=not args.no_progress)

@@ -60,7 +60,7 @@ def _onnxruntime() -> dict[str, Any]:
         return {"installed": False, "version": None, "providers": [], "error": str(e)}
 
 
-def report(model: Path | None) -> dict[str, Any]:
+def report(model: Path | None, weight_buffers: str | None = None) -> dict[str, Any]:
     """Everything `doctor` shows, as a JSON-ready dict (the test decode included)."""
     import llama_cpp
 
@@ -73,12 +73,13 @@ def report(model: Path | None) -> dict[str, Any]:
     )
     from edge_metastone.models import default_model_path
     from edge_metastone.paths import cache_dir
+    from edge_metastone.types import WeightBuffers
 
     path = model if model is not None else default_model_path()
     build = build_report()
-    plan = plan_for(path).plan
+    plan = plan_for(path, weight_buffers).plan
     calib = cache_dir() / "calibration"
-    decode = run_child_decode(path, None)
+    decode = run_child_decode(path, WeightBuffers(weight_buffers) if weight_buffers else None)
     canaries = canary_entries()
     return {
         "python": sys.version.split()[0],
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the report; exit 1 when the test decode failed."""
     if args.model is not None and not args.model.is_file():
         raise EdgeMetastoneError(f"no such model file: {args.model}")
-    d = report(args.model)
+    d = report(args.model, args.weight_buffers)
     if args.json:
         print_json(d, indent=2)
         return 0 if d["test_decode"]["ok"] else 1

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     mf = open_model_file(args.model, args.head)
     d = model_facts(mf)
-    d["weight_buffers"] = plan_for(mf.path).plan.to_json()  # how this machine would load it
+    d["weight_buffers"] = plan_for(mf.path, args.weight_buffers).plan.to_json()  # how it loads here
     if args.json:
         print_json(d, indent=2)
         return 0

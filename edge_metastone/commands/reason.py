@@ -15,7 +15,7 @@ from edge_metastone.commands import (
     stop_strings,
 )
 from edge_metastone.errors import EdgeMetastoneError
-from edge_metastone.modelfile.about import ModelAbout, about
+from edge_metastone.modelfile.about import ModelAbout
 from edge_metastone.models.arithmetic import DOMAIN
 from edge_metastone.scheduler import Effort
 from edge_metastone.search.base import StrategyName
@@ -191,46 +191,39 @@ def run(args: argparse.Namespace) -> int:
         head=args.head,
         n_threads=args.threads,
         n_gpu_layers=args.gpu_layers,
+        weight_buffers=args.weight_buffers,
         on_calibration=ProgressBar(),
     ) as r:
         if args.recalibrate:
             r.calibration(refresh=True)
-        facts = about(r.model_path, r.head_path)
-        warnings = prompt_warnings(facts, prompt, raw=args.raw)
-        if not args.raw and r.prompt_format.warning:
-            warnings.append(r.prompt_format.warning)
-        for w in warnings:
+        facts = r.about
+        for w in r.prompt_warnings(prompt, raw=args.raw):  # before the wait, not after it
             print(f"warning: {w}", file=sys.stderr)
         result = r.reason(prompt, options)
     if args.json:
-        print_json({**result.to_json(), "warnings": warnings}, ensure_ascii=False)
+        print_json({**result.to_json(), "warnings": list(result.warnings)}, ensure_ascii=False)
         return 0
     print(format_result(result, facts))
     return 0
 
 
-def prompt_warnings(facts: ModelAbout, prompt: str, *, raw: bool = False) -> list[str]:
-    """What a person should know before trusting the answer: a prompt outside the model's task
-    (the embedded model answers every prompt with a number)."""
-    why = None if raw else facts.outside_task(prompt)
-    return [why] if why else []
-
-
 def _chosen_by(result) -> str:
     """The selector and the number it used for the chosen candidate."""
+    from edge_metastone.search.base import StrategyName
+
     c = result.chosen_candidate
-    name = result.strategy
-    if name == "logprob" or (c.score is None and c.mean_logprob is not None):
-        return f"{name}: mean token log-prob {_logprob(c)}, the highest of {result.k}"
-    if name in ("vote", "weighted-vote", "confidence-vote", "combined-vote"):
+    name = StrategyName(result.strategy)
+    if name.signal == "logprob" or (c.score is None and c.mean_logprob is not None):
+        return f"{name.value}: mean token log-prob {_logprob(c)}, the highest of {result.k}"
+    if name.is_vote:
         n = sum(x.answer == c.answer for x in result.candidates)
-        return f"{name}: {n} of {result.k} candidates answer {c.answer or '(none)'}"
-    if name == "combined":
+        return f"{name.value}: {n} of {result.k} candidates answer {c.answer or '(none)'}"
+    if name is StrategyName.COMBINED:
         return (
-            f"{name} (the head with the model's log-probability): SPRM score {_sprm(c)}, "
+            f"{name.value} (the head with the model's log-probability): SPRM score {_sprm(c)}, "
             f"mean token log-prob {_logprob(c)}"
         )
-    return f"{name}: SPRM score {_sprm(c)}"
+    return f"{name.value}: SPRM score {_sprm(c)}"
 
 
 def _short(text: str, width: int = 24) -> str:

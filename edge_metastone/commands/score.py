@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else default_model_path()
     facts = about(model, args.head)
     warnings: list[str] = []
-    backend = open_backend(model, head=args.head, n_gpu_layers=args.gpu_layers)
+    backend = open_backend(
+        model, head=args.head, n_gpu_layers=args.gpu_layers, weight_buffers=args.weight_buffers
+    )
     try:
         if args.prompt is not None:
             prefix, _ = backend.encode_chat([{"role": "user", "content": args.prompt}])

@@ -219,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
             n_threads=args.threads,
             n_gpu_layers=args.gpu_layers,
             max_new_tokens=args.max_new_tokens,
+            weight_buffers=args.weight_buffers,
             on_calibration=ProgressBar(),
         ) as reasoner,
     ):

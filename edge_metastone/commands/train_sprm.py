@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
         n_threads=args.threads,
         n_gpu_layers=args.gpu_layers,
+        weight_buffers=args.weight_buffers,
         progress=not args.no_progress,
     )
     if args.json:

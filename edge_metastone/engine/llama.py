@@ -15,7 +15,7 @@ import llama_cpp
 import numpy as np
 
 from edge_metastone.chat import dedupe_bos
-from edge_metastone.engine.weight_buffers import WeightBuffers, WeightPlan, plan_for
+from edge_metastone.engine.weight_buffers import WeightPlan, plan_for
 from edge_metastone.errors import (
     BadModelFileError,
     ContextExceededError,
@@ -25,6 +25,7 @@ from edge_metastone.errors import (
 from edge_metastone.keys import TOKENIZER_NORMALIZER
 from edge_metastone.limits import MAX_THREADS, PREFILL_BATCH, default_threads
 from edge_metastone.normalization import NORMAL_FORMS, NormalForm, normalize
+from edge_metastone.types import WeightBuffers
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -37,15 +36,14 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
-from edge_metastone.errors import BadModelFileError, InvalidRequestError
+from edge_metastone.errors import BadModelFileError
 from edge_metastone.paths import cache_dir, write_text_atomic
+from edge_metastone.types import WeightBuffers, requested_mode
 
 logger = logging.getLogger(__name__)
 
-ENV_VAR = "EDGE_METASTONE_WEIGHT_BUFFERS"
 # Extra buffer types auto never uses, and why.
 KNOWN_BAD = {
     "AMX": "llama.cpp's AMX matmul segfaults in the first decode on some CPUs "
@@ -60,28 +58,6 @@ _MATMUL_WEIGHT = re.compile(
     r"^(?:blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_qkv|attn_output|ffn_gate|ffn_up|ffn_down"
     r"|ffn_gate_shexp|ffn_up_shexp|ffn_down_shexp)|output)\.weight$"
 )
-
-
-class WeightBuffers(str, Enum):
-    """How a model's weights are laid out in CPU memory."""
-
-    AUTO = "auto"
-    EXTRA = "extra"
-    REPACK = "repack"
-    PLAIN = "plain"
-
-
-def requested_mode(value: WeightBuffers | str | None = None) -> WeightBuffers:
-    """The caller's mode, else $EDGE_METASTONE_WEIGHT_BUFFERS, else auto (a bad value is one line)."""
-    source = "weight buffers"
-    if value is None:
-        value = os.environ.get(ENV_VAR) or WeightBuffers.AUTO
-        source = ENV_VAR
-    try:
-        return WeightBuffers(value)
-    except ValueError:
-        names = ", ".join(m.value for m in WeightBuffers)
-        raise InvalidRequestError(f"{source}: {value!r} is not one of {names}") from None
 
 
 # ---------------------------------------------------------------- what this build offers

@@ -45,6 +45,12 @@ class ModelAbout:
         """How the SPRM score is named where a person reads it."""
         return SPRM_LABEL if self.head_informative else SPRM_UNINFORMATIVE_LABEL
 
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens per candidate when a request names none: the model's task's (its answers'
+        length with room for a slow trace; a degenerate candidate stops there), else 1024."""
+        return self.task.max_new_tokens if self.task is not None else DEFAULT_MAX_NEW_TOKENS
+
     def outside_task(self, prompt: str) -> str | None:
         """A warning when `prompt` is outside the model's known task (None: inside, or unknown)."""
         if self.task is None:
@@ -107,7 +113,5 @@ def about(path: Path | str, head: Path | str | None = None) -> ModelAbout:
 
 
 def model_max_new_tokens(path: Path | str) -> int:
-    """Tokens per candidate when a request names none: the model's task's (its answers' length
-    with room for a slow trace; a degenerate candidate stops there), else 1024."""
-    task = about(path).task
-    return task.max_new_tokens if task is not None else DEFAULT_MAX_NEW_TOKENS
+    """Tokens per candidate when a request names none (`ModelAbout.max_new_tokens`)."""
+    return about(path).max_new_tokens

@@ -38,13 +38,19 @@ def write_head_sidecar(
     *,
     arch: str = "qwen2",
     extra: Mapping[str, str] | None = None,
+    backbone: tuple[str, int] | None = None,
 ) -> Path:
-    """Write a head-only GGUF (SPEC §2 keys, no tensors) from arrays, atomically."""
+    """Write a head-only GGUF (SPEC §2 keys, no tensors) from arrays, atomically. `backbone`:
+    the (name, block count) of the model it belongs to, written as the general keys."""
     path = Path(path)
     if not rule.step_token_ids:
         raise EdgeMetastoneError("a head needs its step delimiter ids")
     with atomic_output(path) as tmp:
         writer = ArrayGGUFWriter(tmp, arch)
+        if backbone is not None:
+            writer.add_name(backbone[0])
+            writer.add_embedding_length(head.hidden_size)
+            writer.add_block_count(backbone[1])
         _write_head(writer, head, rule)
         for key, value in (extra or {}).items():
             writer.add_string(key, value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edge_metastone.search.base import Strategy, StrategyName
 from edge_metastone.search.best_of_k import BestOfK
-from edge_metastone.search.combined import Combined
+from edge_metastone.search.combined import Combined, Selector
 from edge_metastone.search.confidence import ConfidenceVote
 from edge_metastone.search.logprob import LogProb
 from edge_metastone.search.prune import StepPruning
@@ -22,11 +22,14 @@ STRATEGIES: dict[StrategyName, type] = {
 }
 
 
-def make_strategy(name: StrategyName | str) -> Strategy:
-    """The strategy object for a name."""
+def make_strategy(name: StrategyName | str, selector: Selector | None = None) -> Strategy:
+    """The strategy object for a name; the combined ones choose by `selector` (None: the one
+    the backend's model records, read when they run)."""
     name = StrategyName(name)
     if name is StrategyName.WEIGHTED_VOTE:
         return Vote(weighted=True)
     if name is StrategyName.COMBINED_VOTE:
-        return Combined(vote=True)
+        return Combined(vote=True, selector=selector)
+    if name is StrategyName.COMBINED:
+        return Combined(selector=selector)
     return STRATEGIES[name]()

@@ -35,6 +35,39 @@ class StrategyName(str, enum.Enum):
     COMBINED = "combined"  # the fitted combination of head and log-probability (search.combined)
     COMBINED_VOTE = "combined-vote"  # vote weighted by that combination's P(right)
 
+    @property
+    def is_vote(self) -> bool:
+        """The strategy picks the answer most candidates (by some weight) agree on, not one
+        candidate by its own number."""
+        return self in _VOTES
+
+    @property
+    def signal(self) -> str:
+        """The number the strategy weighs candidates by: "sprm" (the head's trajectory score),
+        "logprob" (the policy's mean token log-probability), "confidence" (its step confidence),
+        "combined" (the fitted combination of both) or "count" (a plain majority)."""
+        return _SIGNALS[self]
+
+
+_VOTES = frozenset(
+    {
+        StrategyName.VOTE,
+        StrategyName.WEIGHTED_VOTE,
+        StrategyName.CONFIDENCE_VOTE,
+        StrategyName.COMBINED_VOTE,
+    }
+)
+_SIGNALS = {
+    StrategyName.BEST_OF_K: "sprm",
+    StrategyName.PRUNE: "sprm",
+    StrategyName.VOTE: "count",
+    StrategyName.WEIGHTED_VOTE: "sprm",
+    StrategyName.LOGPROB: "logprob",
+    StrategyName.CONFIDENCE_VOTE: "confidence",
+    StrategyName.COMBINED: "combined",
+    StrategyName.COMBINED_VOTE: "combined",
+}
+
 
 @dataclass(frozen=True)
 class SearchResult:

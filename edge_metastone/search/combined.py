@@ -34,6 +34,7 @@ from edge_metastone.search.base import (
 from edge_metastone.search.confidence import DEFAULT_WINDOW, window_means
 from edge_metastone.search.strategy import SelectingStrategy
 from edge_metastone.search.vote import vote
+from edge_metastone.sprm import sigmoid
 from edge_metastone.types import Candidate, GenerationSettings, finite_number
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class Selector:
 
     def probability(self, c: Candidate) -> float:
         """P(right) = sigmoid(z): the candidate's vote weight."""
-        return sigmoid(self.logit(c))
+        return float(sigmoid(self.logit(c)))
 
     def to_json(self) -> str:
         """The `metastone.selector` value."""
@@ -149,14 +150,6 @@ class Selector:
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             logger.warning("ignoring the model's recorded selector: %s", e)
             return None
-
-
-def sigmoid(z: float) -> float:
-    """1 / (1 + e^-z), without overflow."""
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
 
 
 class Combined(SelectingStrategy):
@@ -194,7 +187,7 @@ class Combined(SelectingStrategy):
         z = [sel.logit(c) for c in pool]
         if self.vote:
             answers = [extract_answer(c.text) for c in pool]
-            best = vote(answers, [sigmoid(v) for v in z], [c.index for c in pool])
+            best = vote(answers, [float(p) for p in sigmoid(z)], [c.index for c in pool])
             return best, f"vote weighted by the combined head + log-probability score over {k}"
         best = argmax_lowest_index([(c.index, v) for c, v in zip(pool, z, strict=True)])
         return best, f"highest combined head + log-probability score of {k}"

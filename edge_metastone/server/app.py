@@ -21,9 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from edge_metastone.errors import InvalidRequestError
-from edge_metastone.modelfile.about import about
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.scheduler import FIXED_EFFORTS
+from edge_metastone.search.base import StrategyName
 from edge_metastone.server.errors import ApiError, ErrorGuard
 from edge_metastone.server.guard import (
     LOOPBACK_NAMES,
@@ -185,6 +185,8 @@ def _model_card(reasoner: Reasoner, model_id: str, limits: Limits) -> dict[str, 
             "file": path.name,
             "has_head": reasoner.has_head,
             "default_strategy": reasoner.default_strategy.value,
+            # how each selector chooses, so a client need not know the names' meaning
+            "strategies": {s.value: {"vote": s.is_vote, "signal": s.signal} for s in StrategyName},
             "context_length": reasoner.facts.n_ctx_train,
             "max_tokens_limit": limits.max_tokens,
             "default_max_tokens": limits.default_max_tokens,
@@ -192,9 +194,7 @@ def _model_card(reasoner: Reasoner, model_id: str, limits: Limits) -> dict[str, 
             # how a chat prompt is written: the file's template, a fallback, or "none" (raw only)
             "prompt_format": reasoner.prompt_format.name,
             "prompt_format_reason": reasoner.prompt_format.describe,
-            "about": about(
-                path, reasoner.head_path
-            ).to_json(),  # name, task, domain, which step signal informs
+            "about": reasoner.about.to_json(),  # name, task, domain, which step signal informs
         },
     }
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import secrets
@@ -344,27 +343,11 @@ def usage(result: ReasonResult) -> dict[str, int]:
     }
 
 
-@dataclass(frozen=True)
-class ServedResult(ReasonResult):
-    """A `ReasonResult` with what the server says about the request beside it."""
-
-    # what a person should know before trusting the answer, as `reason --json`'s "warnings"
-    # (a prompt outside the model's known task); empty when there is nothing to say
-    warnings: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, result: ReasonResult, warnings: tuple[str, ...]) -> ServedResult:
-        """`result` with `warnings`."""
-        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(ReasonResult)}
-        return cls(**fields, warnings=tuple(warnings))
-
-
 def extension(result: ReasonResult, seed: int, *, capped: bool = False) -> dict[str, Any]:
     """The `metastone` field: `reason --json`'s object (every candidate, its text, token ids and
     step scores; the scheduler's decision; timings; its `warnings`), the seed that reproduces it,
     and `capped`: True when the server's `--max-request-seconds` stopped the generation."""
-    warnings = list(result.warnings) if isinstance(result, ServedResult) else []
-    return {**result.to_json(), "warnings": warnings, "seed": seed, "capped": capped}
+    return {**result.to_json(), "warnings": list(result.warnings), "seed": seed, "capped": capped}
 
 
 def event_json(ev: Event) -> dict[str, Any]:

@@ -19,18 +19,14 @@ import collections
 import contextlib
 import dataclasses
 import enum
-import functools
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from edge_metastone.modelfile.about import ModelAbout, about
-from edge_metastone.options import Prompt, ReasonOptions, ReasonResult
+from edge_metastone.options import Prompt, ReasonOptions, ReasonResult, latency_deadline
 from edge_metastone.reasoner import Reasoner
 from edge_metastone.server.errors import ApiError, shutting_down, unavailable
-from edge_metastone.server.schema import ServedResult
 from edge_metastone.types import Event, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -111,34 +107,6 @@ class Job:
             self.tokens += 1
         if self.stream:
             self.channel.put("event", ev)
-
-
-@functools.lru_cache(maxsize=8)
-def _about(model_path: Path) -> ModelAbout:
-    return about(model_path)  # read once per model file: its name and task
-
-
-def prompt_warnings(model_path: Path, prompt: Prompt) -> tuple[str, ...]:
-    """What `reason` warns of, for a request: its last user message outside the model's known
-    task (the embedded model answers any prompt with a number all the same)."""
-    if isinstance(prompt, str):
-        text = prompt
-    else:
-        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
-        text = users[-1] if users else ""
-    why = _about(model_path).outside_task(text)
-    return (why,) if why else ()
-
-
-def with_warnings(result: ReasonResult, prompt: Prompt, reasoner: Reasoner) -> ServedResult:
-    """`result` with what `reason` would warn of for `prompt` (the response's `warnings`); a
-    raw prompt (`/v1/completions`), as `reason --raw`, gets none."""
-    if isinstance(prompt, str):
-        return ServedResult.of(result, ())
-    fmt = reasoner.prompt_format.warning  # the chat prompt's format is a fallback
-    return ServedResult.of(
-        result, prompt_warnings(reasoner.model_path, prompt) + ((fmt,) if fmt else ())
-    )
 
 
 @dataclasses.dataclass
@@ -265,23 +233,20 @@ class GenerationService:
 
     def _run(self, job: Job) -> tuple[str, Any]:
         options = job.options
-        budget = options.latency_budget
-        if budget is not None:  # the budget counts from arrival: plan with what is left
-            left = budget - (time.monotonic() - job.arrival)
-            if left <= 0 and job.ahead:
-                err = unavailable(
-                    f"the latency budget ({budget} s) ran out while the request was queued",
-                    self._mean_service_s,
-                    code="budget_exceeded_in_queue",
-                )
-                return "error", err
-            # not queued: the Reasoner says whether any effort fits (a 400 when none does)
-            options = dataclasses.replace(options, latency_budget=max(left, 1e-9))
+        end = latency_deadline(options, job.arrival)  # the Reasoner plans with what is left
+        if end is not None and end <= time.monotonic() and job.ahead:
+            err = unavailable(
+                f"the latency budget ({options.latency_budget} s) ran out while the request was "
+                "queued",
+                self._mean_service_s,
+                code="budget_exceeded_in_queue",
+            )
+            return "error", err
         cap = self.max_request_seconds
         deadline = time.monotonic() + cap if cap is not None else None
         try:
             result: ReasonResult = self.reasoner.reason(
-                job.prompt, options, on_event=job.on_event, deadline=deadline
+                job.prompt, options, on_event=job.on_event, deadline=deadline, arrival=job.arrival
             )
         except _Cancelled:
             return "cancelled", job.cancelled
@@ -291,21 +256,14 @@ class GenerationService:
             if job.cancelled is not None:  # e.g. the reasoner closed under a cancelled request
                 return "cancelled", job.cancelled
             return "error", e
-        served = with_warnings(result, job.prompt, self.reasoner)
-        return capped(job, served, deadline, self.max_request_seconds)
+        return capped(job, result, self.max_request_seconds)
 
 
-def capped(
-    job: Job, result: ReasonResult, deadline: float | None, cap: float | None
-) -> tuple[str, Any]:
+def capped(job: Job, result: ReasonResult, cap: float | None) -> tuple[str, Any]:
     """The result, marked when the time cap (not the request's own budget) stopped it; an
     error when the cap came before any candidate had an answer."""
-    budget = job.options.latency_budget
-    budget_end = job.arrival + budget if budget is not None else None
-    if not result.early_stop or deadline is None:
-        return "result", result
-    if budget_end is not None and budget_end <= deadline:
-        return "result", result  # the request's own budget stopped it first
+    if result.stopped_by != "time_limit":
+        return "result", result  # not stopped early, or by the request's own budget
     job.capped = True
     if not result.answer.strip():
         return "error", ApiError(

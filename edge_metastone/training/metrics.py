@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_metastone.answers import answers_equivalent
-from edge_metastone.search.base import argmax_lowest_index
+from edge_metastone.search.base import StrategyName, argmax_lowest_index
 from edge_metastone.search.vote import vote
 
 
@@ -55,7 +55,7 @@ class ProblemSamples:
     token_logprobs: list[list[float]] | None = None  # per candidate (the combined selector's)
 
 
-Selector = Callable[[ProblemSamples], int]
+Chooser = Callable[[ProblemSamples], int]  # the index of the candidate a strategy keeps
 
 
 def by_value(values: Sequence[float]) -> int:
@@ -63,28 +63,28 @@ def by_value(values: Sequence[float]) -> int:
     return argmax_lowest_index(list(enumerate(float(v) for v in values)))
 
 
-SELECTORS: dict[str, Selector] = {
-    "sprm": lambda p: by_value(p.score),
-    "majority": lambda p: vote(p.answers, [1.0] * len(p.answers), list(range(len(p.answers)))),
-    "weighted-vote": lambda p: vote(p.answers, p.score, list(range(len(p.answers)))),
-    "logprob": lambda p: by_value(p.mean_logprob),
-}
-# The Reasoner's strategy that makes the same choice as each selector.
-SELECTOR_STRATEGY = {
-    "sprm": "best-of-k",
-    "majority": "vote",
-    "weighted-vote": "weighted-vote",
-    "logprob": "logprob",
+def _majority(p: ProblemSamples) -> int:
+    return vote(p.answers, [1.0] * len(p.answers), list(range(len(p.answers))))
+
+
+# What each strategy that needs no fitted selector keeps, on recorded candidates: the same choice
+# the Reasoner makes with that strategy (keyed by the strategy, in the API's and CLI's names).
+CHOOSERS: dict[StrategyName, Chooser] = {
+    StrategyName.BEST_OF_K: lambda p: by_value(p.score),
+    StrategyName.VOTE: _majority,
+    StrategyName.WEIGHTED_VOTE: lambda p: vote(p.answers, p.score, list(range(len(p.answers)))),
+    StrategyName.LOGPROB: lambda p: by_value(p.mean_logprob),
 }
 
 
 def selection_report(problems: Sequence[ProblemSamples]) -> dict[str, float]:
-    """best-of-k accuracy per selector, random choice (expected), pass@1 and the oracle pass@k."""
+    """Accuracy per strategy (`CHOOSERS`, by the strategy's name), random choice (expected
+    pass@1, "random") and the oracle pass@k ("oracle")."""
     if not problems:
         return {}
     out = {
-        name: float(np.mean([p.correct[sel(p)] for p in problems]))
-        for name, sel in SELECTORS.items()
+        name.value: float(np.mean([p.correct[choose(p)] for p in problems]))
+        for name, choose in CHOOSERS.items()
     }
     out["random"] = float(np.mean([np.mean(p.correct) for p in problems]))
     out["oracle"] = float(np.mean([any(p.correct) for p in problems]))

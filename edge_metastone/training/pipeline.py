@@ -66,6 +66,7 @@ def train_sprm(
     cache_dir: Path | str | None = None,
     n_threads: int = 0,
     n_gpu_layers: int = 0,
+    weight_buffers: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Collect, train, report and write; returns the report (also written as OUT.report.json)."""
@@ -89,6 +90,7 @@ def train_sprm(
         cache_root,
         n_threads=n_threads,
         n_gpu_layers=n_gpu_layers,
+        weight_buffers=weight_buffers,
         progress=progress,
     )
     head, trained = _train(data, gold, train_settings, feature_layer, init, warm_start)
@@ -133,12 +135,17 @@ def _collect_samples(
     *,
     n_threads: int,
     n_gpu_layers: int,
+    weight_buffers: str | None,
     progress: bool,
 ) -> tuple[list[ProblemData], StepRule, int]:
     """Sample and label the problems (resuming from the cache); returns the samples, the model's
     step rule and the layer the head reads."""
     backend = open_backend(
-        model_path, head=head_path, n_threads=n_threads, n_gpu_layers=n_gpu_layers
+        model_path,
+        head=head_path,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        weight_buffers=weight_buffers,
     )
     try:
         cache_id = identity(identity_path, collect_settings, backend.feature_layer)

@@ -18,22 +18,23 @@ from typing import Any
 import numpy as np
 
 from edge_metastone.search.base import StrategyName
-from edge_metastone.search.combined import FEATURES, Selector, feature_values, sigmoid
+from edge_metastone.search.combined import FEATURES, Selector, feature_values
 from edge_metastone.search.confidence import DEFAULT_WINDOW
 from edge_metastone.search.vote import vote
-from edge_metastone.training.metrics import ProblemSamples, by_value, within_auc
+from edge_metastone.sprm import sigmoid
+from edge_metastone.training.metrics import CHOOSERS, ProblemSamples, by_value, within_auc
 
 FOLDS = 5
 L2 = 1.0  # on standardised features
-# measured selector -> the strategy that makes the same choice, in order of preference on ties
-STRATEGY_OF = {
-    "majority": StrategyName.VOTE,
-    "logprob": StrategyName.LOGPROB,
-    "sprm": StrategyName.BEST_OF_K,
-    "sprm_vote": StrategyName.WEIGHTED_VOTE,
-    "combined": StrategyName.COMBINED,
-    "combined_vote": StrategyName.COMBINED_VOTE,
-}
+# the strategies measured, in order of preference on ties
+MEASURED = (
+    StrategyName.VOTE,
+    StrategyName.LOGPROB,
+    StrategyName.BEST_OF_K,
+    StrategyName.WEIGHTED_VOTE,
+    StrategyName.COMBINED,
+    StrategyName.COMBINED_VOTE,
+)
 
 
 def feature_matrix(p: ProblemSamples, window: int) -> np.ndarray:
@@ -104,31 +105,25 @@ def _z(sel: Selector, p: ProblemSamples) -> np.ndarray:
 
 
 def accuracies(problems: Sequence[ProblemSamples], z: Sequence[np.ndarray]) -> dict[str, float]:
-    """Each selector's accuracy (`STRATEGY_OF`'s names), the expected one-sample accuracy and
-    the oracle's, with `z` the combined score of each problem's candidates."""
-    picks: dict[str, list[bool]] = {name: [] for name in STRATEGY_OF}
+    """Each measured strategy's accuracy (by its name), the expected one-sample accuracy and the
+    oracle's, with `z` the combined score of each problem's candidates."""
+    picks: dict[StrategyName, list[bool]] = {name: [] for name in MEASURED}
     for p, zp in zip(problems, z, strict=True):
         idx = list(range(len(p.correct)))
-        chosen = {
-            "majority": vote(p.answers, [1.0] * len(idx), idx),
-            "logprob": by_value(p.mean_logprob),
-            "sprm": by_value(p.score),
-            "sprm_vote": vote(p.answers, p.score, idx),
-            "combined": by_value(zp),
-            "combined_vote": vote(p.answers, [sigmoid(v) for v in zp], idx),
-        }
-        for name, i in chosen.items():
-            picks[name].append(p.correct[i])
+        chosen = {name: choose(p) for name, choose in CHOOSERS.items()}
+        chosen[StrategyName.COMBINED] = by_value(zp)
+        chosen[StrategyName.COMBINED_VOTE] = vote(p.answers, [float(v) for v in sigmoid(zp)], idx)
+        for name in MEASURED:
+            picks[name].append(p.correct[chosen[name]])
     out = {"one_sample": float(np.mean([np.mean(p.correct) for p in problems]))}
-    out.update({name: float(np.mean(v)) for name, v in picks.items()})
+    out.update({name.value: float(np.mean(v)) for name, v in picks.items()})
     out["oracle"] = float(np.mean([any(p.correct) for p in problems]))
     return out
 
 
 def best_strategy(acc: dict[str, float]) -> StrategyName:
-    """The most accurate measured selector's strategy (ties: the earlier in `STRATEGY_OF`)."""
-    best = max(STRATEGY_OF, key=lambda name: (acc[name], -list(STRATEGY_OF).index(name)))
-    return STRATEGY_OF[best]
+    """The most accurate measured strategy (ties: the earlier in `MEASURED`)."""
+    return max(MEASURED, key=lambda name: (acc[name.value], -MEASURED.index(name)))
 
 
 def _round(v: float | None) -> float | None:

@@ -37,17 +37,20 @@ from edge_metastone.converters.convert import convert  # noqa: E402
 from edge_metastone.modelfile.copy import write_model_copy  # noqa: E402
 from edge_metastone.options import ReasonOptions  # noqa: E402
 from edge_metastone.reasoner import Reasoner  # noqa: E402
+from edge_metastone.search.base import StrategyName  # noqa: E402
 from edge_metastone.training.collect import CollectSettings  # noqa: E402
-from edge_metastone.training.metrics import (  # noqa: E402
-    SELECTOR_STRATEGY,
-    samples_from_result,
-    selection_report,
-)
+from edge_metastone.training.metrics import samples_from_result, selection_report  # noqa: E402
 from edge_metastone.training.pipeline import train_sprm  # noqa: E402
 from edge_metastone.training.train import TrainSettings  # noqa: E402
 
 PACKAGED = REPO / "edge_metastone" / "models" / "default.gguf"
-PREFERENCE = ("sprm", "weighted-vote", "majority", "logprob")  # ties: the paper's selector first
+# ties: the paper's selector first
+PREFERENCE = (
+    StrategyName.BEST_OF_K,
+    StrategyName.WEIGHTED_VOTE,
+    StrategyName.VOTE,
+    StrategyName.LOGPROB,
+)
 
 
 def write_problems(path: Path, seed: int, n: int) -> Path:
@@ -102,8 +105,7 @@ def build(args: argparse.Namespace) -> Path:
     selectors = measure_selectors(
         with_head, args.seed + 2, n_val, "low" if toy else "medium", 96 if toy else 160
     )
-    best = max(PREFERENCE, key=lambda s: (selectors[s], -PREFERENCE.index(s)))
-    strategy = SELECTOR_STRATEGY[best]
+    strategy = max(PREFERENCE, key=lambda s: (selectors[s.value], -PREFERENCE.index(s))).value
     training = json.loads((hf / "training.json").read_text())
     prov = {
         "name": "MetaStone-nano",

@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 const SCORE_FLOOR = 1e-10;  // the trajectory score clamps each step here (not a measurement)
 let modelId = null;
 let about = {};  // the model card's `metastone.about`: name, task, domain, step_signal, sprm_label
+let strategies = {};  // the model card's `metastone.strategies`: each selector's vote and signal
 let controller = null;
 let current = null;  // the Run on screen
 
@@ -59,9 +60,10 @@ function legend() {
 
 function selectorValue(r, c) {  // the number the selector chose the candidate by
   const s = r.strategy;
-  if (s === "logprob" || (s === "best-of-k" && c.score === null))
+  const how = strategies[s] || {};  // /v1/models says which selectors vote and by what
+  if (how.signal === "logprob" || (how.signal === "sprm" && c.score === null))
     return `selected by mean token log-prob ${c.mean_logprob?.toFixed(3) ?? "–"} (highest of ${r.k})`;
-  if (s === "vote" || s === "weighted-vote") {
+  if (how.vote) {
     const n = r.candidates.filter((x) => x.answer === c.answer).length;
     return `selected by ${s}: ${n} of ${r.k} candidates answer ${c.answer || "nothing"}`;
   }
@@ -410,6 +412,7 @@ async function loadModel() {
     modelId = m.id;
     const x = m.metastone;
     about = x.about || {};
+    strategies = x.strategies || {};
     const el = $("model");
     el.replaceChildren();
     const name = document.createElement("b");
