@@ -39,7 +39,7 @@ from edge_metastone.search.base import (  # noqa: E402
 from edge_metastone.search.confidence import VoteRule  # noqa: E402
 from edge_metastone.search.logprob import LogProb  # noqa: E402
 from edge_metastone.search.vote import Vote  # noqa: E402
-from edge_metastone.training.adaptive_fit import Problem, correct, evaluate, grid  # noqa: E402
+from edge_metastone.training.adaptive_fit import RecordedRun, correct, evaluate, grid  # noqa: E402
 from edge_metastone.types import GenerationSettings  # noqa: E402
 
 FIXED = {"one sample": 1, "low": 2, "medium": 8, "high": 32}
@@ -79,7 +79,7 @@ def live(args, r: Reasoner, recorded: AdaptiveSettings):
     backend, rows = r.backend, {}
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     online = AdaptiveSettings(waves=(2, 32), min_agree=10**6, consensus=1.0)
-    high: list[Problem] = []
+    high: list[RecordedRun] = []
     sel = selectors(backend)
 
     def add(name, ok, tokens, secs):
@@ -100,7 +100,7 @@ def live(args, r: Reasoner, recorded: AdaptiveSettings):
                 chosen = next(c for c in cands if c.index == choose(cands))
                 add(f"{name} ({sname})" if k > 1 else name, correct(chosen, gold), tokens, secs)
             if k == 32:
-                high.append(Problem(cands, gold))
+                high.append(RecordedRun(cands, gold))
         for name, s in (("adaptive (recorded)", recorded), ("online termination alone", online)):
             res, secs = run_policy(Adaptive(s, LogProb()), backend, ids, 32, sampling, settings)
             add(name, correct(res.answer_candidate, gold), res.generated_tokens, secs)

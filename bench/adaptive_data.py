@@ -20,13 +20,13 @@ sys.path.insert(0, str(REPO))
 from task import problems  # noqa: E402
 
 from edge_metastone.reasoner import Reasoner  # noqa: E402
-from edge_metastone.training.adaptive_fit import Problem  # noqa: E402
+from edge_metastone.training.adaptive_fit import RecordedRun  # noqa: E402
 from edge_metastone.types import Candidate, FinishReason, GenerationSettings  # noqa: E402
 
 _FIELDS = ("index", "token_ids", "text", "score", "mean_logprob", "token_logprobs")
 
 
-def save(probs: list[Problem], path: Path) -> None:
+def save(probs: list[RecordedRun], path: Path) -> None:
     """The problems and their candidates as JSON."""
     rows = [
         {
@@ -41,7 +41,7 @@ def save(probs: list[Problem], path: Path) -> None:
     path.write_text(json.dumps(rows))
 
 
-def load(path: Path) -> list[Problem]:
+def load(path: Path) -> list[RecordedRun]:
     """What `save` wrote."""
     out = []
     for row in json.loads(path.read_text()):
@@ -54,13 +54,13 @@ def load(path: Path) -> list[Problem]:
             )
             for c in row["candidates"]
         ]
-        out.append(Problem(cands, row["gold"]))
+        out.append(RecordedRun(cands, row["gold"]))
     return out
 
 
 def collect(
     r: Reasoner, seed: int, n: int, k: int = 32, max_new_tokens: int = 256, log=print
-) -> list[Problem]:
+) -> list[RecordedRun]:
     """n problems of `seed`, each with k candidates (problem i samples with seed i)."""
     out = []
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def collect(
         _, ids = r.encode(p.prompt)
         sampling = dataclasses.replace(r.sampling, seed=i)
         cands = r.backend.generate_all(ids, k, sampling, settings)
-        out.append(Problem(cands, str(p.answer)))
+        out.append(RecordedRun(cands, str(p.answer)))
         if (i + 1) % 50 == 0:
             log(f"  {i + 1}/{n} problems, {time.perf_counter() - t0:.0f} s")
     return out

@@ -63,7 +63,7 @@ from edge_metastone.search.combined import (  # noqa: E402
 )
 from edge_metastone.search.vote import Vote  # noqa: E402
 from edge_metastone.sprm import trajectory_score  # noqa: E402
-from edge_metastone.training.adaptive_fit import Problem  # noqa: E402
+from edge_metastone.training.adaptive_fit import RecordedRun  # noqa: E402
 from edge_metastone.training.metrics import within_auc  # noqa: E402
 from edge_metastone.types import Candidate, FinishReason  # noqa: E402
 
@@ -247,7 +247,7 @@ def generate_pool(work: Path, model: Path, test: list[tuple], threads: int, cloc
     return have >= len(test)
 
 
-def load_pool(work: Path, head) -> list[Problem]:
+def load_pool(work: Path, head) -> list[RecordedRun]:
     """The pool's problems, each candidate's steps scored by `head` (prompt steps included, as
     the product's trajectory score has them)."""
     import numpy as np
@@ -275,7 +275,7 @@ def load_pool(work: Path, head) -> list[Problem]:
                 )
             )
         assert at == len(gen_scores), i
-        out.append(Problem(cands, str(sum(d["q"]))))
+        out.append(RecordedRun(cands, str(sum(d["q"]))))
     return out
 
 
@@ -287,9 +287,9 @@ def measure_speed(work: Path, model: Path, threads: int, rounds: int = 3) -> dic
     at k=1 and k=8, side by side (median of per-round ratios)."""
     import llama_cpp
     from runtime import side_by_side
+    from stock_llama import stock_defaults
 
     from edge_metastone.engine.engine import Engine
-    from edge_metastone.engine.weight_buffers import stock_defaults
     from edge_metastone.types import GenerationSettings, SamplingSettings
 
     engine = Engine(model, head_path=sidecar(work, "linear"), n_threads=threads)
@@ -381,7 +381,7 @@ class _Fixed:
         return self.fn(cands), ""
 
 
-def groups(p: Problem, k: int) -> list[list[Candidate]]:
+def groups(p: RecordedRun, k: int) -> list[list[Candidate]]:
     """The pool's 32/k disjoint runs of k candidates."""
     return [p.candidates[g * k : (g + 1) * k] for g in range(POOL_K // k)]
 
@@ -401,7 +401,7 @@ def summary(per_problem: Sequence[float]) -> dict:
 
 
 def accuracy_table(
-    pool: list[Problem], oks: list[dict[int, bool]], sel: Selector
+    pool: list[RecordedRun], oks: list[dict[int, bool]], sel: Selector
 ) -> tuple[dict, dict]:
     """(per selector and k: summary), and the per-problem accuracies behind them."""
     rules = selectors(sel)
@@ -422,7 +422,7 @@ def accuracy_table(
 
 
 def adaptive_table(
-    pool: list[Problem], oks: list[dict[int, bool]], sel: Selector, strategy: StrategyName
+    pool: list[RecordedRun], oks: list[dict[int, bool]], sel: Selector, strategy: StrategyName
 ) -> dict:
     """Adaptive compute at its default waves with the recorded selector, capped at each k,
     replayed on each of the pool's runs of k."""
@@ -434,7 +434,7 @@ def adaptive_table(
         s = dataclasses.replace(AdaptiveSettings(selector=strategy), measured={}).capped(k)
         per, cands, tokens = [], 0, 0
         for p in pool:
-            got = [replay(Problem(g, p.gold), s, rule) for g in groups(p, k)]  # type: ignore[arg-type]
+            got = [replay(RecordedRun(g, p.gold), s, rule) for g in groups(p, k)]  # type: ignore[arg-type]
             per.append(sum(ok for ok, _, _ in got) / len(got))
             tokens += sum(t for _, t, _ in got) / len(got)
             cands += sum(n for _, _, n in got) / len(got)
@@ -447,7 +447,7 @@ def adaptive_table(
     return out
 
 
-def auc_table(pool: list[Problem], oks: list[dict[int, bool]], sel: Selector) -> dict:
+def auc_table(pool: list[RecordedRun], oks: list[dict[int, bool]], sel: Selector) -> dict:
     """Within-problem AUC (over each problem's 32 candidates) of each signal."""
     signals: dict[str, Callable[[Candidate], float]] = {
         "head": lambda c: trajectory_score(generated_step_scores(c)),
@@ -490,7 +490,7 @@ def chosen_head(work: Path) -> str:
 
 def evaluate_head(
     work: Path, name: str
-) -> tuple[list[Problem], list[dict[int, bool]], Selector, dict]:
+) -> tuple[list[RecordedRun], list[dict[int, bool]], Selector, dict]:
     """The pool scored by head `name`, right/wrong per candidate, its fitted selector, report."""
     report = head_report(work, name)
     sel = Selector.from_json(json.dumps(report["selector"]))

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from real_model import smollm2_gguf  # noqa: E402
 from runtime import side_by_side  # noqa: E402  (bench/runtime.py: alternating rounds)
+from stock_llama import stock_defaults  # noqa: E402
 
 from edge_metastone.engine.engine import Engine  # noqa: E402
-from edge_metastone.engine.weight_buffers import stock_defaults  # noqa: E402
 from edge_metastone.kvpolicy import flash_attention, kv_cells  # noqa: E402
 from edge_metastone.limits import PREFILL_BATCH, default_threads  # noqa: E402
 from edge_metastone.types import (  # noqa: E402
@@ -92,7 +92,7 @@ def main() -> None:
     )
     cells = kv_cells(len(prompt), n, 1, KVLayout.UNIFIED)
     batch = min(len(prompt), PREFILL_BATCH)
-    fa = flash_attention(KVType.F16, engine.model.n_head, cells, batch)
+    fa = flash_attention(KVType.F16, engine.model.n_heads, cells, batch)
     print(
         f"attention: ours {'flash' if fa else 'plain'} (F16 KV, {cells} cells; the engine's rule), "
         f"llama-cpp-python {'flash' if llm.context_params.flash_attn_type == 1 else 'plain'} "

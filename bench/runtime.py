@@ -17,7 +17,7 @@
 
 Every side loads the model with the same weight-buffer mode (`--weight-buffers`, default auto, as
 the package chooses on this machine); stock llama-cpp-python gets it through
-`weight_buffers.stock_defaults`. (e) loads a second engine in plain mode.
+`stock_defaults` (tests/stock_llama.py). (e) loads a second engine in plain mode.
 
 The model is random, so end-of-turn tokens are banned (every candidate runs the full length), the
 step delimiter is biased up so steps happen, and top-k 40 keeps sampling as cheap as on a peaked
@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # stock_llama
 
 from edge_metastone.engine.engine import Engine
 from edge_metastone.engine.scoring import score_tokens
@@ -174,8 +175,7 @@ def main() -> None:
         return
 
     import llama_cpp
-
-    from edge_metastone.engine.weight_buffers import stock_defaults
+    from stock_llama import stock_defaults
 
     with stock_defaults(args.model, plan.mode):  # the engine's weight-buffer mode, no canary
         llm = llama_cpp.Llama(

@@ -1,7 +1,7 @@
 """Adaptive compute under the scheduler: its predicted cost from the model's recorded settings and
 the calibration, and when `auto` runs it.
 
-Memory: the context holds max_k candidates and the kept prompt (`LlamaSteps`), as high effort's
+Memory: the context holds max_k candidates and the kept prompt (`LlamaSlots`), as high effort's
 plus one stream. Latency: the expected cost, each wave's worst case (its candidates run to
 max_new_tokens) weighted by the share of validation problems that ran it
 (`metastone.adaptive`'s `measured.reach`; every wave when it was not measured). A latency budget

@@ -20,6 +20,7 @@ from edge_metastone.types import (
     KVLayout,
     KVType,
     ModelFacts,
+    PolicyKeys,
     SamplingSettings,
     ScoreResult,
 )
@@ -55,24 +56,9 @@ class Backend(Protocol):
         ...
 
     @property
-    def default_strategy(self) -> str | None:
-        """The model's recorded best selector (`metastone.default_strategy`), if any."""
-        ...
-
-    @property
-    def adaptive(self) -> str | None:
-        """The model's recorded adaptive-compute settings (`metastone.adaptive`, JSON), if any."""
-        ...
-
-    @property
-    def thinking_scaling(self) -> str | None:
-        """The model's measured accuracy over k x thinking budget (`metastone.thinking_scaling`,
-        JSON), if any."""
-        ...
-
-    @property
-    def selector(self) -> str | None:
-        """The model's fitted combined selector (`metastone.selector`, JSON), if any."""
+    def policy_keys(self) -> PolicyKeys:
+        """The model's recorded default strategy, adaptive settings, combined selector and
+        thinking-scaling table, as stored (`model_records.ModelRecords` reads them)."""
         ...
 
     @property

@@ -346,6 +346,21 @@ def measure(
     - A q8_0 cache's attended cells: the long prompt at b=8 again with q8_0 K/V.
     """
     s = _Session(backend, sampling, meter, progress)
+    cal, problems = _measured(s, backend, n_threads, sampling, steps, long_prompt_tokens, shape)
+    return _checked(s, cal, problems, shape)
+
+
+def _measured(
+    s: _Session,
+    backend: Backend,
+    n_threads: int,
+    sampling: SamplingSettings,
+    steps: int,
+    long_prompt_tokens: int,
+    shape: Shape,
+) -> tuple[Calibration, list[str]]:
+    """`measure`'s measurements as a calibration (its step table made monotone where it was
+    not), and what that check found."""
     text = backend.tokenize(_TEXT)
     prompt = text[:32]
     n_long = min(long_prompt_tokens, backend.facts.n_ctx_train - steps - 2)
@@ -371,7 +386,12 @@ def measure(
         quantized_attn_factor=q8,
         key=_key(backend, n_threads, sampling),
     )
-    cal = _monotone(cal) if problems else cal  # the probe checks the corrected table
+    return (_monotone(cal) if problems else cal), problems  # the probe checks the corrected table
+
+
+def _checked(s: _Session, cal: Calibration, problems: list[str], shape: Shape) -> Outcome:
+    """The measured calibration after its probe (a run of the request's own shape: the step
+    table scaled when the probe disagrees), as the outcome `measure` returns."""
     ratio, probe_found = _probe(s, cal, shape)
     if _off(ratio, PROBE_RATIO):
         problems.append(probe_found)

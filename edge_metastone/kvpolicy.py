@@ -9,7 +9,7 @@ from edge_metastone.types import KVLayout, KVType
 KV_PAD = 256  # llama.cpp pads a KV cache (each stream of it) to a multiple of this many cells
 # AUTO runs streams while k prompt copies keep the cache within this many times the unified one
 STREAMS_MAX_CELLS_RATIO = 1.5
-# Plain attention (flash attention off) holds a score matrix of n_head x cells x batch rows in F32
+# Plain attention (flash attention off) holds a score matrix of n_heads x cells x batch rows in F32
 # per graph; up to this size the engine runs it, above it flash attention (which holds none).
 # Plain attention is what stock llama-cpp-python runs by default, and on a CPU it is the faster
 # of the two at these sizes (bench/real_model_speed.py: bench/results/real_model_speed.txt).
@@ -51,17 +51,17 @@ def resolve_layout(
     return KVLayout.STREAMS if streams <= STREAMS_MAX_CELLS_RATIO * unified else KVLayout.UNIFIED
 
 
-def score_matrix_bytes(n_head: int, n_ctx: int, n_batch: int, n_streams: int = 1) -> int:
+def score_matrix_bytes(n_heads: int, n_ctx: int, n_batch: int, n_streams: int = 1) -> int:
     """What plain attention adds to a graph of `n_batch` rows: the F32 scores of each head and an
     F32 mask, each row over the cells of its own stream (`n_ctx` cells split into `n_streams`)."""
-    return 4 * (n_head + 1) * (n_ctx // max(1, n_streams)) * n_batch
+    return 4 * (n_heads + 1) * (n_ctx // max(1, n_streams)) * n_batch
 
 
 def flash_attention(
-    kv_type: KVType, n_head: int, n_ctx: int, n_batch: int, n_streams: int = 1
+    kv_type: KVType, n_heads: int, n_ctx: int, n_batch: int, n_streams: int = 1
 ) -> bool:
     """Whether a generation context runs flash attention: always for a quantized cache (llama.cpp
     needs it for a quantized V), else only when plain attention's score matrix would be large."""
     if KVType(kv_type) is not KVType.F16:
         return True
-    return score_matrix_bytes(n_head, n_ctx, n_batch, n_streams) > PLAIN_ATTENTION_MAX_BYTES
+    return score_matrix_bytes(n_heads, n_ctx, n_batch, n_streams) > PLAIN_ATTENTION_MAX_BYTES

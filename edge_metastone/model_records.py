@@ -1,7 +1,7 @@
 """What a model file records that decides how its requests run, read once when the model opens.
 
-A backend hands over its model's metadata as the file stores it (`Backend.default_strategy`,
-`.adaptive`, `.selector`, `.thinking_scaling`: text, JSON for the structured ones). Here each key
+A backend hands over its model's policy keys as the file stores them (`Backend.policy_keys`: text,
+JSON for the structured ones). Here each key
 is parsed and checked once, as gguf-py's reader checks a field's type, into the type the policy
 uses; a bad value is warned about once and stands as unrecorded. With them, what the provenance
 says about the model (`modelfile.about`: its name, task and measured head quality), and the
@@ -55,16 +55,17 @@ class ModelRecords:
     @classmethod
     def read(cls, backend: Backend, head: Path | str | None = None) -> ModelRecords:
         """Parse `backend`'s recorded keys (and the provenance of its file, or of `head`)."""
-        selector = Selector.from_json(backend.selector)
-        strategy = _default_strategy(backend.default_strategy, backend.has_head, selector)
-        adaptive = AdaptiveSettings.from_json(backend.adaptive)
-        if not backend.adaptive:  # unrecorded: adaptive's waves choose as the model's default
+        keys = backend.policy_keys
+        selector = Selector.from_json(keys.selector)
+        strategy = _default_strategy(keys.default_strategy, backend.has_head, selector)
+        adaptive = AdaptiveSettings.from_json(keys.adaptive)
+        if not keys.adaptive:  # unrecorded: adaptive's waves choose as the model's default
             adaptive = dataclasses.replace(adaptive, selector=strategy)
         return cls(
             default_strategy=strategy,
             adaptive=adaptive,
             selector=selector,
-            thinking_scaling=ScalingTable.from_json(backend.thinking_scaling),
+            thinking_scaling=ScalingTable.from_json(keys.thinking_scaling),
             about=about(backend.path, head),
         )
 

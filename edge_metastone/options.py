@@ -217,7 +217,7 @@ class ReasonResult:
     early_stop: bool
     timings: dict[str, float | str] = field(default_factory=dict)  # + kv_layout, kv_type
     predicted: dict[str, float] = field(default_factory=dict)
-    # where the calibration came from and what it cost (`Planner.prepare`; never in the budget)
+    # where the calibration came from and what it cost (`HeldCalibration.prepare`; never in the budget)
     calibration: dict[str, Any] = field(default_factory=dict)
     waves: list[dict[str, int]] = field(default_factory=list)  # adaptive: candidates, tokens
     stop_reason: str = ""  # adaptive: why no further wave ran

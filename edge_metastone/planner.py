@@ -1,8 +1,8 @@
-"""`Planner`: the scheduler's API for one opened model. It turns a request's options into the
-scheduler's inputs (request shape, budgets, the KV types the runtime has), gets the machine's
-calibration ready before a request's latency budget starts (`prepare`: measured once and checked,
-then cached; re-checked after a run that disagreed with it, `observe`), and returns the `Plan`
-(effort, k, KV layout and type, and why)."""
+"""The scheduler's API for one opened model. `HeldCalibration` gets the machine's calibration
+ready before a request's latency budget starts (`prepare`: measured once and checked, then cached;
+re-checked after a run that disagreed with it, `observe`); `Planner` turns a request's options
+into the scheduler's inputs (request shape, budgets, the KV types the runtime has) and returns the
+`Plan` (effort, k, KV layout and type, and why)."""
 
 from __future__ import annotations
 
@@ -47,16 +47,16 @@ from edge_metastone.types import GenerationSettings, KVType, SamplingSettings, T
 logger = logging.getLogger(__name__)
 
 
-class Planner:
-    """Plans requests for `backend` (from several requests' threads at once) by its model's
-    `records`; `exclusive()` holds the model alone while a calibration runs it. A calibration
+class HeldCalibration:
+    """The calibration requests for `backend` plan with (read from several requests' threads at
+    once): measured once and checked, then cached on disk, re-checked after a run that disagreed
+    with it. `exclusive()` holds the model alone while a calibration runs it. A calibration
     passed in is the caller's: used as it is, never re-checked. `progress` hears how a
     calibration goes; `meter` replaces its measurement (tests)."""
 
     def __init__(
         self,
         backend: Backend,
-        records: ModelRecords,
         n_threads: int,
         sampling: SamplingSettings,
         calibration: Calibration | None,
@@ -64,7 +64,6 @@ class Planner:
         progress: ProgressHook | None = None,
     ) -> None:
         self.backend = backend
-        self.records = records
         self.n_threads = n_threads
         self.sampling = sampling
         self._calibration = calibration
@@ -74,6 +73,11 @@ class Planner:
         self._lock = threading.RLock()  # the held calibration (state only: never held to measure)
         self.progress = progress
         self.meter: Meter | None = None
+
+    @property
+    def current(self) -> Calibration | None:
+        """The calibration held now, as it is (None: none yet)."""
+        return self._calibration
 
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once and checked, then cached on
@@ -138,6 +142,15 @@ class Planner:
                 logger.warning("%s: the calibration is re-checked before its next use", why)
                 self._calibration = mark_suspect(cal, why, cached=self._stored)
 
+
+class Planner:
+    """Plans requests for `backend` by its model's `records` with the calibration `held`."""
+
+    def __init__(self, backend: Backend, records: ModelRecords, held: HeldCalibration) -> None:
+        self.backend = backend
+        self.records = records
+        self.held = held
+
     def plan(self, prompt_tokens: int, o: ReasonOptions, max_new_tokens: int) -> Plan:
         """The scheduler's choice for a request of this size (no generation). A fixed effort under
         a latency budget runs (until the deadline when it is predicted over it)."""
@@ -151,10 +164,10 @@ class Planner:
         kv_types = self.kv_types(o)
         facts = self.backend.facts
         if o.effort is Effort.ADAPTIVE:
-            cal = self._calibration  # its prediction is informative: never calibrate for it
+            cal = self.held.current  # its prediction is informative: never calibrate for it
             s = adaptive_settings(self.records, o)
             return plan_adaptive(o.effort, None, facts, cal, req, budget, s, kv_types[0])
-        cal = self.calibration() if needs_calibration(o) else self._calibration
+        cal = self.held.calibration() if needs_calibration(o) else self.held.current
         if (
             o.k is not None
             or cal is None

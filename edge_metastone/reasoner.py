@@ -37,7 +37,7 @@ from edge_metastone.options import (
     latency_deadline,
     options_of,
 )
-from edge_metastone.planner import Planner, adaptive_settings, planned_settings
+from edge_metastone.planner import HeldCalibration, Planner, adaptive_settings, planned_settings
 from edge_metastone.runtime import open_backend
 from edge_metastone.scheduler import MIB, Calibration, Effort, Plan
 from edge_metastone.search import make_strategy
@@ -93,15 +93,15 @@ class Reasoner:
         # None: the model's own (its task's answer length, e.g. 160 for MetaStone-nano), else 1024
         self.max_new_tokens = max_new_tokens or self.about.max_new_tokens
         self._gate = RequestGate()  # requests share the model; the calibration has it alone
-        self._planner = Planner(
+        self._calibration = HeldCalibration(
             self.backend,
-            self.records,
             self.n_threads,
             sampling,
             calibration,
             self._gate.exclusive,
             on_calibration,
         )
+        self._planner = Planner(self.backend, self.records, self._calibration)
 
     @property
     def has_head(self) -> bool:
@@ -121,7 +121,7 @@ class Reasoner:
     def calibration(self, *, refresh: bool = False) -> Calibration:
         """This machine's calibration for the model (measured once, then cached on disk)."""
         self._gate.check_open()
-        return self._planner.calibration(refresh=refresh)
+        return self._calibration.calibration(refresh=refresh)
 
     def prompt_text(self, prompt: Prompt) -> str:
         """The exact text fed to the model: the chat template applied to the prompt."""
@@ -254,7 +254,7 @@ def _search(
         on_event=r._gate.hook(on_event),
         control=control,
     )
-    r._planner.observe(plan, control.timings)  # a wrong calibration gets re-checked
+    r._calibration.observe(plan, control.timings)  # a wrong calibration gets re-checked
     return strategy, control, cands, early
 
 
@@ -321,7 +321,7 @@ class _Run:
         self.by_budget = hard is None or (self.deadline is not None and self.deadline <= hard)
         self.stop_at = self.deadline if self.by_budget else hard  # where the search halts
         self.timings: dict[str, float] = {}
-        self.calibration: dict[str, Any] = {}  # Planner.prepare's note for the result
+        self.calibration: dict[str, Any] = {}  # HeldCalibration.prepare's note for the result
 
     def plan(self, planner: Planner, prompt_tokens: int, default_max_new: int) -> Plan:
         """Plan with what is left of the latency budget after waiting in the queue. The
@@ -334,7 +334,7 @@ class _Run:
                 "the model"
             )
         t1 = time.monotonic()
-        self.calibration = planner.prepare(prompt_tokens, self.options)
+        self.calibration = planner.held.prepare(prompt_tokens, self.options)
         self.timings["calibration_s"] = spent = time.monotonic() - t1
         if self.stop_at is not None:
             self.stop_at += spent

@@ -112,8 +112,8 @@ def context_bytes(
     logits = 4 * facts.n_vocab * n_batch
     # the largest graph is a prefill ubatch: activations, FFN, logits
     compute = 4 * n_batch * (facts.n_vocab + 3 * facts.n_ff + 6 * facts.n_embd)
-    if not flash_attention(kv_type, facts.n_head, n_ctx, n_batch, n_streams):
-        compute += score_matrix_bytes(facts.n_head, n_ctx, n_batch, n_streams)
+    if not flash_attention(kv_type, facts.n_heads, n_ctx, n_batch, n_streams):
+        compute += score_matrix_bytes(facts.n_heads, n_ctx, n_batch, n_streams)
     return kv + logits + compute
 
 

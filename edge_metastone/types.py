@@ -91,11 +91,22 @@ def _logit_bias(pairs: Iterable[tuple[int, float]]) -> tuple[tuple[int, float], 
     return tuple((int(t), float(b)) for t, b in given)
 
 
+@dataclass(frozen=True)
+class PolicyKeys:
+    """The model's policy keys as its file stores them: text, JSON for the structured ones (None:
+    not recorded). `model_records.ModelRecords` parses and checks them once, when it opens."""
+
+    default_strategy: str | None = None  # metastone.default_strategy
+    adaptive: str | None = None  # metastone.adaptive
+    selector: str | None = None  # metastone.selector (the head's file's)
+    thinking_scaling: str | None = None  # metastone.thinking_scaling
+
+
 WEIGHT_BUFFERS_ENV = "EDGE_METASTONE_WEIGHT_BUFFERS"  # the mode when a caller names none
 
 
 class WeightBuffers(str, enum.Enum):
-    """How a model's weights are laid out in CPU memory (`engine.weight_buffers` decides and
+    """How a model's weights are laid out in CPU memory (`engine.weights` decides and
     applies it per load)."""
 
     AUTO = "auto"
@@ -224,7 +235,7 @@ class ModelFacts:
     head_dim: int
     n_embd: int
     n_ff: int
-    n_head: int
+    n_heads: int
     n_vocab: int
     n_ctx_train: int
     head_bytes: int = 0

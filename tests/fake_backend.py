@@ -21,6 +21,7 @@ from edge_metastone.types import (
     KVLayout,
     KVType,
     ModelFacts,
+    PolicyKeys,
     SamplingSettings,
     ScoreResult,
     StepEvent,
@@ -36,7 +37,7 @@ FACTS = ModelFacts(
     head_dim=16,
     n_embd=64,
     n_ff=128,
-    n_head=4,
+    n_heads=4,
     n_vocab=256,
     n_ctx_train=4096,
 )
@@ -104,13 +105,16 @@ class FakeBackend:
     def has_head(self) -> bool:
         return self._has_head
 
-    @property
-    def default_strategy(self) -> str | None:
-        return self._default_strategy
+    # the recorded keys a test sets (metastone.adaptive, .thinking_scaling, .selector)
+    adaptive: str | None = None
+    thinking_scaling: str | None = None
+    selector: str | None = None
 
-    adaptive: str | None = None  # metastone.adaptive
-    thinking_scaling: str | None = None  # metastone.thinking_scaling
-    selector: str | None = None  # metastone.selector
+    @property
+    def policy_keys(self) -> PolicyKeys:
+        return PolicyKeys(
+            self._default_strategy, self.adaptive, self.selector, self.thinking_scaling
+        )
 
     @property
     def rule(self) -> StepRule:

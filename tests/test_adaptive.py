@@ -257,7 +257,7 @@ def test_recorded_settings_are_read_and_used(tiny_gguf, tmp_path):
     model = tmp_path / "with-adaptive.gguf"
     write_model_copy(tiny_gguf("q8_0"), model, extra={keys.ADAPTIVE: recorded.to_json()})
     with Reasoner(model, max_new_tokens=6) as r:
-        assert AdaptiveSettings.from_json(r.backend.adaptive) == recorded
+        assert AdaptiveSettings.from_json(r.backend.policy_keys.adaptive) == recorded
         res = r.reason("What is 2+3?", effort="adaptive", seed=1)
         # never settles (min_agree 99): both recorded waves run, then max_k
         assert [w["candidates"] for w in res.waves] == [2, 5] and res.k == 5
@@ -267,7 +267,7 @@ def test_recorded_settings_are_read_and_used(tiny_gguf, tmp_path):
         assert out["waves"] == res.waves and all("stopped_early" in c for c in out["candidates"])
         assert r.reason("What is 2+3?", effort="adaptive", max_k=3).k <= 3
     with Reasoner(tiny_gguf("q8_0"), max_new_tokens=6) as r:  # no key: the safe defaults
-        assert r.backend.adaptive is None
+        assert r.backend.policy_keys.adaptive is None
         res = r.reason("What is 2+3?", effort="adaptive", seed=1)
         assert res.waves and res.waves[0]["candidates"] == AdaptiveSettings().waves[0]
 

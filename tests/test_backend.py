@@ -238,3 +238,52 @@ def test_the_model_path_picks_the_runtime(tmp_path):
     proc = run_cli("reason", "--model", str(onnx_dir), "hi")
     assert proc.returncode != 0 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "ONNX" in proc.stderr, proc.stderr
+
+
+def test_the_models_recorded_policy_is_read_once_when_it_opens(caplog):
+    """Bad recorded keys are each warned about once, when the model opens (not once per request,
+    as when each request parsed them), and stand as unrecorded: the default strategy falls back,
+    the adaptive settings are the safe defaults, no combined selector."""
+    import logging
+
+    from edge_metastone.search.adaptive import AdaptiveSettings
+
+    fake = FakeBackend(SCRIPTS * 8, default_strategy="no-such-strategy")
+    fake.adaptive = "{not json"
+    fake.selector = '{"version": 0}'
+    fake.thinking_scaling = "[1, 2]"
+    with caplog.at_level(logging.WARNING), Reasoner(backend=fake, calibration=CAL) as r:
+        for effort in ("low", "adaptive", "auto"):
+            r.reason("hi", effort=effort, latency_budget=30.0)
+            r.reason("hi", effort=effort)
+        assert r.default_strategy.value == "best-of-k" and r.records.selector is None
+        assert r.records.adaptive == AdaptiveSettings() and r.records.thinking_scaling is None
+    said = [rec.getMessage() for rec in caplog.records]
+    for what in (
+        "unknown default strategy",
+        "recorded adaptive settings",
+        "recorded selector",
+        "thinking-scaling table",
+    ):
+        assert sum(what in m for m in said) == 1, (what, said)
+
+
+def test_the_latency_budget_counts_from_arrival_and_the_result_says_what_stopped_it():
+    """A request that arrived before `reason` was called (a server's queue) has spent the wait
+    from its budget: spent whole, it is refused before any token. Otherwise the search stops at
+    its budget (`stopped_by` "latency_budget") or at the caller's hard deadline ("time_limit"),
+    whichever comes first; a run that ends by itself was stopped by neither."""
+    from edge_metastone.errors import BudgetError
+
+    fake = FakeBackend([Script([0.5] * 200, every=10)] * 2, round_s=0.001)  # 0.2 s at least
+    with Reasoner(backend=fake, calibration=CAL) as r:
+        with pytest.raises(BudgetError, match="ran out while waiting"):
+            r.reason("hi", effort="low", latency_budget=5.0, arrival=time.monotonic() - 10)
+        assert fake.calls == 0
+        res = r.reason("hi", effort="low", latency_budget=0.05)
+        assert res.early_stop and res.stopped_by == "latency_budget"
+        res = r.reason("hi", effort="low", latency_budget=60.0, deadline=time.monotonic() + 0.05)
+        assert res.early_stop and res.stopped_by == "time_limit"
+        assert "stopped early at the request's time limit" in res.scheduler_reason
+        res = r.reason("hi", effort="low")
+        assert not res.early_stop and res.stopped_by == ""

@@ -280,6 +280,25 @@ def test_records_are_what_the_reasoner_returns_for_prompts_and_messages(tmp_path
     assert recs[0]["prompt_text"] == recs[1]["prompt_text"]  # a prompt is one user message
 
 
+def test_a_prompt_outside_the_task_gets_the_warning_reason_prints(tmp_path):
+    """A record carries what `reason --json` warns of for its prompt (here a question outside the
+    embedded model's arithmetic), and a prompt inside the task gets no `warnings` at all."""
+    off, inside = "What is the capital of France?", "What is (17+25)*3-40?"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate([off, inside]))
+    )
+    out = tmp_path / "out.jsonl"
+    proc = batch(inp, out, "--effort", "low")
+    assert proc.returncode == 0, proc.stderr
+    first, second = read_records(out)
+    said = run_cli("reason", off, "--json", "--effort", "low")
+    assert said.returncode == 0, said.stderr
+    warned = json.loads(said.stdout)["warnings"]
+    assert first["warnings"] == warned and "outside what MetaStone-nano can do" in warned[0]
+    assert "warnings" not in second
+
+
 # --- Ray --------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import llama_cpp
 import pytest
+from stock_llama import stock_defaults
 
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.runtime import open_backend
@@ -55,10 +56,13 @@ def ours(path: Path, mode: str) -> tuple[list[int], list[int], str]:
 
 
 def stock(path: Path, mode: str) -> tuple[list[int], list[int], str]:
-    """(prompt ids, all but the last generated id, generated text) from stock llama-cpp-python."""
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False
-    )
+    """(prompt ids, all but the last generated id, generated text) from stock llama-cpp-python,
+    loaded with the engine's weight buffers (llama.cpp's default puts weights in AMX buffers on an
+    AMX CPU, whose matmul segfaults in the first decode: llama.cpp issue 20824)."""
+    with stock_defaults(path):
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False
+        )
     try:
         if mode == "raw":
             out = llm.create_completion(RAW, max_tokens=N_NEW, temperature=0.0)

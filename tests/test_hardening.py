@@ -141,17 +141,20 @@ def test_a_broken_model_does_not_decide_the_weight_buffers_of_the_next(
     # the order that failed: a broken model's canary failed cleanly (exit 1), was memoized, and the
     # next good model with the same weight types fell back to plain; a clean failure that plain
     # shares is the model's, not the mode's: no fallback, no warning, nothing remembered
-    from edge_metastone.engine import weight_buffers as wb
+    from edge_metastone.engine.weights import plan as wplan
+    from edge_metastone.engine.weights.build import build_report
+    from edge_metastone.engine.weights.decision import decide
+    from edge_metastone.types import WeightBuffers
 
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(wb, "_verdicts", {})
+    monkeypatch.setattr(wplan, "_verdicts", {})
     good = tiny_gguf("f32")
-    chosen = wb.decide(wb.WeightBuffers.AUTO, wb.build_report()).mode
-    if chosen is wb.WeightBuffers.PLAIN:
+    chosen = decide(WeightBuffers.AUTO, build_report()).mode
+    if chosen is WeightBuffers.PLAIN:
         pytest.skip("this build places weights plainly: no canary runs")
     broken = _nan_model(good, tmp_path / "broken.gguf")
-    assert wb.plan_for(broken).plan.mode is chosen
-    assert wb.plan_for(good).plan.mode is chosen
+    assert wplan.plan_for(broken).plan.mode is chosen
+    assert wplan.plan_for(good).plan.mode is chosen
 
 
 # --- templates --------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_build_scripts_run_at_toy_size(tmp_path):
 
     final = tmp_path / "default.gguf"
     mf = open_model_file(final)
-    assert mf.head is not None and mf.default_strategy in (
+    assert mf.head is not None and mf.policy_keys.default_strategy in (
         "best-of-k",
         "vote",
         "weighted-vote",
@@ -111,11 +111,11 @@ def test_shipped_model_is_small_and_self_describing(shipped):
     assert shipped.stat().st_size < 20 * 2**20
     mf = open_model_file(shipped)
     assert mf.head is not None and mf.step_token_ids and mf.think_start_id >= 0
-    assert mf.default_strategy in ("best-of-k", "vote", "weighted-vote", "logprob")
+    assert mf.policy_keys.default_strategy in ("best-of-k", "vote", "weighted-vote", "logprob")
     prov = provenance(shipped)
     assert (
         prov["script"] == "examples/nano/build.py"
-        and prov["default_strategy"] == mf.default_strategy
+        and prov["default_strategy"] == mf.policy_keys.default_strategy
     )
 
 

@@ -122,18 +122,18 @@ def test_score_uses_the_embedded_model_and_says_what_plain_text_needs(tmp_path):
 
 def test_the_sweep_plot_spans_0_to_1_with_intervals_and_labels_inside(tmp_path):
     def point(k, compute, acc):
-        return dict(
-            k=k,
-            problems=9,
-            compute=compute,
-            default=acc,
-            default_strategy="logprob",
-            sprm=acc,
-            majority=acc,
-            logprob=acc,
-            single=0.6,
-            oracle=0.9,
-        )
+        return {
+            "k": k,
+            "problems": 9,
+            "compute": compute,
+            "default": acc,
+            "default_strategy": "logprob",
+            "best-of-k": acc,
+            "vote": acc,
+            "logprob": acc,
+            "single": 0.6,
+            "oracle": 0.9,
+        }
 
     points = {
         "low": point(2, 1e9, 0.667),

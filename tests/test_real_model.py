@@ -149,7 +149,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def test_the_real_model_is_accepted(smol):
     mf = open_model_file(smol)
-    assert (mf.arch, mf.n_layers, mf.n_embd, mf.n_head, mf.n_head_kv) == ("llama", 30, 576, 9, 3)
+    assert (mf.arch, mf.n_layers, mf.n_embd, mf.n_heads, mf.n_kv_heads) == ("llama", 30, 576, 9, 3)
     assert mf.head is None and "llama" in SUPPORTED_ARCHS
 
 
@@ -369,9 +369,13 @@ def test_train_sprm_writes_a_sidecar_head_that_scores(smol, hf, tmp_path):
     assert diff < 0.05, f"step scores: max difference {diff:.2e} from the head on HF features"
 
     # the combined selector, fitted on the held-out problem and recorded, reaches `reason`
-    sel = json.loads(mf.selector)
+    sel = json.loads(mf.policy_keys.selector)
     assert sel == report["selector"] and sel["measured"]["problems"] == 1
-    assert mf.default_strategy == report["default_strategy"] == sel["measured"]["default_strategy"]
+    assert (
+        mf.policy_keys.default_strategy
+        == report["default_strategy"]
+        == sel["measured"]["default_strategy"]
+    )
     proc = run_cli(
         "reason", "--model", str(smol), "--head", str(side), "--effort", "low", "--json",
         "--max-new-tokens", "24", "--seed", "3", "--threads", "2", "What is 2+3?",
@@ -435,12 +439,12 @@ def test_stated_head_size_is_used(tiny_gguf, tmp_path):
     mf = open_model_file(base)
     out = tmp_path / "keylen.gguf"
     # heads a multiple of the KV heads that do not divide the hidden size
-    n_head = next(h for h in range(mf.n_head_kv, 1 << 12, mf.n_head_kv) if mf.n_embd % h)
+    n_heads = next(h for h in range(mf.n_kv_heads, 1 << 12, mf.n_kv_heads) if mf.n_embd % h)
 
     def change(name, types, value):
-        return (types, n_head) if name == "qwen2.attention.head_count" else (types, value)
+        return (types, n_heads) if name == "qwen2.attention.head_count" else (types, value)
 
     rewrite(base, out, change, add=[("qwen2.attention.key_length", [V.UINT32], 48)])
     stated = open_model_file(out)
-    assert stated.n_embd % stated.n_head and stated.head_dim == 48
+    assert stated.n_embd % stated.n_heads and stated.head_dim == 48
     assert model_facts(stated).head_dim == 48 and mf.key_length == 0

@@ -29,7 +29,7 @@ FACTS = ModelFacts(
     head_dim=128,
     n_embd=1536,
     n_ff=8960,
-    n_head=12,
+    n_heads=12,
     n_vocab=151936,
     n_ctx_train=131072,
     head_bytes=0,
@@ -299,7 +299,7 @@ def test_memory_model_against_llama_cpp_buffers(tiny_gguf, caplog, prompt, new, 
         n_seq_max=k,
         kv_unified=layout is KVLayout.UNIFIED,
         kv_type=kv_type.value,
-        flash_attn=flash_attention(kv_type, facts.n_head, n_ctx, n_batch, streams),
+        flash_attn=flash_attention(kv_type, facts.n_heads, n_ctx, n_batch, streams),
     )
     with Model(path) as m, Context(m, settings):
         pass
@@ -349,7 +349,7 @@ def test_plain_attention_score_matrix_against_llama_cpp(tiny_gguf, caplog, n_ctx
     base = {"n_ctx": n_ctx, "n_batch": n_batch, "n_seq_max": streams, "kv_unified": streams == 1}
     plain = _compute_buffer(path, caplog, ContextSettings(**base, flash_attn=False))
     flash = _compute_buffer(path, caplog, ContextSettings(**base, flash_attn=True))
-    charged = score_matrix_bytes(facts.n_head, n_ctx, n_batch, streams)
+    charged = score_matrix_bytes(facts.n_heads, n_ctx, n_batch, streams)
     assert plain - flash <= charged <= 2 * (plain - flash), (charged / MIB, (plain - flash) / MIB)
 
 

@@ -453,6 +453,13 @@ def test_default_model_path_is_what_nano_serves(nano):
     card = httpx.get(nano.url + "/v1/models").json()["data"][0]
     assert card["metastone"]["file"] == default_model_path().name
     assert card["metastone"]["has_head"] and card["metastone"]["efforts"]["high"] == 32
+    # how each selector chooses (the page reads it instead of knowing the names)
+    how = card["metastone"]["strategies"]
+    votes = {"vote", "weighted-vote", "confidence-vote", "combined-vote"}
+    assert {name for name, h in how.items() if h["vote"]} == votes
+    assert set(how) == votes | {"best-of-k", "prune", "logprob", "combined"}
+    assert how["logprob"]["signal"] == "logprob" and how["best-of-k"]["signal"] == "sprm"
+    assert how["vote"]["signal"] == "count" and how["combined-vote"]["signal"] == "combined"
 
 
 def test_serve_without_max_new_tokens_uses_the_models_own_limit_and_warns_off_task():

@@ -15,8 +15,8 @@ import pytest
 
 from edge_metastone.batch import report
 from edge_metastone.batch.jobfile import ResultLog
-from edge_metastone.engine import weight_buffers as wb
-from edge_metastone.engine.weight_buffers import CanaryResult
+from edge_metastone.engine.weights import plan as wplan
+from edge_metastone.engine.weights.plan import CanaryResult
 from edge_metastone.gguf_io import atomic_output
 from edge_metastone.paths import write_text_atomic
 
@@ -84,12 +84,12 @@ def test_an_interrupted_canary_store_leaves_no_temporary_file(tiny_gguf, monkeyp
     model = tiny_gguf("q8_0")
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
     monkeypatch.delenv("EDGE_METASTONE_WEIGHT_BUFFERS", raising=False)
-    monkeypatch.setattr(wb, "_verdicts", {})
-    monkeypatch.setattr(wb, "run_child_decode", lambda *a, **k: CanaryResult(True, "decoded"))
+    monkeypatch.setattr(wplan, "_verdicts", {})
+    monkeypatch.setattr(wplan, "run_child_decode", lambda *a, **k: CanaryResult(True, "decoded"))
     calls: list = []
     monkeypatch.setattr(os, "replace", failing(KeyboardInterrupt, calls))
     with pytest.raises(KeyboardInterrupt):
-        wb.plan_for(model)
+        wplan.plan_for(model)
     monkeypatch.undo()
     assert calls, "the canary was never stored: the test injected nothing"
     assert names(tmp_path / "canary") == []

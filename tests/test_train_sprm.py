@@ -205,7 +205,7 @@ def test_planted_signal_is_learned_and_input_untouched(planted, tmp_path):
     assert json.loads(Path(report["report_file"]).read_text())["validation"] == v
     # the combined selector, fitted on the validation problems, recorded with its numbers
     sel = json.loads(side.get_field(keys.SELECTOR).contents())
-    assert sel == report["selector"] and json.loads(mf.selector) == sel
+    assert sel == report["selector"] and json.loads(mf.policy_keys.selector) == sel
     m = sel["measured"]
     assert m["problems"] == v["problems"] and not m["validation_is_training_set"]
     assert report["validation_split"] == "problem"  # every problem has the one answer GOLD
@@ -217,7 +217,7 @@ def test_planted_signal_is_learned_and_input_untouched(planted, tmp_path):
     assert facts.logprob_auc_within == pytest.approx(v["logprob_auc_within"])
     assert about(planted).head_auc_within is None  # no sidecar beside the model
     assert m["auc_within"]["head"] > 0.9 and m["auc_within"]["combined"] > 0.8, m
-    assert m["default_strategy"] == report["default_strategy"] == mf.default_strategy
+    assert m["default_strategy"] == report["default_strategy"] == mf.policy_keys.default_strategy
     with Reasoner(model=planted, head=out, n_threads=1) as r:
         assert r.default_strategy.value == report["default_strategy"]
 

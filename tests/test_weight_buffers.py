@@ -12,10 +12,14 @@ import signal
 
 import numpy as np
 import pytest
+from stock_llama import stock_defaults
 
 from conftest import cli_json, run_cli
-from edge_metastone.engine import weight_buffers as wb
-from edge_metastone.engine.weight_buffers import BuildReport, CanaryResult, decide
+from edge_metastone.engine.weights import plan as wplan
+from edge_metastone.engine.weights.build import BuildReport, build_report
+from edge_metastone.engine.weights.decision import KNOWN_BAD, decide
+from edge_metastone.engine.weights.placement import repack_patterns
+from edge_metastone.engine.weights.plan import CanaryResult
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.models import default_model_path
 from edge_metastone.types import WEIGHT_BUFFERS_ENV, WeightBuffers, requested_mode
@@ -81,9 +85,9 @@ def test_mode_from_argument_environment_and_default(monkeypatch):
 
 def test_this_machine_never_gets_a_known_bad_buffer_type_by_default(tiny_gguf, monkeypatch):
     monkeypatch.delenv(WEIGHT_BUFFERS_ENV, raising=False)
-    plan = wb.plan_for(tiny_gguf("q4_0")).plan
-    report = wb.build_report()
-    if any(b in wb.KNOWN_BAD for b in report.extra_bufts):
+    plan = wplan.plan_for(tiny_gguf("q4_0")).plan
+    report = build_report()
+    if any(b in KNOWN_BAD for b in report.extra_bufts):
         assert plan.mode is not WeightBuffers.EXTRA, plan
     else:  # llama.cpp's own default wherever it is safe
         assert plan.mode is WeightBuffers.EXTRA, plan
@@ -119,10 +123,10 @@ def test_repack_overrides_fill_cpu_repack_and_keep_the_logits(tiny_hf, tiny_gguf
     from reference_scorer import load_reference, reference_forward
 
     path = tiny_gguf("q4_0")
-    report = wb.build_report()
+    report = build_report()
     if "CPU_REPACK" not in report.extra_bufts:
         pytest.skip("this llama.cpp build has no CPU_REPACK")
-    patterns, n = wb.repack_patterns(path)
+    patterns, n = repack_patterns(path)
     from gguf import GGUFReader
 
     named, expected_mib = 0, 0.0
@@ -157,39 +161,39 @@ def test_canary_crash_steps_down_and_is_remembered(tiny_gguf, monkeypatch, tmp_p
     """A mode whose test decode is killed by a signal is not used, and the verdict is cached."""
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
     monkeypatch.delenv(WEIGHT_BUFFERS_ENV, raising=False)
-    monkeypatch.setattr(wb, "_verdicts", {})
+    monkeypatch.setattr(wplan, "_verdicts", {})
     calls = []
 
     def crashing(path, mode, **kw):
         calls.append(mode)
         return CanaryResult(False, "killed by signal 11 (SIGSEGV)")
 
-    monkeypatch.setattr(wb, "run_child_decode", crashing)
-    plan = wb.plan_for(tiny_gguf("q8_0")).plan
+    monkeypatch.setattr(wplan, "run_child_decode", crashing)
+    plan = wplan.plan_for(tiny_gguf("q8_0")).plan
     assert plan.mode is WeightBuffers.PLAIN
     assert "SIGSEGV" in plan.reason
     assert calls and WeightBuffers.PLAIN not in calls  # plain is the floor, never tested
-    stored = wb.canary_entries()
+    stored = wplan.canary_entries()
     assert stored and all(not e["ok"] for e in stored)
-    monkeypatch.setattr(wb, "_verdicts", {})  # a new process: the cache answers
+    monkeypatch.setattr(wplan, "_verdicts", {})  # a new process: the cache answers
     n = len(calls)
-    assert wb.plan_for(tiny_gguf("q8_0")).plan.mode is WeightBuffers.PLAIN
+    assert wplan.plan_for(tiny_gguf("q8_0")).plan.mode is WeightBuffers.PLAIN
     assert len(calls) == n
 
 
 def test_canary_time_out_is_not_cached(tiny_gguf, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGE_METASTONE_CACHE", str(tmp_path))
     monkeypatch.delenv(WEIGHT_BUFFERS_ENV, raising=False)
-    monkeypatch.setattr(wb, "_verdicts", {})
+    monkeypatch.setattr(wplan, "_verdicts", {})
     monkeypatch.setattr(
-        wb, "run_child_decode", lambda *a, **k: CanaryResult(False, "no answer in 180 s")
+        wplan, "run_child_decode", lambda *a, **k: CanaryResult(False, "no answer in 180 s")
     )
-    wb.plan_for(tiny_gguf("q8_0"))
-    assert wb.canary_entries() == []
+    wplan.plan_for(tiny_gguf("q8_0"))
+    assert wplan.canary_entries() == []
 
 
 def test_real_canary_decodes_in_a_child(tiny_gguf):
-    result = wb.run_child_decode(tiny_gguf("q4_0"), None)
+    result = wplan.run_child_decode(tiny_gguf("q4_0"), None)
     assert result.ok, result.detail
     assert "decoded 40 tokens" in result.detail
 
@@ -216,6 +220,19 @@ def test_flag_and_environment_reach_the_timings(tmp_path):
     assert out["timings"]["weight_buffers_reason"] == "plain: as asked: no extra buffer types"
 
 
+def test_the_flag_reaches_every_command_that_loads_a_model(monkeypatch):
+    """--weight-buffers is handed to each load (it no longer travels through the process's
+    environment): inspect and doctor report the asked mode, with the variable set to another
+    mode that the flag overrides."""
+    monkeypatch.setenv(WEIGHT_BUFFERS_ENV, "extra")
+    model = str(default_model_path())
+    seen = cli_json("inspect", model, "--weight-buffers", "plain", "--json")
+    assert seen["weight_buffers"]["mode"] == "plain"
+    assert cli_json("doctor", "--weight-buffers", "plain", "--json")["weight_buffers"]["mode"] == (
+        "plain"
+    )
+
+
 def test_bad_environment_value_is_one_line(monkeypatch):
     monkeypatch.setenv(WEIGHT_BUFFERS_ENV, "turbo")
     proc = run_cli("reason", "What is 2+3?", "--effort", "low")
@@ -229,12 +246,12 @@ def test_stock_llama_cpp_python_loads_in_the_same_mode(tiny_gguf):
     import llama_cpp
 
     path = tiny_gguf("q4_0")
-    with wb.stock_defaults(path, "repack") as placement:
+    with stock_defaults(path, "repack") as placement:
         llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
     try:
         assert llm.model_params.use_extra_bufts is False
         assert placement.plan.mode is WeightBuffers.REPACK or "CPU_REPACK" not in (
-            wb.build_report().extra_bufts
+            build_report().extra_bufts
         )
         llm.eval(llm.tokenize(b"hello there"))  # decodes
     finally:
@@ -248,7 +265,7 @@ def test_doctor_on_this_machine():
     assert d["cpu"]
     assert d["llama_cpp"]["devices"][0] == "CPU" or "CPU" in d["llama_cpp"]["devices"]
     assert d["weight_buffers"]["mode"] in {"extra", "repack", "plain"}
-    if any(b in wb.KNOWN_BAD for b in d["llama_cpp"]["extra_buffer_types"]):
+    if any(b in KNOWN_BAD for b in d["llama_cpp"]["extra_buffer_types"]):
         assert d["weight_buffers"]["mode"] != "extra"
     assert d["embedded_model"] == str(default_model_path())
     assert isinstance(d["capture_extension"], bool)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from edge_metastone.types import WEIGHT_BUFFERS_ENV, WeightBuffers
+
+if TYPE_CHECKING:
+    from edge_metastone.reasoner import Reasoner
 
 
 def add_threads_and_gpu(p: argparse.ArgumentParser) -> None:
@@ -44,6 +48,21 @@ def add_weight_buffers(p: argparse.ArgumentParser) -> None:
         help="where llama.cpp keeps the weights: auto (default; never AMX), extra (llama.cpp's "
         "default), repack (CPU_REPACK only), plain (no extra buffer types); "
         f"also ${WEIGHT_BUFFERS_ENV}",
+    )
+
+
+def open_reasoner(args: argparse.Namespace, **extra: Any) -> Reasoner:
+    """The model a command's options name (--model, --head, --threads, --gpu-layers,
+    --weight-buffers), opened; `extra`: the Reasoner's other settings."""
+    from edge_metastone.reasoner import Reasoner
+
+    return Reasoner(
+        args.model,
+        head=args.head,
+        n_threads=args.threads,
+        n_gpu_layers=args.gpu_layers,
+        weight_buffers=args.weight_buffers,
+        **extra,
     )
 
 

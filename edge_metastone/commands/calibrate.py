@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers, print_json
+from edge_metastone.commands import (
+    add_threads_and_gpu,
+    add_weight_buffers,
+    open_reasoner,
+    print_json,
+)
 
 if TYPE_CHECKING:
     from edge_metastone.calibration import CalibrationProgress, Outcome
@@ -76,15 +81,8 @@ def render(p: CalibrationProgress, width: int = 24) -> str:
 def run(args: argparse.Namespace) -> int:
     """Calibrate (or show the cached calibration) and print it."""
     from edge_metastone.calibration import calibration_for
-    from edge_metastone.reasoner import Reasoner
 
-    with Reasoner(
-        args.model,
-        head=args.head,
-        n_threads=args.threads,
-        n_gpu_layers=args.gpu_layers,
-        weight_buffers=args.weight_buffers,
-    ) as r:
+    with open_reasoner(args) as r:
         out = calibration_for(
             r.backend, r.n_threads, r.sampling, refresh=args.force, progress=ProgressBar()
         )

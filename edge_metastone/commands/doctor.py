@@ -65,12 +65,8 @@ def report(model: Path | None, weight_buffers: str | None = None) -> dict[str, A
     import llama_cpp
 
     from edge_metastone.engine.capture import native_available
-    from edge_metastone.engine.weight_buffers import (
-        build_report,
-        canary_entries,
-        plan_for,
-        run_child_decode,
-    )
+    from edge_metastone.engine.weights.build import build_report
+    from edge_metastone.engine.weights.plan import canary_entries, plan_for, run_child_decode
     from edge_metastone.models import default_model_path
     from edge_metastone.paths import cache_dir
     from edge_metastone.types import WeightBuffers

@@ -42,8 +42,8 @@ def describe(mf: ModelFile, prompt: dict[str, object]) -> dict[str, object]:
         "layers": mf.n_layers,
         "hidden_size": mf.n_embd,
         "feed_forward": mf.n_ff,
-        "heads": mf.n_head,
-        "kv_heads": mf.n_head_kv,
+        "heads": mf.n_heads,
+        "kv_heads": mf.n_kv_heads,
         "vocab": mf.n_vocab,
         "context_length": mf.context_length,
         "parameters": mf.n_params,
@@ -111,7 +111,7 @@ def _ids(ids: list[int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the description."""
-    from edge_metastone.engine.weight_buffers import plan_for  # loads llama.cpp
+    from edge_metastone.engine.weights.plan import plan_for  # loads llama.cpp
 
     mf = open_model_file(args.model, args.head)
     d = model_facts(mf)

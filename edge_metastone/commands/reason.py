@@ -11,6 +11,7 @@ from edge_metastone.commands import (
     add_stop,
     add_threads_and_gpu,
     add_weight_buffers,
+    open_reasoner,
     print_json,
     stop_strings,
 )
@@ -182,18 +183,10 @@ def read_prompt(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     """Reason and print."""
     from edge_metastone.commands.calibrate import ProgressBar
-    from edge_metastone.reasoner import Reasoner
 
     prompt = read_prompt(args)
     options = reason_options(args)
-    with Reasoner(
-        args.model,
-        head=args.head,
-        n_threads=args.threads,
-        n_gpu_layers=args.gpu_layers,
-        weight_buffers=args.weight_buffers,
-        on_calibration=ProgressBar(),
-    ) as r:
+    with open_reasoner(args, on_calibration=ProgressBar()) as r:
         if args.recalibrate:
             r.calibration(refresh=True)
         facts = r.about

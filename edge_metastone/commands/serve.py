@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers
+from edge_metastone.commands import add_threads_and_gpu, add_weight_buffers, open_reasoner
 from edge_metastone.errors import EdgeMetastoneError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -202,7 +202,6 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edge_metastone.commands.calibrate import ProgressBar
-    from edge_metastone.reasoner import Reasoner
     from edge_metastone.server.app import create_app
     from edge_metastone.server.runner import DrainingServer
 
@@ -213,14 +212,8 @@ def run(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     with (
         contextlib.closing(sock),
-        Reasoner(
-            args.model,
-            head=args.head,
-            n_threads=args.threads,
-            n_gpu_layers=args.gpu_layers,
-            max_new_tokens=args.max_new_tokens,
-            weight_buffers=args.weight_buffers,
-            on_calibration=ProgressBar(),
+        open_reasoner(
+            args, max_new_tokens=args.max_new_tokens, on_calibration=ProgressBar()
         ) as reasoner,
     ):
         if args.recalibrate:  # now, not inside the first request

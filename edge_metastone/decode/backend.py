@@ -1,6 +1,6 @@
 """`DecodingBackend`: what both runtimes' backends share behind `edge_metastone.backend.Backend`:
 the chat encoding, stop strings in the tokenizer's normal form, and `generate` through the one
-decode loop. A runtime's backend adds its model, tokenizer, `open_steps` and scoring."""
+decode loop. A runtime's backend adds its model, tokenizer, `open_slots` and scoring."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from edge_metastone.backend import generate_all
 from edge_metastone.chat import ChatTemplate, PromptFormat, dedupe_bos, encode_chat
 from edge_metastone.decode.loop import decode_loop
-from edge_metastone.decode.steps import Steps
+from edge_metastone.decode.slots import Slots
 from edge_metastone.normalization import NormalForm, normalize
 from edge_metastone.sprm import StepRule
 from edge_metastone.types import (
@@ -24,7 +24,7 @@ from edge_metastone.types import (
 
 
 class DecodingBackend:
-    """The shared half of a backend; a subclass sets the attributes below and `open_steps`."""
+    """The shared half of a backend; a subclass sets the attributes below and `open_slots`."""
 
     template: ChatTemplate
     rule: StepRule
@@ -41,16 +41,11 @@ class DecodingBackend:
         raise NotImplementedError
 
     @property
-    def selector(self) -> str | None:
-        """The model's fitted combined selector (`metastone.selector`, JSON), if any."""
-        raise NotImplementedError
-
-    @property
     def n_ctx(self) -> int:
         """The model's context length."""
         raise NotImplementedError
 
-    def open_steps(
+    def open_slots(
         self,
         prompt: list[int],
         k: int,
@@ -58,8 +53,8 @@ class DecodingBackend:
         scoring: bool,
         tm: Timings,
         control: GenerationControl | None = None,
-    ) -> Steps:
-        """One generation's runtime steps (`edge_metastone.decode.steps.Runtime`)."""
+    ) -> Slots:
+        """One generation's slots on this runtime (`edge_metastone.decode.slots.SlotSource`)."""
         raise NotImplementedError
 
     @property

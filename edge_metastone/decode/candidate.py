@@ -1,12 +1,10 @@
 """One candidate's bookkeeping as its tokens arrive, the same on every runtime: step scores and
 StepEvents, the think window, incremental UTF-8 text, stop strings, streaming holdback, length
 limits and the finished `Candidate`. What only the runtime knows (the feature and step score of the
-token just decoded in the candidate's slot) it reads from the runtime's `Steps`."""
+token just decoded in the candidate's slot) it reads from the runtime's `Slots`."""
 
 from __future__ import annotations
 
-import bisect
-import codecs
 import dataclasses
 import math
 import time
@@ -15,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_metastone.decode.steps import Steps
-from edge_metastone.decode.text import ThinkState, safe_end, stop_match
+from edge_metastone.decode.slots import Slots
+from edge_metastone.decode.text import StreamText, ThinkState
 from edge_metastone.errors import EdgeMetastoneError
 from edge_metastone.sprm import StepRule, trajectory_score
 from edge_metastone.types import (
@@ -77,13 +75,13 @@ class CandidateRun:
     prompt_scores: dict[int, float]  # the prompt's step boundaries -> score (scoring)
     prompt_features: dict[int, np.ndarray]  # the prompt's step boundaries -> feature
     think: ThinkState = field(init=False)  # the window as the prompt leaves it
-    steps: bool = field(init=False)  # step boundaries matter: scoring or keep_features
+    marks_steps: bool = field(init=False)  # reasoning-step boundaries matter: scoring or features
 
     def __post_init__(self) -> None:
         self.think = ThinkState()
         for i, t in enumerate(self.prompt):
             self.think.note(self.rule, t, i)
-        self.steps = self.scoring or self.settings.keep_features
+        self.marks_steps = self.scoring or self.settings.keep_features
 
 
 class CandidateStream:
@@ -93,45 +91,39 @@ class CandidateStream:
     __slots__ = (
         "answer_tokens",
         "confidence",
-        "ends",
         "features_by_pos",
         "forced",
         "index",
         "logprobs",
         "note",
         "online",
+        "out",
         "pos",
         "prev",
         "reason",
         "run",
-        "runtime",
         "sampler",
         "scores_by_pos",
         "slot",
-        "streamed",
-        "text",
+        "slots",
         "think",
         "thought",
         "tokens",
-        "utf8",
         "window_sum",
     )
 
     def __init__(
-        self, index: int, run: CandidateRun, runtime: Steps, slot: int, sampler: object
+        self, index: int, run: CandidateRun, slots: Slots, slot: int, sampler: object
     ) -> None:
         self.index = index
         self.run = run
-        self.runtime = runtime  # the feature and step score of `prev` in `slot`
+        self.slots = slots  # the feature and step score of `prev` in `slot`
         self.slot = slot
         self.sampler = sampler  # the runtime's sampler for this candidate
         self.prev = run.prompt[-1]  # last token of the sequence (prompt's last, then generated)
         self.pos = len(run.prompt) - 1  # position of `prev`
         self.tokens: list[int] = []
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""
-        self.ends: list[int] = []  # len(text) after each token
-        self.streamed = 0  # characters of text already sent in TokenEvents
+        self.out = StreamText()  # its text, stop strings and what was streamed
         self.scores_by_pos = dict(run.prompt_scores)
         self.features_by_pos = dict(run.prompt_features) if run.settings.keep_features else {}
         self.online: list[float] = []
@@ -173,56 +165,31 @@ class CandidateStream:
 
     def accept(self, tok: int, data: bytes) -> Iterator[Event]:
         """Take the sampled token `tok` (not end-of-generation), whose bytes are `data`: score the
-        step it closes, extend the text, stream what is safe; sets `reason` when it is the last."""
+        reasoning step it closes, note the think window, extend the text, stream what is safe,
+        and check the limits; sets `reason` when it is the last."""
         run = self.run
-        settings = run.settings
         pos = self.pos + 1
-        if run.steps and run.rule.is_step_boundary(self.prev, tok):
-            self.confidence.close(self.pos, pos - len(run.prompt), self.logprobs)
-            feature = self.runtime.feature(self.slot) if settings.keep_features else None
-            if feature is not None:
-                self.features_by_pos[self.pos] = feature.copy()  # a row of a batch output
-            if run.scoring and (score := _step_score(self)) is not None:
-                self.scores_by_pos[self.pos] = score
-                if self.think.in_window(self.pos):
-                    self.online.append(score)
-                    yield StepEvent(
-                        self.index,
-                        self.pos,
-                        score,
-                        len(self.online),
-                        trajectory_score(self.online),
-                        self.confidence.by_pos.get(self.pos),
-                    )
+        if run.marks_steps and run.rule.is_step_boundary(self.prev, tok):
+            yield from _close_step(self, pos)
         if self.think.starts and self.think.end_pos < 0 and tok != run.rule.think_end_id:
             self.thought += 1
         self.think.note(run.rule, tok, pos)
         self.tokens.append(tok)
         run.timings.generated_tokens += 1
-        piece = self.utf8.decode(data)
-        self.text += piece
-        self.ends.append(len(self.text))
+        piece = self.out.add(data)
         self.prev, self.pos = tok, pos
         if 0 <= self.think.end_pos < pos:
             self.answer_tokens += 1
-        cut = stop_match(self.text, len(piece), settings.stop)
-        if cut is not None:
-            # keep the tokens that end before the stop string: text == their decoding, and no
-            # character of the stop string was streamed (it was held back below)
-            n = bisect.bisect_right(self.ends, cut)
-            del self.tokens[n:], self.ends[n:]
-            self.text = self.text[: self.ends[-1] if n else 0]
+        kept = self.out.stop(piece, run.settings.stop)
+        if kept is not None:  # the tokens before the stop string: the text is their decoding
+            del self.tokens[kept:]
             self.reason = FinishReason.STOP
             yield TokenEvent(self.index, tok, "")
             return
-        safe = safe_end(self.text, self.ends, settings.stop)
-        yield TokenEvent(self.index, tok, self.text[self.streamed : safe])
-        self.streamed = max(self.streamed, safe)
-        over_answer = (
-            settings.max_answer_tokens is not None
-            and self.answer_tokens >= settings.max_answer_tokens
-        )
-        if len(self.tokens) >= settings.max_new_tokens or (self.think.end_pos >= 0 and over_answer):
+        text, end = self.out.unsent(run.settings.stop)
+        yield TokenEvent(self.index, tok, text)
+        self.out.sent(end)
+        if _over_length(self):
             self.reason = FinishReason.LENGTH
 
     def finish(self) -> FinishEvent:
@@ -230,11 +197,40 @@ class CandidateStream:
         if self.reason is None:
             self.reason = FinishReason.LENGTH
         if self.reason is not FinishReason.STOP:
-            self.text += self.utf8.decode(b"", final=True)
-            if self.ends:
-                self.ends[-1] = len(self.text)
+            self.out.flush()
         candidate = _candidate(self)
-        return FinishEvent(self.index, candidate, candidate.text[self.streamed :])
+        return FinishEvent(self.index, candidate, candidate.text[self.out.streamed :])
+
+
+def _close_step(seq: CandidateStream, pos: int) -> Iterator[StepEvent]:
+    """The token at `pos` closes the reasoning step scored at `seq.pos`: its confidence, its
+    feature (kept), its head score, and a StepEvent when the step counts online (SPEC §1)."""
+    run = seq.run
+    seq.confidence.close(seq.pos, pos - len(run.prompt), seq.logprobs)
+    feature = seq.slots.feature(seq.slot) if run.settings.keep_features else None
+    if feature is not None:
+        seq.features_by_pos[seq.pos] = feature.copy()  # a row of a batch output
+    if run.scoring and (score := _step_score(seq)) is not None:
+        seq.scores_by_pos[seq.pos] = score
+        if seq.think.in_window(seq.pos):
+            seq.online.append(score)
+            yield StepEvent(
+                seq.index,
+                seq.pos,
+                score,
+                len(seq.online),
+                trajectory_score(seq.online),
+                seq.confidence.by_pos.get(seq.pos),
+            )
+
+
+def _over_length(seq: CandidateStream) -> bool:
+    """`max_new_tokens` reached, or (its thought ended) `max_answer_tokens`."""
+    settings = seq.run.settings
+    over_answer = (
+        settings.max_answer_tokens is not None and seq.answer_tokens >= settings.max_answer_tokens
+    )
+    return len(seq.tokens) >= settings.max_new_tokens or (seq.think.end_pos >= 0 and over_answer)
 
 
 def _candidate(seq: CandidateStream) -> Candidate:
@@ -245,7 +241,7 @@ def _candidate(seq: CandidateStream) -> Candidate:
     steps: list[float] = []
     score: float | None = None
     features: np.ndarray | None = None
-    if run.steps:
+    if run.marks_steps:
         positions = run.rule.scored_positions(run.prompt + seq.tokens)
     if run.scoring:
         steps = [seq.scores_by_pos[p] for p in positions]
@@ -257,7 +253,7 @@ def _candidate(seq: CandidateStream) -> Candidate:
     return Candidate(
         index=seq.index,
         token_ids=list(seq.tokens),
-        text=seq.text,
+        text=seq.out.text,
         step_positions=positions,
         step_scores=steps,
         score=score,
@@ -288,7 +284,7 @@ def forced_token(seq: CandidateStream) -> int | None:
 def _step_score(seq: CandidateStream) -> float | None:
     """The head's score of the step `seq`'s last token ends, checked finite."""
     t0 = time.perf_counter()
-    score = seq.runtime.step_score(seq.slot)
+    score = seq.slots.step_score(seq.slot)
     if score is not None and not math.isfinite(score):
         raise EdgeMetastoneError(
             f"the model produced a non-finite step score at token {seq.pos} "

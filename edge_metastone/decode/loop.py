@@ -5,8 +5,8 @@
           stop strings, answer budget, events -> finish the ended ones, free their slots
           -> decode(live slots' new tokens) as one batch
 
-A runtime supplies the named steps (`edge_metastone.decode.steps.Steps`); prune and halt come from
-the caller's `GenerationControl` between steps.
+A runtime supplies the operations on one generation's slots (`edge_metastone.decode.slots.Slots`);
+prune and halt come from the caller's `GenerationControl` between decode steps.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from edge_metastone.decode.candidate import (
     forced_token,
     token_logprob,
 )
-from edge_metastone.decode.steps import Runtime, Steps
+from edge_metastone.decode.slots import Slots, SlotSource
 from edge_metastone.errors import ContextExceededError, InvalidRequestError
 from edge_metastone.types import (
     Event,
@@ -47,7 +47,7 @@ def check_request(req: GenerationRequest, n_ctx: int) -> None:
 
 
 def decode_loop(
-    runtime: Runtime, req: GenerationRequest, control: GenerationControl
+    source: SlotSource, req: GenerationRequest, control: GenerationControl
 ) -> Iterator[Event]:
     """Yield token, step and finish events of `req`'s candidates; candidate i samples with the
     seed (seed, candidate_offset + i). Timings add up in `control.timings`.
@@ -56,23 +56,23 @@ def decode_loop(
     candidates; when all of a wave's candidates have ended the loop yields a `WaveEvent` "end",
     and if the caller then asked for more (`control.extend`), it forks them from the kept prompt
     cache and runs them as the next wave, until `max_candidates`."""
-    check_request(req, runtime.n_ctx)
+    check_request(req, source.n_ctx)
     t_start = time.perf_counter()
     tm = control.timings
     tm.prompt_tokens += len(req.prompt)
-    scoring = req.settings.score_steps and runtime.has_head
+    scoring = req.settings.score_steps and source.has_head
     capacity = max(req.k, req.settings.max_candidates or req.k)
-    steps = runtime.open_steps(req.prompt, capacity, req.settings, scoring, tm, control)
+    slots = source.open_slots(req.prompt, capacity, req.settings, scoring, tm, control)
     seqs: list[CandidateStream] = []
     try:
-        run, live = _start(runtime, steps, req, scoring, tm, capacity)
+        run, live = _start(source, slots, req, scoring, tm, capacity)
         seqs, size = list(live), req.k
         waves = capacity > req.k  # a fixed k runs one wave and yields no WaveEvent
         while True:
             tm.waves += 1
             if waves:
                 yield WaveEvent(tm.waves, "start", size, len(seqs))
-            yield from _wave(steps, live, control)
+            yield from _wave(slots, live, control)
             if len(seqs) >= capacity or control.halted:
                 break
             yield WaveEvent(tm.waves, "end", size, len(seqs))
@@ -80,39 +80,39 @@ def decode_loop(
             control.requested = 0
             if size <= 0 or control.halted:
                 break
-            live = _more(steps, run, req, len(seqs), size)
+            live = _more(slots, run, req, len(seqs), size)
             seqs += live
     finally:
         for seq in seqs:
             seq.sampler.close()
-        steps.close()
+        slots.close()
         tm.total_s += time.perf_counter() - t_start
 
 
-def _wave(steps: Steps, live: list[CandidateStream], control: GenerationControl) -> Iterator[Event]:
+def _wave(slots: Slots, live: list[CandidateStream], control: GenerationControl) -> Iterator[Event]:
     """Run candidates until every one has ended: sample, accept, finish the ended ones, decode
     the rest as one batch."""
     tm = control.timings
     while live:
         for seq in live:
-            tok = _next_token(seq, steps, control)
+            tok = _next_token(seq, slots, control)
             if tok is not None:
-                yield from seq.accept(tok, steps.token_bytes(tok))
+                yield from seq.accept(tok, slots.token_bytes(tok))
         for seq in live:
             if seq.reason is not None:
                 yield seq.finish()
-                steps.free(seq.slot)
+                slots.free(seq.slot)
         live = [seq for seq in live if seq.reason is None]
         if live:
             t0 = time.perf_counter()
-            steps.decode([(seq.slot, seq.prev, seq.pos) for seq in live])
+            slots.decode([(seq.slot, seq.prev, seq.pos) for seq in live])
             tm.decode_s += time.perf_counter() - t0
             tm.decode_steps += 1
 
 
 def _start(
-    runtime: Runtime,
-    steps: Steps,
+    source: SlotSource,
+    slots: Slots,
     req: GenerationRequest,
     scoring: bool,
     tm: Timings,
@@ -120,15 +120,15 @@ def _start(
 ) -> tuple[CandidateRun, list[CandidateStream]]:
     """The prompt's pass (its step scores and features), the fork to the first wave's k slots
     (the prompt cache kept for later waves when `capacity` > k), and one stream per candidate."""
-    samplers = _samplers(steps, req, 0, req.k)
+    samplers = _samplers(slots, req, 0, req.k)
     try:
         t0 = time.perf_counter()
-        prompt, rule = req.prompt, runtime.rule
+        prompt, rule = req.prompt, source.rule
         wanted = {
             j - 1 for j in range(1, len(prompt)) if rule.is_step_boundary(prompt[j - 1], prompt[j])
         }
-        pre = steps.prefill(prompt, wanted)
-        steps.fork(0, req.k)
+        pre = slots.prefill(prompt, wanted)
+        slots.fork(0, req.k)
         tm.prefill_tokens += len(prompt) - pre.cached
         tm.cached_prompt_tokens += pre.cached
         tm.prefill_s += time.perf_counter() - t0
@@ -137,21 +137,21 @@ def _start(
             sampler.close()
         raise
     run = CandidateRun(
-        prompt, rule, req.settings, scoring, tm, steps.feature_width, pre.scores, pre.features
+        prompt, rule, req.settings, scoring, tm, slots.feature_width, pre.scores, pre.features
     )
     return run, [
-        CandidateStream(req.candidate_offset + s, run, steps, s, samplers[s]) for s in range(req.k)
+        CandidateStream(req.candidate_offset + s, run, slots, s, samplers[s]) for s in range(req.k)
     ]
 
 
 def _more(
-    steps: Steps, run: CandidateRun, req: GenerationRequest, first: int, n: int
+    slots: Slots, run: CandidateRun, req: GenerationRequest, first: int, n: int
 ) -> list[CandidateStream]:
     """The next wave: slots first..first+n-1 forked from the kept prompt cache."""
-    samplers = _samplers(steps, req, first, n)
+    samplers = _samplers(slots, req, first, n)
     try:
         t0 = time.perf_counter()
-        steps.fork(first, n)
+        slots.fork(first, n)
         run.timings.prefill_tokens += n  # the prompt's last token again, in each new slot
         run.timings.prefill_s += time.perf_counter() - t0
     except BaseException:
@@ -159,22 +159,22 @@ def _more(
             sampler.close()
         raise
     return [
-        CandidateStream(req.candidate_offset + first + s, run, steps, first + s, samplers[s])
+        CandidateStream(req.candidate_offset + first + s, run, slots, first + s, samplers[s])
         for s in range(n)
     ]
 
 
-def _samplers(steps: Steps, req: GenerationRequest, first: int, n: int) -> list:
+def _samplers(slots: Slots, req: GenerationRequest, first: int, n: int) -> list:
     """Candidates first..first+n-1's samplers, primed with the prompt where they need history."""
     offset = req.candidate_offset + first
-    samplers = [steps.sampler(req.sampling, offset + s) for s in range(n)]
+    samplers = [slots.sampler(req.sampling, offset + s) for s in range(n)]
     if req.sampling.repeat_penalty != 1.0:
         for sampler in samplers:
             sampler.accept_all(req.prompt)
     return samplers
 
 
-def _next_token(seq: CandidateStream, steps: Steps, control: GenerationControl) -> int | None:
+def _next_token(seq: CandidateStream, slots: Slots, control: GenerationControl) -> int | None:
     """Sample `seq`'s next token; None when it finished instead (halted, pruned, end of turn, or
     its running confidence fell below the floor)."""
     if seq.halted(control):
@@ -183,13 +183,13 @@ def _next_token(seq: CandidateStream, steps: Steps, control: GenerationControl) 
     t0 = time.perf_counter()
     tok = forced_token(seq)
     if tok is None:
-        tok = steps.sample(seq.slot, seq.sampler)
+        tok = slots.sample(seq.slot, seq.sampler)
     else:  # written for it (its thinking budget ran out): the sampler's history gets it too
         seq.sampler.accept_all((tok,))
-    eog = steps.is_eog(tok)
+    eog = slots.is_eog(tok)
     low = False
     if seq.run.settings.logprobs:
-        lp = token_logprob(steps.logits(seq.slot), tok)
+        lp = token_logprob(slots.logits(seq.slot), tok)
         low = seq.scored(lp, control.window, None if eog else control.min_confidence)
     tm.sample_s += time.perf_counter() - t0
     if eog:

@@ -1,10 +1,11 @@
-"""Runtime-neutral pieces of streaming one candidate: the think window seen so far, stop-string
-matching and how much text may be streamed. Every backend's generator shares them, so stop strings
+"""Runtime-neutral pieces of streaming one candidate: the think window seen so far, its text as
+the tokens arrive, stop-string matching and how much text may be streamed. Every backend's generator shares them, so stop strings
 and the SPEC §1 window behave the same on every runtime."""
 
 from __future__ import annotations
 
 import bisect
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,3 +56,52 @@ def safe_end(text: str, ends: Sequence[int], stops: Sequence[str]) -> int:
     limit = len(text) - hold
     n = bisect.bisect_right(ends, limit)
     return ends[n - 1] if n else 0
+
+
+class StreamText:
+    """A candidate's text as its tokens arrive: decoded incrementally as UTF-8 (a character split
+    across tokens waits for its last byte), where each token's text ends, the stop strings, and
+    how much has been streamed (never what could still grow into a stop string)."""
+
+    __slots__ = ("ends", "streamed", "text", "utf8")
+
+    def __init__(self) -> None:
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.ends: list[int] = []  # len(text) after each token
+        self.streamed = 0  # characters of text already sent
+
+    def add(self, data: bytes) -> str:
+        """Append one token's bytes; returns the characters they completed."""
+        piece = self.utf8.decode(data)
+        self.text += piece
+        self.ends.append(len(self.text))
+        return piece
+
+    def stop(self, piece: str, stops: Sequence[str]) -> int | None:
+        """When the last token's `piece` completed a stop string: cut the text before it, to the
+        tokens that end before it, and return how many tokens are kept (None: no stop string).
+        No character of the stop string was streamed (`unsent` held it back)."""
+        cut = stop_match(self.text, len(piece), stops)
+        if cut is None:
+            return None
+        n = bisect.bisect_right(self.ends, cut)
+        del self.ends[n:]
+        self.text = self.text[: self.ends[-1] if n else 0]
+        return n
+
+    def unsent(self, stops: Sequence[str]) -> tuple[str, int]:
+        """(the text that is safe to stream and not sent yet, where it ends): mark it sent with
+        `sent`."""
+        safe = safe_end(self.text, self.ends, stops)
+        return self.text[self.streamed : safe], safe
+
+    def sent(self, end: int) -> None:
+        """The text up to `end` was streamed."""
+        self.streamed = max(self.streamed, end)
+
+    def flush(self) -> None:
+        """The last token came: a dangling partial character becomes U+FFFD."""
+        self.text += self.utf8.decode(b"", final=True)
+        if self.ends:
+            self.ends[-1] = len(self.text)

@@ -13,7 +13,7 @@ from edge_metastone.decode.backend import DecodingBackend
 from edge_metastone.engine.llama import Model, prompt_ids
 from edge_metastone.engine.pool import SequencePool
 from edge_metastone.engine.scoring import score_tokens
-from edge_metastone.engine.steps import LlamaSetup, LlamaSteps
+from edge_metastone.engine.slots import LlamaSetup, LlamaSlots
 from edge_metastone.errors import MissingHeadError
 from edge_metastone.limits import default_threads
 from edge_metastone.modelfile.read import ModelFile, open_model_file
@@ -25,6 +25,7 @@ from edge_metastone.types import (
     KVLayout,
     KVType,
     ModelFacts,
+    PolicyKeys,
     ScoreResult,
     Timings,
 )
@@ -87,44 +88,18 @@ def model_facts(mf: ModelFile) -> ModelFacts:
     return ModelFacts(
         weight_bytes=mf.n_bytes,
         n_layers=mf.n_layers,
-        n_kv_heads=mf.n_head_kv,
+        n_kv_heads=mf.n_kv_heads,
         head_dim=mf.head_dim,
         n_embd=mf.n_embd,
         n_ff=mf.n_ff,
-        n_head=mf.n_head,
+        n_heads=mf.n_heads,
         n_vocab=mf.n_vocab,
         n_ctx_train=mf.context_length,
         head_bytes=head_bytes,
     )
 
 
-class FileRecords:
-    """What the model file records for the runtime (`metastone.*` keys), as a Backend exposes it."""
-
-    model_file: ModelFile
-
-    @property
-    def default_strategy(self) -> str | None:
-        """The file's `metastone.default_strategy`, if it names one."""
-        return self.model_file.default_strategy
-
-    @property
-    def selector(self) -> str | None:
-        """The file's (or its sidecar head's) `metastone.selector` (JSON), if any."""
-        return self.model_file.selector
-
-    @property
-    def adaptive(self) -> str | None:
-        """The file's `metastone.adaptive` (JSON), if any."""
-        return self.model_file.adaptive
-
-    @property
-    def thinking_scaling(self) -> str | None:
-        """The file's `metastone.thinking_scaling` (JSON), if any."""
-        return self.model_file.thinking_scaling
-
-
-class Engine(FileRecords, DecodingBackend):
+class Engine(DecodingBackend):
     """Loads a model file (and its SPRM head) once; generates k scored candidates per request."""
 
     kv_layouts = (KVLayout.UNIFIED, KVLayout.STREAMS)
@@ -194,6 +169,11 @@ class Engine(FileRecords, DecodingBackend):
         return self.model_file.head is not None
 
     @property
+    def policy_keys(self) -> PolicyKeys:
+        """The file's (or its sidecar head's) recorded policy keys."""
+        return self.model_file.policy_keys
+
+    @property
     def eog_ids(self) -> tuple[int, ...]:
         """Token ids that end a turn."""
         return self._open_model().eog_ids
@@ -227,7 +207,7 @@ class Engine(FileRecords, DecodingBackend):
         """Token ids -> text (control tokens spelled out)."""
         return self._open_model().detokenize(token_ids)
 
-    def open_steps(
+    def open_slots(
         self,
         prompt: list[int],
         k: int,
@@ -235,10 +215,10 @@ class Engine(FileRecords, DecodingBackend):
         scoring: bool,
         tm: Timings,
         control: GenerationControl | None = None,
-    ) -> LlamaSteps:
+    ) -> LlamaSlots:
         """k sequences of the model's pool over `prompt`, in the layout and KV type `settings`
         name (waiting, in arrival order, while the pool has no room)."""
-        return LlamaSteps(self._setup, prompt, k, settings, scoring, tm, control)
+        return LlamaSlots(self._setup, prompt, k, settings, scoring, tm, control)
 
     def score_tokens(self, token_ids: Sequence[int], *, parity: bool = True) -> ScoreResult:
         """One forward over the full sequence, features at the scored positions through the head

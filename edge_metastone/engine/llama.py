@@ -15,7 +15,8 @@ import llama_cpp
 import numpy as np
 
 from edge_metastone.chat import dedupe_bos
-from edge_metastone.engine.weight_buffers import WeightPlan, plan_for
+from edge_metastone.engine.weights.decision import WeightPlan
+from edge_metastone.engine.weights.plan import plan_for
 from edge_metastone.errors import (
     BadModelFileError,
     ContextExceededError,
@@ -89,7 +90,7 @@ class Model:
         if not vocab_only:  # llama.cpp aborts on a vocabulary-only model's hyperparameters
             self.n_embd = llama_cpp.llama_model_n_embd(self._ptr)
             self.n_layer = llama_cpp.llama_model_n_layer(self._ptr)
-            self.n_head = llama_cpp.llama_model_n_head(self._ptr)
+            self.n_heads = llama_cpp.llama_model_n_head(self._ptr)
             self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._ptr)
         self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
         self.eot_id = llama_cpp.llama_vocab_eot(self.vocab)

@@ -115,7 +115,7 @@ class Admission:
         self._close_context()
         flash = flash_attention(
             shape.kv_type,
-            self.model.n_head,
+            self.model.n_heads,
             shape.n_ctx,
             shape.n_batch,
             shape.n_seq if shape.streams else 1,

@@ -7,7 +7,7 @@ import logging
 import struct
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from edge_metastone import keys
 from edge_metastone.errors import BadModelFileError
 from edge_metastone.normalization import NORMAL_FORMS, NormalForm
 from edge_metastone.sprm import SprmHead
+from edge_metastone.types import PolicyKeys
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +241,8 @@ class ModelFile:
     n_layers: int
     n_embd: int
     n_ff: int
-    n_head: int
-    n_head_kv: int
+    n_heads: int
+    n_kv_heads: int
     n_vocab: int
     context_length: int
     file_type: int
@@ -256,19 +257,18 @@ class ModelFile:
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
-    default_strategy: str | None = None  # metastone.default_strategy, as written by the maker
-    adaptive: str | None = None  # metastone.adaptive (JSON), as written; checked where it is used
-    thinking_scaling: str | None = None  # metastone.thinking_scaling (JSON), checked where used
-    selector: str | None = None  # metastone.selector (JSON) of the head's file; checked where used
+    # metastone.default_strategy, .adaptive, .selector, .thinking_scaling as the maker wrote them
+    # (parsed and checked once, when a model opens: `model_records`)
+    policy_keys: PolicyKeys = field(default_factory=PolicyKeys)
     normalizer: NormalForm | None = None  # metastone.tokenizer.normalizer
     # metastone.tokenizer.special_tokens: the tokenizer's named special tokens (None in older files)
     special_tokens: Mapping[str, str] | None = None
-    key_length: int = 0  # `{arch}.attention.key_length` (Gemma: not n_embd / n_head); 0: absent
+    key_length: int = 0  # `{arch}.attention.key_length` (Gemma: not n_embd / n_heads); 0: absent
 
     @property
     def head_dim(self) -> int:
         """Size of one attention head."""
-        return self.key_length or self.n_embd // self.n_head
+        return self.key_length or self.n_embd // self.n_heads
 
     @property
     def has_head(self) -> bool:
@@ -307,7 +307,7 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
     """`open_model_file`'s body: every check, in order, then the facts."""
     m = _Meta(reader, path)
     arch = _check_arch(m)
-    n_embd, n_layers, n_head, n_head_kv, key_length = _check_hparams(m, arch)
+    n_embd, n_layers, n_heads, n_kv_heads, key_length = _check_hparams(m, arch)
     tokens = _check_vocabulary(m)
     n_vocab = len(tokens)
     _check_tensors(path, reader)
@@ -331,8 +331,8 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         n_layers=n_layers,
         n_embd=n_embd,
         n_ff=_hparam(m, arch, llm.FEED_FORWARD_LENGTH),
-        n_head=n_head,
-        n_head_kv=n_head_kv,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
         n_vocab=n_vocab,
         context_length=_hparam(m, arch, llm.CONTEXT_LENGTH, 1 << 24),
         file_type=m.int(gguf.Keys.General.FILE_TYPE, -1),
@@ -347,10 +347,12 @@ def _open(path: Path, reader: gguf.GGUFReader, head_path: Path | str | None) -> 
         chat_template=template,
         bos_token=bos,
         eos_token=eos,
-        default_strategy=strategy or None,
-        adaptive=adaptive or None,
-        thinking_scaling=_recorded(m, keys.THINKING_SCALING) or None,
-        selector=_recorded(facts, keys.SELECTOR) or None,
+        policy_keys=PolicyKeys(
+            default_strategy=strategy or None,
+            adaptive=adaptive or None,
+            selector=_recorded(facts, keys.SELECTOR) or None,
+            thinking_scaling=_recorded(m, keys.THINKING_SCALING) or None,
+        ),
         normalizer=normalizer,  # type: ignore[arg-type]
         special_tokens=special,
         key_length=key_length,
@@ -381,12 +383,12 @@ def _check_hparams(m: _Meta, arch: str) -> tuple[int, int, int, int, int]:
     llm, att, rope = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
     n_embd = _hparam(m, arch, llm.EMBEDDING_LENGTH, 1 << 16)
     n_layers = _hparam(m, arch, llm.BLOCK_COUNT, 4096)
-    n_head = _hparam(m, arch, att.HEAD_COUNT, 4096)
-    n_head_kv = _hparam(m, arch, att.HEAD_COUNT_KV, 4096)
+    n_heads = _hparam(m, arch, att.HEAD_COUNT, 4096)
+    n_kv_heads = _hparam(m, arch, att.HEAD_COUNT_KV, 4096)
     key_length = m.int(att.KEY_LENGTH.format(arch=arch), 0, lo=1, hi=1 << 16)
-    if (not key_length and n_embd % n_head) or n_head % n_head_kv:
+    if (not key_length and n_embd % n_heads) or n_heads % n_kv_heads:
         raise BadModelFileError(
-            f"{m.path}: {n_head} heads / {n_head_kv} KV heads do not divide hidden size {n_embd}"
+            f"{m.path}: {n_heads} heads / {n_kv_heads} KV heads do not divide hidden size {n_embd}"
         )
     m.float(att.LAYERNORM_RMS_EPS.format(arch=arch))
     m.float(rope.FREQ_BASE.format(arch=arch), 10000.0)
@@ -394,7 +396,7 @@ def _check_hparams(m: _Meta, arch: str) -> tuple[int, int, int, int, int]:
     if rope_type not in _ROPE_SCALING:
         raise BadModelFileError(f"{m.path}: rope scaling type {rope_type!r} is not supported")
     m.float(rope.SCALING_FACTOR.format(arch=arch), 1.0)
-    return n_embd, n_layers, n_head, n_head_kv, key_length
+    return n_embd, n_layers, n_heads, n_kv_heads, key_length
 
 
 def _load_head(

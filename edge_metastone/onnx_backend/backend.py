@@ -22,7 +22,7 @@ from edge_metastone.errors import (
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.onnx_backend.modeldir import HfTokenizer, OnnxModelDir, read_model_dir
 from edge_metastone.onnx_backend.session import KVCache, Session
-from edge_metastone.onnx_backend.steps import OnnxSteps, prompt_pass
+from edge_metastone.onnx_backend.slots import OnnxSlots, prompt_pass
 from edge_metastone.sprm import StepRule, sigmoid, trajectory_score
 from edge_metastone.types import (
     GenerationControl,
@@ -30,6 +30,7 @@ from edge_metastone.types import (
     KVLayout,
     KVType,
     ModelFacts,
+    PolicyKeys,
     ScoreResult,
     Timings,
 )
@@ -45,7 +46,7 @@ def _facts(md: OnnxModelDir) -> ModelFacts:
         head_dim=md.head_dim,
         n_embd=md.hidden_size,
         n_ff=md.intermediate_size,
-        n_head=md.n_heads,
+        n_heads=md.n_heads,
         n_vocab=md.vocab_size,
         n_ctx_train=md.context_length,
         head_bytes=head_bytes,
@@ -63,7 +64,7 @@ class OnnxBackend(DecodingBackend):
         self.tok = HfTokenizer(md.path, md.vocab_size)
         self.rule = StepRule.of(md.step_token_ids, md.think_start_id, md.think_end_id)
         self.session = Session(md, n_threads=n_threads, provider=provider)
-        self._turn = threading.Lock()  # the generation running (see open_steps)
+        self._turn = threading.Lock()  # the generation running (see open_slots)
         self.normalizer = md.normalizer
         self.control_texts = self.tok.control_texts
         self.tokenize = self.tok.encode  # added-token spellings in the text are parsed
@@ -91,24 +92,9 @@ class OnnxBackend(DecodingBackend):
         return self.md.has_head
 
     @property
-    def default_strategy(self) -> str | None:
-        """`metastone.default_strategy` from metastone.json, if any."""
-        return self.md.default_strategy
-
-    @property
-    def adaptive(self) -> str | None:
-        """`metastone.adaptive` from metastone.json, if any."""
-        return self.md.adaptive
-
-    @property
-    def thinking_scaling(self) -> str | None:
-        """`metastone.thinking_scaling` from metastone.json, if any."""
-        return self.md.thinking_scaling
-
-    @property
-    def selector(self) -> str | None:
-        """`metastone.selector` from metastone.json, if any."""
-        return self.md.selector
+    def policy_keys(self) -> PolicyKeys:
+        """The policy keys metastone.json records (copied from the GGUF at export)."""
+        return self.md.policy_keys
 
     @property
     def feature_layer(self) -> int:
@@ -128,7 +114,7 @@ class OnnxBackend(DecodingBackend):
         """The model's context length."""
         return self.md.context_length
 
-    def open_steps(
+    def open_slots(
         self,
         prompt: list[int],
         k: int,
@@ -136,13 +122,13 @@ class OnnxBackend(DecodingBackend):
         scoring: bool,
         tm: Timings,
         control: GenerationControl | None = None,
-    ) -> OnnxSteps:
+    ) -> OnnxSlots:
         """k cache rows over `prompt` (one float cache per candidate). One generation at a time:
         its cache is a set of arrays of its own shape, so requests take turns (in arrival order,
         polling `control.aborted` while they wait) rather than batching together."""
         _take_turn(self._turn, control)
         try:
-            steps = OnnxSteps(self.session, self.tok, prompt, k, settings, scoring, tm)
+            steps = OnnxSlots(self.session, self.tok, prompt, k, settings, scoring, tm)
         except BaseException:
             self._turn.release()
             raise

@@ -7,7 +7,7 @@ Both come from strangers: every field is type- and range-checked, and each probl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from edge_metastone import keys
 from edge_metastone.errors import BadModelFileError
 from edge_metastone.modelfile.read import special_tokens_problem
 from edge_metastone.normalization import NORMAL_FORMS
+from edge_metastone.types import PolicyKeys
 
 MODEL_FILE = "model.onnx"
 META_FILE = "metastone.json"
@@ -47,13 +48,10 @@ class OnnxModelDir:
     chat_template: str | None
     has_head: bool
     feature_layer: int
-    default_strategy: str | None
     n_bytes: int
     special_tokens: dict[str, str] | None = None  # the tokenizer's named special tokens
     normalizer: str | None = None  # the tokenizer's Unicode normal form (stop strings get it)
-    adaptive: str | None = None  # metastone.adaptive (JSON), as the exporter copied it
-    thinking_scaling: str | None = None  # metastone.thinking_scaling (JSON), likewise
-    selector: str | None = None  # metastone.selector (JSON), when one was recorded
+    policy_keys: PolicyKeys = field(default_factory=PolicyKeys)  # as exported from the GGUF
 
     @property
     def template_variables(self) -> dict[str, str]:
@@ -191,13 +189,15 @@ def read_model_dir(path: Path) -> OnnxModelDir:
         chat_template=template,
         has_head=has_head,
         feature_layer=feature_layer,
-        default_strategy=strategy,
         n_bytes=n_bytes,
         special_tokens=_special_tokens(meta, where),
         normalizer=_normalizer(meta, where),
-        adaptive=_str(meta, keys.ADAPTIVE, where),
-        thinking_scaling=_str(meta, keys.THINKING_SCALING, where),
-        selector=_str(meta, keys.SELECTOR, where),
+        policy_keys=PolicyKeys(
+            default_strategy=strategy,
+            adaptive=_str(meta, keys.ADAPTIVE, where),
+            selector=_str(meta, keys.SELECTOR, where),
+            thinking_scaling=_str(meta, keys.THINKING_SCALING, where),
+        ),
     )
 
 

@@ -187,7 +187,7 @@ class Adaptive:
 
     def run(
         self,
-        engine: Backend,
+        backend: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -203,7 +203,7 @@ class Adaptive:
         control.window = s.window
         control.min_confidence = s.floor
         self.log = WaveLog(floor=s.floor)
-        prepared = self.selector.prepare(engine, settings)
+        prepared = self.selector.prepare(backend, settings)
         prepared = dataclasses.replace(prepared, logprobs=True, max_candidates=s.max_k)
         done: list[Candidate] = []
 
@@ -215,7 +215,7 @@ class Adaptive:
             self.selector.on_finish(c)
 
         cands, early = run_candidates(
-            engine,
+            backend,
             prompt_ids,
             s.waves[0],
             sampling,
@@ -263,9 +263,9 @@ class Adaptive:
             control.min_confidence = self.log.floor = first_wave_floor(done, s)
         control.extend(nxt - ev.candidates)
 
-    def choose(self, engine: Backend, cands: list[Candidate], k: int, early: bool) -> SearchResult:
+    def choose(self, backend: Backend, cands: list[Candidate], k: int, early: bool) -> SearchResult:
         """The selector's choice among every wave's candidates."""
-        best, reason = self.selector.select(engine, cands, len(cands))
+        best, reason = self.selector.select(backend, cands, len(cands))
         log = self.log
         waves = ", ".join(str(n) for n in log.candidates)
         why = (

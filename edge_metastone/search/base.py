@@ -1,4 +1,4 @@
-"""What every strategy shares: the engine protocol, the result type, the event loop with deadlines,
+"""What every strategy shares: the backend it runs on, the result type, the event loop with deadlines,
 and the selection rules (pure functions over candidates, tested on hand-built scores)."""
 
 from __future__ import annotations
@@ -96,14 +96,14 @@ EventHook = Callable[[Event], None]
 
 
 class Strategy(Protocol):
-    """One search strategy: generate k candidates from a prompt (`run`, the engine's part) and
+    """One search strategy: generate k candidates from a prompt (`run`, the backend's part) and
     choose one (`choose`, pure selection); `search` does both."""
 
     name: StrategyName
 
     def run(
         self,
-        engine: Backend,
+        backend: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -115,12 +115,12 @@ class Strategy(Protocol):
     ) -> tuple[list[Candidate], bool]: ...
 
     def choose(
-        self, engine: Backend, cands: list[Candidate], k: int, early: bool
+        self, backend: Backend, cands: list[Candidate], k: int, early: bool
     ) -> SearchResult: ...
 
     def search(
         self,
-        engine: Backend,
+        backend: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -132,7 +132,7 @@ class Strategy(Protocol):
 
 
 def run_candidates(
-    engine: Backend,
+    backend: Backend,
     prompt_ids: Sequence[int],
     k: int,
     sampling: SamplingSettings,
@@ -145,7 +145,7 @@ def run_candidates(
     on_wave: Callable[[WaveEvent], None] | None = None,
     control: GenerationControl | None = None,
 ) -> tuple[list[Candidate], bool]:
-    """Consume the engine's events; halt before `deadline` (time.monotonic()). Returns (candidates, early_stop).
+    """Consume the backend's events; halt before `deadline` (time.monotonic()). Returns (candidates, early_stop).
     `control` is the caller's handle on the run (its timings); a fresh one when not given.
     `on_wave` sees each `WaveEvent` after `on_event` (at a wave's end it may ask for more)."""
     control = control or GenerationControl()
@@ -153,7 +153,7 @@ def run_candidates(
     last = time.monotonic()
     step_time = 0.0
     seen_in_step: set[int] = set()
-    for ev in engine.generate(prompt_ids, k, sampling, settings, control=control):
+    for ev in backend.generate(prompt_ids, k, sampling, settings, control=control):
         if isinstance(ev, WaveEvent):
             if on_event is not None:
                 on_event(ev)

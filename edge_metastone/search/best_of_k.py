@@ -19,13 +19,13 @@ class BestOfK(SelectingStrategy):
 
     name = StrategyName.BEST_OF_K
 
-    def prepare(self, engine: Backend, settings: GenerationSettings) -> GenerationSettings:
+    def prepare(self, backend: Backend, settings: GenerationSettings) -> GenerationSettings:
         """Without a head, fall back to log-probabilities."""
-        if engine.has_head and settings.score_steps:
+        if backend.has_head and settings.score_steps:
             return settings
         return dataclasses.replace(settings, logprobs=True)
 
-    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, backend: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Highest trajectory score (ties: lowest index)."""
         if any(c.score is not None for c in cands):
             return select_by_score(cands), f"highest SPRM trajectory score of {k}"

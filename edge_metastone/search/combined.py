@@ -154,18 +154,18 @@ class Selector:
 
 class Combined(SelectingStrategy):
     """Best-of-k (or a vote) by the fitted combination of head and log-probability: the given
-    selector, else the model's recorded one (`Backend.selector`)."""
+    selector, else the model's recorded one (`Backend.policy_keys`)."""
 
     def __init__(self, vote: bool = False, selector: Selector | None = None) -> None:
         self.vote = vote
         self.selector = selector
         self.name = StrategyName.COMBINED_VOTE if vote else StrategyName.COMBINED
 
-    def resolve(self, engine: Backend | None) -> Selector:
+    def resolve(self, backend: Backend | None) -> Selector:
         """The selector in use; an error naming the key when the model records none."""
         if self.selector is not None:
             return self.selector
-        found = Selector.from_json(engine.selector if engine is not None else None)
+        found = Selector.from_json(backend.policy_keys.selector if backend is not None else None)
         if found is None:
             raise InvalidRequestError(
                 f"strategy {self.name.value!r} needs a fitted selector (metastone.selector), and "
@@ -174,14 +174,14 @@ class Combined(SelectingStrategy):
             )
         return found
 
-    def prepare(self, engine: Backend, settings: GenerationSettings) -> GenerationSettings:
+    def prepare(self, backend: Backend, settings: GenerationSettings) -> GenerationSettings:
         """Check there is a selector before any token is generated; ask for log-probabilities."""
-        self.selector = self.resolve(engine)
+        self.selector = self.resolve(backend)
         return dataclasses.replace(settings, logprobs=True)
 
-    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, backend: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Highest combined log-odds, or the answer with the most P(right); ties: lowest index."""
-        sel = self.resolve(engine)
+        sel = self.resolve(backend)
         pool = selection_pool(cands)
         pool = [c for c in pool if finished_well(c)] or pool
         z = [sel.logit(c) for c in pool]

@@ -115,11 +115,11 @@ class ConfidenceVote(SelectingStrategy):
     def __init__(self, rule: VoteRule | None = None) -> None:
         self.rule = rule or VoteRule()
 
-    def prepare(self, engine: Backend, settings: GenerationSettings) -> GenerationSettings:
-        """Ask the engine for log-probabilities."""
+    def prepare(self, backend: Backend, settings: GenerationSettings) -> GenerationSettings:
+        """Ask the backend for log-probabilities."""
         return dataclasses.replace(settings, logprobs=True)
 
-    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, backend: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """The heaviest answer's most confident candidate."""
         r = self.rule
         kept = f"the {r.keep:.0%} most confident of " if r.keep < 1 else ""

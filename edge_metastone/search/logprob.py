@@ -15,10 +15,10 @@ class LogProb(SelectingStrategy):
 
     name = StrategyName.LOGPROB
 
-    def prepare(self, engine: Backend, settings: GenerationSettings) -> GenerationSettings:
-        """Ask the engine for log-probabilities."""
+    def prepare(self, backend: Backend, settings: GenerationSettings) -> GenerationSettings:
+        """Ask the backend for log-probabilities."""
         return dataclasses.replace(settings, logprobs=True)
 
-    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, backend: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Highest mean log-probability (ties: lowest index)."""
         return select_by_logprob(cands), f"highest mean token log-probability of {k}"

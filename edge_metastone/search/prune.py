@@ -76,7 +76,7 @@ class StepPruning(SelectingStrategy):
 
     def run(
         self,
-        engine: Backend,
+        backend: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -87,8 +87,8 @@ class StepPruning(SelectingStrategy):
         control: GenerationControl | None = None,
     ) -> tuple[list[Candidate], bool]:
         """Run with pruning (plain best-of-k when the model cannot score steps)."""
-        args = (engine, prompt_ids, k, sampling, settings)
-        if not (engine.has_head and settings.score_steps):
+        args = (backend, prompt_ids, k, sampling, settings)
+        if not (backend.has_head and settings.score_steps):
             self.rule = None
             return BestOfK().run(*args, deadline=deadline, on_event=on_event, control=control)
         self.rule = PruneRule(k, self.min_steps, self.ratio, self.keep)  # fresh per run
@@ -104,10 +104,10 @@ class StepPruning(SelectingStrategy):
         if self.rule is not None:
             self.rule.finished.add(c.index)
 
-    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, backend: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Best trajectory score among the survivors."""
         if self.rule is None:
-            return BestOfK().select(engine, cands, k)
+            return BestOfK().select(backend, cands, k)
         n = len(self.rule.pruned) if self.rule else 0
         return select_by_score(
             cands

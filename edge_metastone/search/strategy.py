@@ -26,7 +26,7 @@ class SelectingStrategy:
 
     name: StrategyName
 
-    def prepare(self, engine: Backend, settings: GenerationSettings) -> GenerationSettings:
+    def prepare(self, backend: Backend, settings: GenerationSettings) -> GenerationSettings:
         """Adjust generation settings before the run (e.g. ask for log-probabilities)."""
         return settings
 
@@ -36,13 +36,13 @@ class SelectingStrategy:
     def on_finish(self, c: Candidate) -> None:
         """Called when a candidate ends."""
 
-    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, backend: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """The chosen candidate's `.index` and the reason."""
         raise NotImplementedError
 
     def run(
         self,
-        engine: Backend,
+        backend: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -52,13 +52,13 @@ class SelectingStrategy:
         on_event: EventHook | None = None,
         control: GenerationControl | None = None,
     ) -> tuple[list[Candidate], bool]:
-        """Generate the candidates (the part that needs the engine): (candidates, early stop)."""
+        """Generate the candidates (the part that needs the backend): (candidates, early stop)."""
         return run_candidates(
-            engine,
+            backend,
             prompt_ids,
             k,
             sampling,
-            self.prepare(engine, settings),
+            self.prepare(backend, settings),
             deadline=deadline,
             on_event=on_event,
             on_step=self.on_step,
@@ -66,14 +66,14 @@ class SelectingStrategy:
             control=control,
         )
 
-    def choose(self, engine: Backend, cands: list[Candidate], k: int, early: bool) -> SearchResult:
-        """Select among finished candidates (no engine work: may run off the model's lock)."""
-        best, reason = self.select(engine, cands, k)
+    def choose(self, backend: Backend, cands: list[Candidate], k: int, early: bool) -> SearchResult:
+        """Select among finished candidates (no backend work: may run off the model's lock)."""
+        best, reason = self.select(backend, cands, k)
         return SearchResult(cands, position_of(cands, best), self.name, reason, early)
 
     def search(
         self,
-        engine: Backend,
+        backend: Backend,
         prompt_ids: Sequence[int],
         k: int,
         sampling: SamplingSettings,
@@ -84,6 +84,6 @@ class SelectingStrategy:
     ) -> SearchResult:
         """Run the candidates and choose one."""
         cands, early = self.run(
-            engine, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
+            backend, prompt_ids, k, sampling, settings, deadline=deadline, on_event=on_event
         )
-        return self.choose(engine, cands, k, early)
+        return self.choose(backend, cands, k, early)

@@ -38,10 +38,10 @@ class Vote(SelectingStrategy):
         self.weighted = weighted
         self.name = StrategyName.WEIGHTED_VOTE if weighted else StrategyName.VOTE
 
-    def select(self, engine: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
+    def select(self, backend: Backend, cands: list[Candidate], k: int) -> tuple[int, str]:
         """Vote among the eligible candidates."""
         pool = selection_pool(cands)
-        weighted = self.weighted and engine.has_head
+        weighted = self.weighted and backend.has_head
         best = vote(
             [extract_answer(c.text) for c in pool],
             [_weight(c, weighted) for c in pool],

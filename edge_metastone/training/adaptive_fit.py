@@ -23,7 +23,7 @@ from edge_metastone.types import Candidate, FinishReason
 
 
 @dataclass(frozen=True)
-class Problem:
+class RecordedRun:
     """One problem's candidates from one run at max_k (with token log-probabilities)."""
 
     candidates: list[Candidate]
@@ -31,7 +31,7 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class PolicyOutcome:
     """A policy over a problem set: accuracy, generated tokens, candidates run per problem."""
 
     accuracy: float
@@ -65,7 +65,9 @@ def terminated(c: Candidate, floor: float | None, window: int) -> Candidate:
     )
 
 
-def replay(p: Problem, s: AdaptiveSettings, selector: SelectingStrategy) -> tuple[bool, int, int]:
+def replay(
+    p: RecordedRun, s: AdaptiveSettings, selector: SelectingStrategy
+) -> tuple[bool, int, int]:
     """(chosen candidate correct, tokens generated, candidates run) for one problem."""
     used: list[Candidate] = []
     floor = s.floor
@@ -82,13 +84,13 @@ def replay(p: Problem, s: AdaptiveSettings, selector: SelectingStrategy) -> tupl
 
 
 def evaluate(
-    problems: Sequence[Problem], s: AdaptiveSettings, selector: SelectingStrategy
-) -> Outcome:
+    problems: Sequence[RecordedRun], s: AdaptiveSettings, selector: SelectingStrategy
+) -> PolicyOutcome:
     """A policy's outcome over the problems."""
     runs = [replay(p, s, selector) for p in problems]
     n = max(len(runs), 1)
     starts = (0, *s.waves[:-1])
-    return Outcome(
+    return PolicyOutcome(
         sum(ok for ok, _, _ in runs) / n,
         sum(t for _, t, _ in runs),
         sum(k for _, _, k in runs) / n,
@@ -119,11 +121,11 @@ def grid(max_k: int = 32) -> list[AdaptiveSettings]:
 
 
 def fit(
-    problems: Sequence[Problem],
+    problems: Sequence[RecordedRun],
     selector: SelectingStrategy,
     reference: float,
     tolerance: float = 0.005,
-) -> tuple[AdaptiveSettings, list[tuple[AdaptiveSettings, Outcome]]]:
+) -> tuple[AdaptiveSettings, list[tuple[AdaptiveSettings, PolicyOutcome]]]:
     """The grid setting with the fewest tokens whose accuracy is within `tolerance` of
     `reference` (the best fixed effort's); the most accurate one when none is. Also every
     setting's outcome (a Pareto curve)."""

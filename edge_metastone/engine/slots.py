@@ -1,4 +1,4 @@
-"""The decode loop's steps on llama.cpp: each generation leases sequences of its model's one
+"""The decode loop's slots on llama.cpp: each generation leases sequences of its model's one
 long-lived context (`SequencePool`), one llama.cpp sequence per candidate over a shared prompt
 cache, and each step's features are captured from the same forward pass (`FeatureCapture`), so
 every step is scored without a second pass. Generations of different requests decode together:
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_metastone.decode.steps import Prefilled
+from edge_metastone.decode.slots import Prefilled
 from edge_metastone.engine.llama import Model
 from edge_metastone.engine.pool import SequencePool
 from edge_metastone.engine.pool_types import PoolShape, Work
@@ -65,7 +65,7 @@ def request_shape(
     return layout, PoolShape(n_seq, cells, streams, kv_type, parity, capture)
 
 
-class LlamaSteps:
+class LlamaSlots:
     """One generation's sequences in the model's pool; slot s is pool sequence `seqs[s]`. With
     waves (`settings.max_candidates`), slot k keeps the prompt's cells for the later waves."""
 
@@ -209,16 +209,16 @@ class LlamaSteps:
         self.pool.release(self.lease, keep)
 
 
-def _reusable(steps: LlamaSteps, wanted: set[int]) -> int:
+def _reusable(slots: LlamaSlots, wanted: set[int]) -> int:
     """The cached prefix this generation can use: up to the first step boundary it needs a
     feature of that the cache lacks (a cache made without features: up to the first)."""
-    lease, reused = steps.lease, steps.lease.reused
-    if reused and steps.keep:
+    lease, reused = slots.lease, slots.lease.reused
+    if reused and slots.keep:
         have = lease.reused_features or {}
         missing = [i for i in wanted if i < reused and i not in have]
         if missing:
             reused = min(missing)
-            steps.pool.drop(lease, steps.seqs[0], keep=reused)
+            slots.pool.drop(lease, slots.seqs[0], keep=reused)
     return reused
 
 

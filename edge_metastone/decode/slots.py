@@ -1,8 +1,8 @@
-"""What a runtime supplies to the decode loop: a few small named steps over one generation's cache.
+"""What a runtime supplies to the decode loop: a few small operations on one generation's slots.
 
 The loop (`edge_metastone.decode.loop`) owns everything else: the order of sampling, step detection
 and scoring, prune, halt, stop strings, the answer budget, the events and the timings. A runtime's
-`Steps` holds only its own state: the cache with one slot per candidate, each slot's last logits,
+`Slots` holds only its own state: the cache with one slot per candidate, each slot's last logits,
 feature and step score, its samplers, and how it turns token ids into bytes.
 """
 
@@ -40,8 +40,8 @@ class Sampler(Protocol):
         ...
 
 
-class Steps(Protocol):
-    """One generation's steps on one runtime. Slots are numbered 0..k-1, one per candidate (k: the
+class Slots(Protocol):
+    """One generation's slots on one runtime, one per candidate. Slots are numbered 0..k-1, one per candidate (k: the
     most candidates the generation may start)."""
 
     feature_width: int  # C of a step feature
@@ -99,7 +99,7 @@ class Steps(Protocol):
         ...
 
 
-class Runtime(Protocol):
+class SlotSource(Protocol):
     """A model opened on one runtime, as the decode loop needs it."""
 
     @property
@@ -117,7 +117,7 @@ class Runtime(Protocol):
         """The model's context length (prompt + new tokens may not exceed it)."""
         ...
 
-    def open_steps(
+    def open_slots(
         self,
         prompt: list[int],
         k: int,
@@ -125,7 +125,7 @@ class Runtime(Protocol):
         scoring: bool,
         tm: Timings,
         control: GenerationControl | None = None,
-    ) -> Steps:
+    ) -> Slots:
         """Check what only this runtime limits, then open one generation's cache for k slots
         (noting in `tm` the KV layout and type it runs); a runtime shared by several requests
         waits for room there, polling `control.aborted`."""

@@ -1,4 +1,4 @@
-"""The decode loop's steps on onnxruntime: the prompt prefilled as one row, its KV cache repeated to
+"""The decode loop's slots on onnxruntime: the prompt prefilled as one row, its KV cache repeated to
 k rows, then every live row's new token run as one [B, 1] batch; each step is scored from the
 graph's `sprm_logits` output of the same pass. A finished row is dropped from the cache at the next
 decode, so rows never need padding."""
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_metastone.decode.steps import Prefilled
+from edge_metastone.decode.slots import Prefilled
 from edge_metastone.errors import InvalidRequestError
 from edge_metastone.limits import PREFILL_BATCH
 from edge_metastone.onnx_backend.modeldir import HfTokenizer, OnnxModelDir
@@ -63,7 +63,7 @@ def prompt_pass(
     return PromptPass(cache, logits, steps, feats)
 
 
-class OnnxSteps:
+class OnnxSlots:
     """One generation's cache rows; `rows[r]` is the slot in cache row r."""
 
     def __init__(
