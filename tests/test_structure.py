@@ -279,28 +279,15 @@ def runtime_reach(
     return out
 
 
-def test_every_module_has_a_layer():
-    problems = unlayered(imports())
-    assert not problems, "\n".join(problems)
-
-
-def test_no_import_runs_back_up():
-    problems = upward(imports())
-    assert not problems, "\n".join(problems)
-
-
-def test_inside_a_layer_imports_follow_the_order():
-    problems = against_the_order(imports())
-    assert not problems, "\n".join(problems)
-
-
-def test_no_circles():
-    problems = circles(imports())
-    assert not problems, "\n".join(problems)
-
-
-def test_only_the_named_fronts_reach_a_runtime():
-    problems = runtime_reach(imports())
+@pytest.mark.parametrize(
+    "check",
+    [unlayered, upward, against_the_order, circles, runtime_reach],
+    ids=lambda check: check.__name__,
+)
+def test_the_real_graph_passes(check):
+    """Every module has a layer, no import runs back up or against the order inside a layer,
+    there is no circle, and only the named fronts reach a runtime's implementation."""
+    problems = check(imports())
     assert not problems, "\n".join(problems)
 
 
