@@ -195,7 +195,7 @@ def _reason(
 ) -> ReasonResult:
     """`Reasoner.reason`: one request's path, from its prompt to its chosen answer."""
     t0 = time.perf_counter()
-    run = _Run(o, r.max_new_tokens, arrival or time.monotonic(), deadline)
+    run = _Run(o, r.max_new_tokens, time.monotonic() if arrival is None else arrival, deadline)
     strategy = make_strategy(o.strategy or r.default_strategy, r.records.selector)
     r._gate.check_open()
     with r._gate.shared():  # waits only while a calibration has the model alone
