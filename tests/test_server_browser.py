@@ -245,3 +245,46 @@ def _rgb(hsl_text: str) -> str:
     h, s, lightness = (float(x.strip(" %")) for x in hsl_text[4:-1].split(","))
     r, g, b = colorsys.hls_to_rgb(h / 360, lightness / 100, s / 100)
     return f"({round(r * 255)}, {round(g * 255)}, {round(b * 255)})"
+
+
+def test_the_page_says_how_a_vote_chose(tmp_path):
+    """A model whose default selector is a vote the page never named (confidence-vote): the
+    chosen card says how many candidates gave its answer, from `/v1/models`' `strategies`, not a
+    list of vote names written into the page."""
+    from edge_metastone import keys
+    from edge_metastone.modelfile.copy import write_model_copy
+    from edge_metastone.models import default_model_path
+
+    sync_playwright = _browser_or_skip()
+    model = write_model_copy(
+        default_model_path(),
+        tmp_path / "nano-confidence-vote.gguf",
+        extra={keys.DEFAULT_STRATEGY: "confidence-vote"},
+    )
+    with (
+        ServerProcess("--model", str(model), "--max-new-tokens", "96") as server,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.goto(server.url + "/")
+            page.wait_for_function(
+                "document.getElementById('model').textContent.includes('confidence-vote')",
+                timeout=60_000,
+            )
+            page.fill("#prompt", PROMPT)
+            page.select_option("#effort", "medium")
+            page.fill("#seed", "1")
+            page.click("#run")
+            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+            with Reasoner(model, max_new_tokens=96) as r:
+                direct = r.reason(PROMPT, ReasonOptions(effort="medium", seed=1))
+            assert direct.strategy == "confidence-vote"
+            best = direct.candidates[direct.chosen]
+            n = sum(c.answer == best.answer for c in direct.candidates)
+            said = page.locator(".cand.chosen .selector").first.inner_text()
+            assert f"selected by confidence-vote: {n} of {direct.k} candidates answer" in said, said
+            page.screenshot(path=str(tmp_path / "server_page_vote.png"), full_page=True)
+        finally:
+            browser.close()
