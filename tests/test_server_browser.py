@@ -3,10 +3,13 @@ ever downloaded): a person types a prompt and watches the candidates stream."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from server_process import ServerProcess
@@ -49,6 +52,21 @@ def _browser_or_skip():
             pytest.fail(f"the browser test must run in CI: {missing}")
         pytest.skip(missing)
     return sync_playwright
+
+
+@contextlib.contextmanager
+def _served_page(*serve_args: str) -> Iterator[Any]:
+    """A headless Chromium page (1280 x 860) at the root of `edge-metastone serve *serve_args`;
+    the browser and the server are closed after."""
+    sync_playwright = _browser_or_skip()
+    with ServerProcess(*serve_args) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.goto(server.url + "/")
+            yield page
+        finally:
+            browser.close()
 
 
 def hsl(score: float) -> str:
@@ -151,87 +169,77 @@ def _check_off_task(page) -> None:
 
 
 def test_page_streams_candidates_and_highlights_the_chosen_answer(tmp_path):
-    sync_playwright = _browser_or_skip()
-    with (
-        ServerProcess("--max-new-tokens", "96") as server,
-        sync_playwright() as p,
-    ):
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.goto(server.url + "/")
-            page.wait_for_function(
-                "document.getElementById('model').textContent.includes('SPRM')", timeout=60_000
-            )
-            assert not page.locator("#answer-box").is_visible()  # no answer before a result
-            assert "MetaStone-nano" in page.inner_text("#model")
-            assert "operands of one or two digits" in page.inner_text("#domain")
-            page.fill("#prompt", PROMPT)
-            page.select_option("#effort", "medium")
-            page.fill("#temperature", "1.0")
-            page.fill("#seed", "1")
-            page.evaluate(WATCH_COUNTS)
-            page.click("#run")
-            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
-            counts = page.evaluate("window.liveCounts")
-            assert len(set(counts)) > 2, counts  # a card's token count rose while it streamed
-            page.screenshot(path=str(tmp_path / "server_page.png"), full_page=True)
+    with _served_page("--max-new-tokens", "96") as page:
+        page.wait_for_function(
+            "document.getElementById('model').textContent.includes('SPRM')", timeout=60_000
+        )
+        assert not page.locator("#answer-box").is_visible()  # no answer before a result
+        assert "MetaStone-nano" in page.inner_text("#model")
+        assert "operands of one or two digits" in page.inner_text("#domain")
+        page.fill("#prompt", PROMPT)
+        page.select_option("#effort", "medium")
+        page.fill("#temperature", "1.0")
+        page.fill("#seed", "1")
+        page.evaluate(WATCH_COUNTS)
+        page.click("#run")
+        page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+        counts = page.evaluate("window.liveCounts")
+        assert len(set(counts)) > 2, counts  # a card's token count rose while it streamed
+        page.screenshot(path=str(tmp_path / "server_page.png"), full_page=True)
 
-            with Reasoner(max_new_tokens=96) as r:
-                direct = r.reason(PROMPT, ReasonOptions(effort="medium", seed=1, temperature=1.0))
-            _check_first_run(page, direct)
-            assert "medium requested" in page.inner_text("#scheduler")
-            assert "tokens/s" in page.inner_text("#status")
-            assert not page.locator("#warning").is_visible()  # an arithmetic prompt: no warning
+        with Reasoner(max_new_tokens=96) as r:
+            direct = r.reason(PROMPT, ReasonOptions(effort="medium", seed=1, temperature=1.0))
+        _check_first_run(page, direct)
+        assert "medium requested" in page.inner_text("#scheduler")
+        assert "tokens/s" in page.inner_text("#status")
+        assert not page.locator("#warning").is_visible()  # an arithmetic prompt: no warning
 
-            _check_off_task(page)
-            page.screenshot(path=str(tmp_path / "server_page_warning.png"), full_page=True)
-            page.fill("#prompt", PROMPT)
+        _check_off_task(page)
+        page.screenshot(path=str(tmp_path / "server_page_warning.png"), full_page=True)
+        page.fill("#prompt", PROMPT)
 
-            # an error: the old answer and tally do not stay on screen under it
-            page.route(
-                "**/v1/chat/completions",
-                lambda route: route.fulfill(
-                    status=400, json={"error": {"message": "bad request", "type": "x"}}
-                ),
-            )
-            page.click("#run")
-            page.wait_for_selector("#status[data-state=error]", timeout=30_000)
-            assert not page.locator("#answer-box").is_visible()
-            assert not page.locator("#tally").is_visible()
-            assert not page.locator("#warning").is_visible()  # nor the last run's warning
-            page.unroute("**/v1/chat/completions")
+        # an error: the old answer and tally do not stay on screen under it
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(
+                status=400, json={"error": {"message": "bad request", "type": "x"}}
+            ),
+        )
+        page.click("#run")
+        page.wait_for_selector("#status[data-state=error]", timeout=30_000)
+        assert not page.locator("#answer-box").is_visible()
+        assert not page.locator("#tally").is_visible()
+        assert not page.locator("#warning").is_visible()  # nor the last run's warning
+        page.unroute("**/v1/chat/completions")
 
-            _check_stop(page)
+        _check_stop(page)
 
-            page.select_option("#effort", "auto")
-            page.fill("#temperature", "1.0")
-            page.fill("#budget", "30")
-            page.click("#run")
-            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
-            assert "auto chose" in page.inner_text("#scheduler")
-            assert not page.locator("#warning").is_visible()
-            assert "doubtful" not in page.get_attribute("#answer-box", "class")
-            page.screenshot(path=str(tmp_path / "server_page_auto.png"), full_page=True)
+        page.select_option("#effort", "auto")
+        page.fill("#temperature", "1.0")
+        page.fill("#budget", "30")
+        page.click("#run")
+        page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+        assert "auto chose" in page.inner_text("#scheduler")
+        assert not page.locator("#warning").is_visible()
+        assert "doubtful" not in page.get_attribute("#answer-box", "class")
+        page.screenshot(path=str(tmp_path / "server_page_auto.png"), full_page=True)
 
-            page.select_option("#effort", "adaptive")  # waves: the result says how many and why
-            page.fill("#budget", "")
-            page.click("#run")
-            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
-            meta = page.inner_text("#answer-meta")
-            assert re.search(r"\d+ waves?, ", meta), meta
-            cards = page.locator(".cand").count()
-            assert 2 <= cards <= 32, cards  # the candidates the waves ran, not a fixed k
+        page.select_option("#effort", "adaptive")  # waves: the result says how many and why
+        page.fill("#budget", "")
+        page.click("#run")
+        page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+        meta = page.inner_text("#answer-meta")
+        assert re.search(r"\d+ waves?, ", meta), meta
+        cards = page.locator(".cand").count()
+        assert 2 <= cards <= 32, cards  # the candidates the waves ran, not a fixed k
 
-            page.set_viewport_size({"width": 420, "height": 860})
-            title = page.locator("header#top h1").bounding_box()
-            assert title["height"] < 30, title  # one line: not "edge-" / "metastone"
-            page.screenshot(path=str(tmp_path / "server_page_420.png"), full_page=True)
-            page.fill("#budget", "")
-            _check_off_task(page)
-            page.screenshot(path=str(tmp_path / "server_page_warning_420.png"), full_page=True)
-        finally:
-            browser.close()
+        page.set_viewport_size({"width": 420, "height": 860})
+        title = page.locator("header#top h1").bounding_box()
+        assert title["height"] < 30, title  # one line: not "edge-" / "metastone"
+        page.screenshot(path=str(tmp_path / "server_page_420.png"), full_page=True)
+        page.fill("#budget", "")
+        _check_off_task(page)
+        page.screenshot(path=str(tmp_path / "server_page_warning_420.png"), full_page=True)
     keep = os.environ.get("EDGE_METASTONE_SCREENSHOTS")
     if keep:  # e.g. bench/results: the screenshots published with the README
         for name in SCREENSHOTS:
@@ -255,36 +263,27 @@ def test_the_page_says_how_a_vote_chose(tmp_path):
     from edge_metastone.modelfile.copy import write_model_copy
     from edge_metastone.models import default_model_path
 
-    sync_playwright = _browser_or_skip()
+    _browser_or_skip()
     model = write_model_copy(
         default_model_path(),
         tmp_path / "nano-confidence-vote.gguf",
         extra={keys.DEFAULT_STRATEGY: "confidence-vote"},
     )
-    with (
-        ServerProcess("--model", str(model), "--max-new-tokens", "96") as server,
-        sync_playwright() as p,
-    ):
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.goto(server.url + "/")
-            page.wait_for_function(
-                "document.getElementById('model').textContent.includes('confidence-vote')",
-                timeout=60_000,
-            )
-            page.fill("#prompt", PROMPT)
-            page.select_option("#effort", "medium")
-            page.fill("#seed", "1")
-            page.click("#run")
-            page.wait_for_selector("#status[data-state=done]", timeout=120_000)
-            with Reasoner(model, max_new_tokens=96) as r:
-                direct = r.reason(PROMPT, ReasonOptions(effort="medium", seed=1))
-            assert direct.strategy == "confidence-vote"
-            best = direct.candidates[direct.chosen]
-            n = sum(c.answer == best.answer for c in direct.candidates)
-            said = page.locator(".cand.chosen .selector").first.inner_text()
-            assert f"selected by confidence-vote: {n} of {direct.k} candidates answer" in said, said
-            page.screenshot(path=str(tmp_path / "server_page_vote.png"), full_page=True)
-        finally:
-            browser.close()
+    with _served_page("--model", str(model), "--max-new-tokens", "96") as page:
+        page.wait_for_function(
+            "document.getElementById('model').textContent.includes('confidence-vote')",
+            timeout=60_000,
+        )
+        page.fill("#prompt", PROMPT)
+        page.select_option("#effort", "medium")
+        page.fill("#seed", "1")
+        page.click("#run")
+        page.wait_for_selector("#status[data-state=done]", timeout=120_000)
+        with Reasoner(model, max_new_tokens=96) as r:
+            direct = r.reason(PROMPT, ReasonOptions(effort="medium", seed=1))
+        assert direct.strategy == "confidence-vote"
+        best = direct.candidates[direct.chosen]
+        n = sum(c.answer == best.answer for c in direct.candidates)
+        said = page.locator(".cand.chosen .selector").first.inner_text()
+        assert f"selected by confidence-vote: {n} of {direct.k} candidates answer" in said, said
+        page.screenshot(path=str(tmp_path / "server_page_vote.png"), full_page=True)
