@@ -236,6 +236,11 @@ class ReasonResult:
         """The candidate whose answer is returned."""
         return self.candidates[self.chosen]
 
+    def reason_json(self) -> dict[str, Any]:
+        """What `reason --json` prints (and the server's `metastone` field holds): `to_json()`
+        and the result's `warnings`."""
+        return {**self.to_json(), "warnings": list(self.warnings)}
+
     def to_json(self) -> dict[str, Any]:
         """The `reason --json` object of SPEC §3 (plus the scheduler's reason and strategy)."""
         return {

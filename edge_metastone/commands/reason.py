@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {w}", file=sys.stderr)
         result = r.reason(prompt, options)
     if args.json:
-        print_json({**result.to_json(), "warnings": list(result.warnings)}, ensure_ascii=False)
+        print_json(result.reason_json(), ensure_ascii=False)
         return 0
     print(format_result(result, facts))
     return 0
@@ -202,8 +202,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _chosen_by(result) -> str:
     """The selector and the number it used for the chosen candidate."""
-    from edge_metastone.search.base import StrategyName
-
     c = result.chosen_candidate
     name = StrategyName(result.strategy)
     if name.signal == "logprob" or (c.score is None and c.mean_logprob is not None):

@@ -347,7 +347,7 @@ def extension(result: ReasonResult, seed: int, *, capped: bool = False) -> dict[
     """The `metastone` field: `reason --json`'s object (every candidate, its text, token ids and
     step scores; the scheduler's decision; timings; its `warnings`), the seed that reproduces it,
     and `capped`: True when the server's `--max-request-seconds` stopped the generation."""
-    return {**result.to_json(), "warnings": list(result.warnings), "seed": seed, "capped": capped}
+    return {**result.reason_json(), "seed": seed, "capped": capped}
 
 
 def event_json(ev: Event) -> dict[str, Any]:
