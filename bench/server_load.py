@@ -101,7 +101,9 @@ def server_run(url: str, reqs, effort: str, model: str, concurrency: int) -> dic
                     errors.append(resp.text)
                     return
                 out = resp.json()
-                answers[i] = out["choices"][0]["message"]["content"]
+                # the chosen answer, as the loop's `res.answer` (the message's content is the
+                # text after </think>, "The answer is \boxed{86}.", not the answer itself)
+                answers[i] = out["metastone"]["answer"]
                 tokens[i] = out["usage"]["completion_tokens"]
                 inside[i] = out["metastone"]["timings"]["total_s"]
 
