@@ -13,7 +13,8 @@ sampled ids by a token or so, and the end-of-turn token is in neither count):
       lowest effort): tokens/s counts every candidate, latency is the request's;
   (c) the same 16 clients with `n=8` against ours at medium.
 The two servers never run at once (llama.cpp's threads busy-wait). llama-server runs with its own
-defaults except: --threads, --parallel (the slots each case needs), -c (512 cells a slot), the
+defaults except: the weight buffers our engine uses on this machine (`peer_weight_flags`),
+--threads, --parallel (the slots each case needs), -c (512 cells a slot), the
 sampling below (top_k 0, min_p 0 so both sample from top-p 0.95 at T 0.7), and cache_prompt on
 (its default). Ours: `edge-metastone serve --threads N` with the same sampling per request.
 """
@@ -208,6 +209,26 @@ def drive(url: str, bodies: list[dict], clients: int, *, peer: bool = False) -> 
     }
 
 
+def peer_weight_flags(model: Path) -> tuple[list[str], str]:
+    """llama-server's flags for the weight buffers our engine loads `model` with here
+    (`plan_for`, as `serve` does), and that plan in words. `extra` is llama.cpp's default, no
+    flag; plain and repack turn the extra buffer types off (`--no-repack`: on an AMX CPU the
+    default puts weights in AMX buffers, whose matmul segfaults in the first decode, llama.cpp
+    issue 20824), and repack puts each matmul weight CPU_REPACK takes there by `-ot`, the same
+    overrides our `Placement` sets."""
+    from edge_metastone.engine.weights.plan import plan_for
+    from edge_metastone.types import WeightBuffers
+
+    placement = plan_for(model)
+    mode = placement.plan.mode
+    if mode is WeightBuffers.EXTRA:
+        return [], placement.plan.summary()
+    flags = ["--no-repack"]
+    if mode is WeightBuffers.REPACK and placement.patterns:
+        flags += ["-ot", ",".join(f"{p}=CPU_REPACK" for p in placement.patterns)]
+    return flags, placement.plan.summary()
+
+
 CASES = {  # name: (clients, requests per client, peer n, our effort)
     "a": (1, 3, 8, "medium"),
     "b": (16, 2, 1, "low"),
@@ -226,6 +247,8 @@ def run(a: argparse.Namespace) -> None:
         f"briefly.', seeds = request index"
     )
     print(f"peer: {exe} ({(version.stdout + version.stderr).strip().splitlines()[-1]})")
+    weight_flags, weights = peer_weight_flags(model)
+    print(f"weights on both sides: {weights}; peer flags {' '.join(weight_flags) or '(none)'}")
     rows = []
     for name in a.cases.split(","):
         clients, per, n, effort = CASES[name]
@@ -272,6 +295,7 @@ def run(a: argparse.Namespace) -> None:
                     str(port),
                     "--host",
                     "127.0.0.1",
+                    *weight_flags,
                 ]
                 srv = Proc(cmd, port=port)
             else:
